@@ -1,0 +1,61 @@
+//! Command line: `tdefs mount`, `tdefs genkey`.
+
+mod daemon;
+mod mount;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "tdefs",
+    version,
+    about = "Transparent data encryption at rest for unmodified databases (a FUSE filesystem)",
+    long_about = "tdefs mounts a backing directory that holds ciphertext and shows its plaintext at a \
+mountpoint. Point the database at the mountpoint; every byte that reaches the backing disk is \
+encrypted (AES-CTR or SM4-CTR, same length and offset), while names, sizes and layout stay as they are.",
+    after_help = "Examples:\n  tdefs genkey /run/keys/tdefs.key\n  tdefs mount --config /etc/tdefs/tdefs.toml\n  \
+tdefs mount --config tdefs.toml /var/lib/tdefs/backing /var/lib/postgresql/15/main"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    Mount(mount::MountArgs),
+    /// Write a new random 256-bit master key (64 hex characters + newline, mode 0600).
+    #[command(after_help = "Example:\n  tdefs genkey /run/keys/tdefs.key   # keep it on tmpfs or in a secrets manager")]
+    Genkey {
+        /// Where to write the key; an existing file is never overwritten.
+        path: PathBuf,
+    },
+}
+
+/// Logs go to stderr; RUST_LOG filters them (default: info for tdefs, warnings elsewhere).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,tdefs=info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let r = match cli.cmd {
+        Command::Mount(args) => mount::run(args),
+        Command::Genkey { path } => crate::keys::generate_key_file(&path)
+            .map(|()| eprintln!("wrote a new master key to {} (mode 0600)", path.display()))
+            .map_err(anyhow::Error::from),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tdefs: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

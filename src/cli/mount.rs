@@ -1,0 +1,125 @@
+//! `tdefs mount`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::Args;
+
+use super::daemon;
+use crate::config::{Config, DEFAULT_CONFIG_PATH};
+use crate::dictionary::Maintenance;
+use crate::fs::{fuser_config, Core, FsOptions, MountSpec, TdeFs};
+use crate::meta::{Metadata, OpenOptions};
+
+/// Mount a backing directory (ciphertext) at a mountpoint (plaintext view).
+#[derive(Args, Debug)]
+#[command(after_help = "Runs in the foreground until unmounted (SIGINT/SIGTERM or `fusermount3 -u MOUNTPOINT`).\n\n\
+Examples:\n  tdefs mount --config /etc/tdefs/tdefs.toml\n  tdefs mount --config tdefs.toml --daemon /srv/backing /srv/db\n  \
+tdefs mount --config tdefs.toml --init /srv/existing-data /srv/db   # adopt existing files as plaintext")]
+pub struct MountArgs {
+    /// Configuration file (TOML).
+    #[arg(short, long, value_name = "FILE", default_value = DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    /// Return once the mount is ready and keep serving it in the background.
+    #[arg(long)]
+    daemon: bool,
+    /// Adopt a backing directory that already holds files but no tdefs metadata: its files
+    /// stay readable (tracked as plaintext), new files are encrypted.
+    #[arg(long)]
+    init: bool,
+    /// Backing directory (overrides `backing-dir` in the config).
+    backing: Option<PathBuf>,
+    /// Mountpoint (overrides `mountpoint` in the config).
+    mountpoint: Option<PathBuf>,
+}
+
+/// Process hygiene for a daemon that holds keys: no core dumps, no ptrace by other users,
+/// new files get exactly the modes the kernel asks for.
+fn harden_process() {
+    unsafe {
+        libc::umask(0);
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+        let zero = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        libc::setrlimit(libc::RLIMIT_CORE, &zero);
+    }
+    crate::sys::raise_nofile_limit();
+}
+
+fn pick(arg: Option<PathBuf>, cfg: &Option<PathBuf>, what: &str, key: &str) -> anyhow::Result<PathBuf> {
+    match arg.or_else(|| cfg.clone()) {
+        Some(p) => Ok(p),
+        None => bail!("no {what}: give it on the command line or set `{key}` in the config"),
+    }
+}
+
+pub fn run(args: MountArgs) -> anyhow::Result<()> {
+    let cfg = Config::load(&args.config)?;
+    let backing = pick(args.backing, &cfg.backing_dir, "backing directory", "backing-dir")?;
+    let mountpoint = pick(args.mountpoint, &cfg.mountpoint, "mountpoint", "mountpoint")?;
+    if !Path::new(&mountpoint).is_dir() {
+        bail!("mountpoint {} is not an existing directory", mountpoint.display());
+    }
+    if args.daemon {
+        return daemon::spawn_and_wait();
+    }
+    harden_process();
+    let enc = &cfg.security.encryption;
+    let opts = OpenOptions { adopt: args.init, rewrite_threshold: enc.file_dictionary_rewrite_threshold };
+    let meta = Metadata::open_or_init(&backing, &enc.master_key, &opts)
+        .with_context(|| format!("cannot open backing directory {}", backing.display()))?;
+    let r = &meta.report;
+    tracing::info!(
+        backing = %meta.backing().display(), entries = r.entries, replayed = r.records_replayed,
+        torn_tail_bytes = ?r.torn_tail_bytes, renames_completed = r.renames_completed,
+        renames_dropped = r.renames_dropped, stale_dropped = r.stale_entries_dropped,
+        "metadata open"
+    );
+    if !cfg.mount.default_permissions {
+        tracing::warn!("default-permissions = false: the kernel does not check file modes; every user who can reach the mount can read and write every file");
+    }
+    let fs_opts = FsOptions {
+        method: enc.data_encryption_method,
+        rotation: enc.data_key_rotation_period,
+        ttl: cfg.mount.attr_timeout,
+    };
+    let core = Arc::new(Core::new(&meta, fs_opts).context("cannot open the backing root")?);
+    let spec = MountSpec {
+        mountpoint: mountpoint.clone(),
+        allow_other: cfg.mount.allow_other,
+        default_permissions: cfg.mount.default_permissions,
+        threads: cfg.mount.threads,
+        writeback_cache: cfg.mount.writeback_cache,
+    };
+    let maintenance = Maintenance::start(meta.dict.clone());
+    let fs = TdeFs::new(core, spec.writeback_cache);
+    let mut session = fuser::Session::new(fs, &mountpoint, &fuser_config(&spec))
+        .with_context(|| format!("cannot mount at {}", mountpoint.display()))?;
+    let mut unmounter = session.unmount_callable();
+    let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])?;
+    let signal_handle = signals.handle();
+    let mp = mountpoint.clone();
+    let sig_thread = std::thread::Builder::new().name("tdefs-signals".into()).spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            tracing::info!(signal = sig, mountpoint = %mp.display(), "unmounting");
+            if let Err(e) = unmounter.unmount() {
+                tracing::error!(error = %e, "unmount failed");
+            }
+        }
+    })?;
+    tracing::info!(mountpoint = %mountpoint.display(), method = %enc.data_encryption_method, "mounted");
+    if daemon::is_daemon_child() {
+        daemon::notify_ready();
+    }
+    let result = session.run();
+    signal_handle.close();
+    let _ = sig_thread.join();
+    drop(maintenance);
+    meta.dict.flush().context("final dictionary flush")?;
+    if meta.dict.compaction_due() {
+        meta.dict.compact().context("final dictionary compaction")?;
+    }
+    result.context("FUSE session ended with an error")?;
+    tracing::info!("unmounted cleanly");
+    Ok(())
+}

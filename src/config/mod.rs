@@ -1,0 +1,264 @@
+//! Configuration: a TOML file whose `[security.encryption]` section reads like TiKV's.
+//!
+//! Parsing is strict (unknown keys are errors) because a typo in an encryption setting must
+//! not silently fall back to a default.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::crypto::Method;
+
+/// Where a config is read from when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/tdefs/tdefs.toml";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Config {
+    /// Directory holding the ciphertext (and the `.tdefs` metadata directory).
+    pub backing_dir: Option<PathBuf>,
+    /// Where the plaintext view is mounted.
+    pub mountpoint: Option<PathBuf>,
+    #[serde(default)]
+    pub mount: MountConfig,
+    pub security: Security,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct MountConfig {
+    /// Let users other than the one who mounted use the mount (the `postgres` or `mysql`
+    /// user with a mount started by root). Needs root or `user_allow_other` in fuse.conf.
+    #[serde(default = "yes")]
+    pub allow_other: bool,
+    /// The kernel checks permissions against the files' modes (as on ext4).
+    #[serde(default = "yes")]
+    pub default_permissions: bool,
+    /// Threads serving FUSE requests; 0 picks one per CPU (at least 2).
+    #[serde(default)]
+    pub threads: usize,
+    /// Let the kernel cache writes and send them in large batches.
+    #[serde(default = "yes")]
+    pub writeback_cache: bool,
+    /// How long the kernel may cache attributes and names.
+    #[serde(default = "one_second", deserialize_with = "de_duration")]
+    pub attr_timeout: Duration,
+}
+
+impl Default for MountConfig {
+    fn default() -> Self {
+        MountConfig {
+            allow_other: true,
+            default_permissions: true,
+            threads: 0,
+            writeback_cache: true,
+            attr_timeout: one_second(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Security {
+    pub encryption: Encryption,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Encryption {
+    /// Method for files created from now on. Existing files keep theirs.
+    #[serde(default = "default_method", deserialize_with = "de_method")]
+    pub data_encryption_method: Method,
+    /// A new data key is made when the current one is older than this.
+    #[serde(default = "default_rotation", deserialize_with = "de_duration")]
+    pub data_key_rotation_period: Duration,
+    /// Accepted for TiKV compatibility; the dictionary log is always on (it is what keeps
+    /// per-operation cost independent of the number of files).
+    #[serde(default = "yes")]
+    pub enable_file_dictionary_log: bool,
+    /// Log records after which the file dictionary is compacted into a new snapshot.
+    #[serde(default = "default_rewrite_threshold")]
+    pub file_dictionary_rewrite_threshold: u64,
+    pub master_key: MasterKeyConfig,
+    pub previous_master_key: Option<MasterKeyConfig>,
+}
+
+/// Where the master key comes from.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum MasterKeyConfig {
+    /// A file holding the key as 64 hex characters and a newline, mode 0600 or stricter.
+    File { path: PathBuf },
+    /// No master key: metadata keys are stored unwrapped. For tests only.
+    Plaintext,
+}
+
+impl MasterKeyConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            MasterKeyConfig::File { .. } => "file",
+            MasterKeyConfig::Plaintext => "plaintext",
+        }
+    }
+}
+
+impl fmt::Debug for MasterKeyConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MasterKeyConfig::File { path } => write!(f, "file:{}", path.display()),
+            MasterKeyConfig::Plaintext => f.write_str("plaintext"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid config file {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Config::parse(&text).map_err(|message| ConfigError::Invalid { path: path.to_path_buf(), message })
+    }
+
+    /// Parse TOML text; the error is toml's message (it names the key, line and column).
+    pub fn parse(text: &str) -> Result<Config, String> {
+        let cfg: Config = toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let enc = &self.security.encryption;
+        if enc.data_key_rotation_period < Duration::from_secs(1) {
+            return Err("security.encryption.data-key-rotation-period must be at least 1s".into());
+        }
+        if enc.file_dictionary_rewrite_threshold == 0 {
+            return Err("security.encryption.file-dictionary-rewrite-threshold must be at least 1".into());
+        }
+        if !enc.enable_file_dictionary_log {
+            return Err("security.encryption.enable-file-dictionary-log = false is not supported: \
+                        tdefs always keeps a dictionary log (remove the key or set it to true)"
+                .into());
+        }
+        Ok(())
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn one_second() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_method() -> Method {
+    Method::Aes256Ctr
+}
+fn default_rotation() -> Duration {
+    Duration::from_secs(168 * 3600)
+}
+fn default_rewrite_threshold() -> u64 {
+    1_000_000
+}
+
+fn de_method<'de, D: Deserializer<'de>>(d: D) -> Result<Method, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map_err(serde::de::Error::custom)
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let s = String::deserialize(d)?;
+    humantime::parse_duration(&s).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "invalid duration {s:?} ({e}); write a number with a unit, e.g. \"168h\", \"30m\", \"2s\""
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+backing-dir = "/var/lib/tdefs/backing"
+mountpoint  = "/var/opt/mssql/data"
+[security.encryption]
+data-encryption-method = "aes128-ctr"
+data-key-rotation-period = "7d"
+[security.encryption.master-key]
+type = "file"
+path = "/run/keys/tdefs.key"
+"#;
+
+    #[test]
+    fn parses_tikv_style_section() {
+        let c = Config::parse(GOOD).unwrap();
+        let e = &c.security.encryption;
+        assert_eq!(e.data_encryption_method, Method::Aes128Ctr);
+        assert_eq!(e.data_key_rotation_period, Duration::from_secs(7 * 86400));
+        assert_eq!(e.master_key, MasterKeyConfig::File { path: "/run/keys/tdefs.key".into() });
+        assert!(e.previous_master_key.is_none());
+        assert!(c.mount.allow_other && c.mount.default_permissions);
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::parse("[security.encryption.master-key]\ntype = \"plaintext\"\n").unwrap();
+        let e = &c.security.encryption;
+        assert_eq!(e.data_encryption_method, Method::Aes256Ctr);
+        assert_eq!(e.data_key_rotation_period, Duration::from_secs(168 * 3600));
+        assert_eq!(e.master_key, MasterKeyConfig::Plaintext);
+        assert!(c.backing_dir.is_none());
+    }
+
+    fn err(text: &str) -> String {
+        Config::parse(text).unwrap_err()
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = err(&GOOD.replace("data-key-rotation-period", "data-key-rotaton-period"));
+        assert!(e.contains("data-key-rotaton-period"), "{e}");
+        let e = err(&format!("{GOOD}\nbogus = 1\n"));
+        assert!(e.contains("bogus"), "{e}");
+        let e = err(&GOOD.replace("path =", "file =").replace("type = \"file\"", "type = \"file\"\npath = \"/x\""));
+        assert!(e.contains("file"), "{e}");
+    }
+
+    #[test]
+    fn bad_method_lists_allowed() {
+        let e = err(&GOOD.replace("aes128-ctr", "aes256-gcm"));
+        assert!(e.contains("aes256-gcm") && e.contains("sm4-ctr") && e.contains("plaintext"), "{e}");
+        assert!(e.contains("data-encryption-method"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_explains_format() {
+        let e = err(&GOOD.replace("7d", "soon"));
+        assert!(e.contains("soon") && e.contains("168h") && e.contains("data-key-rotation-period"), "{e}");
+        let e = err(&GOOD.replace("7d", "0s"));
+        assert!(e.contains("at least 1s"), "{e}");
+    }
+
+    #[test]
+    fn bad_master_key_type_lists_allowed() {
+        let e = err(&GOOD.replace("type = \"file\"", "type = \"hsm\""));
+        assert!(e.contains("hsm") && e.contains("file") && e.contains("plaintext"), "{e}");
+        let e = err(&GOOD.replace("[security.encryption.master-key]\ntype = \"file\"\npath = \"/run/keys/tdefs.key\"\n", ""));
+        assert!(e.contains("master-key"), "{e}");
+    }
+
+    #[test]
+    fn debug_of_master_key_has_no_material() {
+        let c = Config::parse(GOOD).unwrap();
+        let s = format!("{c:?}");
+        assert!(s.contains("file:/run/keys/tdefs.key"), "{s}");
+    }
+}

@@ -1,0 +1,574 @@
+//! The file dictionary: path -> (method, data key id, IV) for every encrypted file.
+//!
+//! Durable as a sealed snapshot plus an append-only log of records (`files.snap`,
+//! `files.log.<generation>`). Appends are group-committed: concurrent callers share one
+//! write + fdatasync. Compaction starts a new log generation, writes a snapshot covering the
+//! older ones, and deletes them; a crash at any step leaves a loadable set of files.
+//!
+//! Ordering with the FUSE adapter (DESIGN.md §5): `submit` applies a record to the in-memory
+//! tree and queues it; `sync` waits until it is durable. Callers submit under their
+//! namespace lock (so log order matches memory order) and wait outside it.
+
+mod log;
+mod record;
+mod snapshot;
+mod tree;
+
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex, MutexGuard, RwLock};
+
+pub use self::log::{log_file_name, LOG_HEADER_LEN};
+pub use self::record::{valid_path, FileEntry, Intent, Record};
+pub use self::snapshot::{SnapshotInfo, SNAPSHOT_FILE};
+pub use self::tree::Tree;
+
+use crate::crypto::SealKey;
+use crate::meta::format::HeaderError;
+use crate::sys;
+
+/// Preallocate the log this far ahead so that appends keep working on a nearly full disk.
+const PREALLOC: u64 = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DictError {
+    #[error("{op} {path}: {source}")]
+    Io { op: &'static str, path: PathBuf, source: io::Error },
+
+    #[error(
+        "{path} ({what}) is damaged at byte {offset}: {reason}. Nothing was modified. \
+         Restore the .tdefs directory from a backup, or run `tdefs check --repair` to keep \
+         what precedes the damage (files recorded after it would read as noise)"
+    )]
+    Damaged { path: PathBuf, what: &'static str, offset: u64, reason: String },
+
+    #[error("{path}: {source}")]
+    Header { path: PathBuf, source: HeaderError },
+
+    #[error("{path} belongs to another tdefs instance (it was not written with this key dictionary); \
+             was a .tdefs directory assembled from different backups?")]
+    Foreign { path: PathBuf },
+
+    #[error("the file dictionary in {dir} is incomplete: {what}. Nothing was modified; restore the \
+             .tdefs directory from a backup")]
+    Missing { dir: PathBuf, what: String },
+
+    #[error("the file dictionary is read-only after an earlier write failure ({0}); unmount, fix the \
+             disk, and mount again (the dictionary recovers to its last durable record)")]
+    Failed(String),
+
+    #[error("no space left on the backing filesystem for the dictionary log")]
+    NoSpace,
+
+    #[error("internal inconsistency in the file dictionary: {0}")]
+    Inconsistent(String),
+}
+
+impl DictError {
+    /// errno for a FUSE reply.
+    pub fn errno(&self) -> i32 {
+        match self {
+            DictError::NoSpace => libc::ENOSPC,
+            DictError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            _ => libc::EIO,
+        }
+    }
+}
+
+/// What `load` found; nothing on disk has been changed yet.
+pub struct Loaded {
+    dir: PathBuf,
+    pub tree: Tree,
+    pub snapshot: SnapshotInfo,
+    /// Log generations replayed, oldest first.
+    pub log_gens: Vec<u64>,
+    /// Records replayed from the logs.
+    pub records: u64,
+    next_seq: u64,
+    last_valid_len: u64,
+    /// Why the last log ends in a torn record, if it does (cut off by `open_writable`).
+    pub torn_tail: Option<(u64, &'static str)>,
+    /// Paths written by the replayed records: the only entries a crash can have left stale.
+    pub touched: Vec<Vec<u8>>,
+    stale_logs: Vec<PathBuf>,
+}
+
+struct LogState {
+    file: Arc<File>,
+    gen: u64,
+    next_seq: u64,
+    /// Framed records not yet written.
+    pending: Vec<u8>,
+    /// Directories to fsync before `pending` may be written (see `submit_after`).
+    barriers: Vec<std::os::fd::OwnedFd>,
+    /// File length covered by completed writes.
+    written: u64,
+    preallocated: u64,
+    durable_seq: u64,
+    syncing: bool,
+    /// A write failed with this error for records up to this seq (they stay queued).
+    batch_error: Option<(u64, i32)>,
+    /// A failure after which nothing more is written.
+    failed: Option<String>,
+    records_since_snapshot: u64,
+}
+
+pub struct FileDict {
+    dir: PathBuf,
+    seal: SealKey,
+    instance: [u8; 16],
+    tree: RwLock<Tree>,
+    log: Mutex<LogState>,
+    log_cv: Condvar,
+    compact_lock: Mutex<()>,
+    rewrite_threshold: u64,
+    last_compaction: Mutex<Option<Instant>>,
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> DictError + 'a {
+    move |source| DictError::Io { op, path: path.to_path_buf(), source }
+}
+
+impl FileDict {
+    /// Create an empty dictionary in `dir` (durably).
+    pub fn create(dir: &Path, seal: &SealKey, instance: &[u8; 16]) -> Result<(), DictError> {
+        let info = SnapshotInfo { covers_gen: 0, last_seq: 0 };
+        let snap = snapshot::encode(&Tree::default(), seal, instance, info);
+        sys::write_durably(dir, SNAPSHOT_FILE, &snap).map_err(io_err("write", &dir.join(SNAPSHOT_FILE)))?;
+        let name = log_file_name(1);
+        sys::write_durably(dir, &name, &log::encode_header(1, instance)).map_err(io_err("write", &dir.join(&name)))
+    }
+
+    /// Read the snapshot and replay the logs. Changes nothing on disk.
+    pub fn load(dir: &Path, seal: &SealKey, instance: &[u8; 16]) -> Result<Loaded, DictError> {
+        let snap_path = dir.join(SNAPSHOT_FILE);
+        let f = File::open(&snap_path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => DictError::Missing { dir: dir.into(), what: format!("{SNAPSHOT_FILE} is missing") },
+            _ => DictError::Io { op: "open", path: snap_path.clone(), source: e },
+        })?;
+        let (mut tree, info) = snapshot::decode(&mut io::BufReader::with_capacity(1 << 20, f), seal, instance)
+            .map_err(|e| match e {
+                snapshot::SnapError::Header(source) => DictError::Header { path: snap_path.clone(), source },
+                snapshot::SnapError::Damaged { offset, reason } => {
+                    DictError::Damaged { path: snap_path.clone(), what: "file dictionary snapshot", offset, reason }
+                }
+                snapshot::SnapError::ForeignInstance => DictError::Foreign { path: snap_path.clone() },
+                snapshot::SnapError::Io(source) => DictError::Io { op: "read", path: snap_path.clone(), source },
+            })?;
+
+        let mut gens = Vec::new();
+        for ent in std::fs::read_dir(dir).map_err(io_err("list", dir))? {
+            let ent = ent.map_err(io_err("list", dir))?;
+            if let Some(g) = ent.file_name().to_str().and_then(log::parse_log_file_name) {
+                gens.push(g);
+            }
+        }
+        gens.sort_unstable();
+        let stale_logs = gens.iter().filter(|&&g| g <= info.covers_gen).map(|&g| dir.join(log_file_name(g))).collect();
+        gens.retain(|&g| g > info.covers_gen);
+        if gens.is_empty() {
+            return Err(DictError::Missing {
+                dir: dir.into(),
+                what: format!("no log after generation {} (the snapshot's)", info.covers_gen),
+            });
+        }
+        for (i, g) in gens.iter().enumerate() {
+            if *g != info.covers_gen + 1 + i as u64 {
+                return Err(DictError::Missing {
+                    dir: dir.into(),
+                    what: format!("log generation {} is missing", info.covers_gen + 1 + i as u64),
+                });
+            }
+        }
+
+        let mut next_seq = info.last_seq + 1;
+        let (mut records, mut touched, mut torn_tail, mut last_valid_len) = (0, Vec::new(), None, 0);
+        for (i, &gen) in gens.iter().enumerate() {
+            let path = dir.join(log_file_name(gen));
+            let bytes = std::fs::read(&path).map_err(io_err("read", &path))?;
+            log::check_log_header(&bytes, gen, instance).map_err(|p| match p {
+                log::HeaderProblem::Format(source) => DictError::Header { path: path.clone(), source },
+                log::HeaderProblem::Instance => DictError::Foreign { path: path.clone() },
+                log::HeaderProblem::Checksum => DictError::Damaged {
+                    path: path.clone(),
+                    what: "file dictionary log",
+                    offset: 0,
+                    reason: "header checksum mismatch".into(),
+                },
+                log::HeaderProblem::Generation(g) => DictError::Damaged {
+                    path: path.clone(),
+                    what: "file dictionary log",
+                    offset: 0,
+                    reason: format!("header says generation {g}"),
+                },
+            })?;
+            let is_last = i + 1 == gens.len();
+            let c = log::read_log(&bytes, seal, instance, gen, next_seq, is_last).map_err(|d| DictError::Damaged {
+                path: path.clone(),
+                what: "file dictionary log",
+                offset: d.offset,
+                reason: d.reason,
+            })?;
+            for (seq, rec) in &c.records {
+                tree.apply(*seq, rec).map_err(|e| DictError::Damaged {
+                    path: path.clone(),
+                    what: "file dictionary log",
+                    offset: 0,
+                    reason: format!("record {seq}: {}", e.0),
+                })?;
+                if let Record::Put { path, .. } = rec {
+                    touched.push(path.clone());
+                }
+            }
+            records += c.records.len() as u64;
+            next_seq += c.records.len() as u64;
+            if is_last {
+                last_valid_len = c.valid_len;
+                torn_tail = c.torn.map(|why| ((bytes.len() as u64 - c.valid_len), why));
+            }
+        }
+        Ok(Loaded {
+            dir: dir.to_path_buf(),
+            tree,
+            snapshot: info,
+            log_gens: gens,
+            records,
+            next_seq,
+            last_valid_len,
+            torn_tail,
+            touched,
+            stale_logs,
+        })
+    }
+
+    /// Turn a loaded dictionary into a writable one: cut a torn tail off the last log and
+    /// remove leftovers of an interrupted compaction.
+    pub fn open_writable(loaded: Loaded, seal: &SealKey, instance: &[u8; 16], rewrite_threshold: u64) -> Result<FileDict, DictError> {
+        let dir = loaded.dir.clone();
+        let gen = *loaded.log_gens.last().expect("load guarantees one log");
+        let path = dir.join(log_file_name(gen));
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).map_err(io_err("open", &path))?;
+        if let Some((bytes, why)) = loaded.torn_tail {
+            tracing::warn!(
+                log = %path.display(), offset = loaded.last_valid_len, bytes, reason = why,
+                "cutting a torn record off the end of the dictionary log (an interrupted write; \
+                 it was never acknowledged)"
+            );
+            sys::ftruncate(file.as_fd(), loaded.last_valid_len).map_err(io_err("truncate", &path))?;
+            sys::fdatasync(file.as_fd()).map_err(io_err("fsync", &path))?;
+        }
+        for p in &loaded.stale_logs {
+            std::fs::remove_file(p).map_err(io_err("remove", p))?;
+        }
+        let _ = std::fs::remove_file(dir.join(format!("{SNAPSHOT_FILE}.tmp")));
+        let records_since_snapshot = loaded.records;
+        let durable_seq = loaded.next_seq - 1;
+        Ok(FileDict {
+            dir,
+            seal: seal.clone(),
+            instance: *instance,
+            tree: RwLock::new(loaded.tree),
+            log: Mutex::new(LogState {
+                file: Arc::new(file),
+                gen,
+                next_seq: loaded.next_seq,
+                pending: Vec::new(),
+                barriers: Vec::new(),
+                written: loaded.last_valid_len,
+                preallocated: 0,
+                durable_seq,
+                syncing: false,
+                batch_error: None,
+                failed: None,
+                records_since_snapshot,
+            }),
+            log_cv: Condvar::new(),
+            compact_lock: Mutex::new(()),
+            rewrite_threshold,
+            last_compaction: Mutex::new(None),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn get(&self, path: &[u8]) -> Option<FileEntry> {
+        self.tree.read().get(path)
+    }
+
+    /// Run `f` with read access to the whole tree (status, dumps, key reference counts).
+    pub fn with_tree<T>(&self, f: impl FnOnce(&Tree) -> T) -> T {
+        f(&self.tree.read())
+    }
+
+    pub fn pending_intents(&self) -> Vec<Intent> {
+        self.tree.read().intents().cloned().collect()
+    }
+
+    /// Apply `rec` in memory and queue it for the log; returns its sequence number.
+    pub fn submit(&self, rec: Record) -> Result<u64, DictError> {
+        self.submit_after(rec, Vec::new())
+    }
+
+    /// Like `submit`, but the record may reach the disk only after `barriers` (directories)
+    /// have been fsynced. Used for records that follow a namespace change in the backing
+    /// directory (unlink, rename): the record must never be durable while the change it
+    /// describes is not, or a power cut could leave a file whose entry is already gone.
+    pub fn submit_after(&self, rec: Record, barriers: Vec<std::os::fd::OwnedFd>) -> Result<u64, DictError> {
+        let mut st = self.log.lock();
+        st.barriers.extend(barriers);
+        if let Some(f) = &st.failed {
+            return Err(DictError::Failed(f.clone()));
+        }
+        let seq = st.next_seq;
+        self.tree.write().apply(seq, &rec).map_err(|e| DictError::Inconsistent(e.0))?;
+        let framed = log::frame(&self.seal, &self.instance, st.gen, seq, &rec);
+        st.pending.extend_from_slice(&framed);
+        st.next_seq += 1;
+        st.records_since_snapshot += 1;
+        Ok(seq)
+    }
+
+    /// Wait until record `seq` (and all before it) is durable. Concurrent callers share one
+    /// write + fdatasync: whoever finds no write in flight writes everything queued.
+    pub fn sync(&self, seq: u64) -> Result<(), DictError> {
+        let mut st = self.log.lock();
+        loop {
+            if st.durable_seq >= seq {
+                return Ok(());
+            }
+            if let Some(f) = &st.failed {
+                return Err(DictError::Failed(f.clone()));
+            }
+            if let Some((upto, errno)) = st.batch_error {
+                if seq <= upto {
+                    st.batch_error = None;
+                    return Err(if errno == libc::ENOSPC || errno == libc::EDQUOT {
+                        DictError::NoSpace
+                    } else {
+                        DictError::Io { op: "append to", path: self.log_path(st.gen), source: io::Error::from_raw_os_error(errno) }
+                    });
+                }
+            }
+            if st.syncing {
+                self.log_cv.wait(&mut st);
+            } else {
+                self.write_pending(&mut st);
+            }
+        }
+    }
+
+    /// Make every queued record durable.
+    pub fn flush(&self) -> Result<(), DictError> {
+        let last = self.log.lock().next_seq - 1;
+        self.sync(last)
+    }
+
+    fn log_path(&self, gen: u64) -> PathBuf {
+        self.dir.join(log_file_name(gen))
+    }
+
+    /// Write and fdatasync everything queued, with the lock released during the I/O.
+    fn write_pending(&self, st: &mut MutexGuard<'_, LogState>) {
+        debug_assert!(!st.syncing);
+        let upto = st.next_seq - 1;
+        let buf = std::mem::take(&mut st.pending);
+        let barriers = std::mem::take(&mut st.barriers);
+        let (file, off, prealloc) = (st.file.clone(), st.written, st.preallocated);
+        st.syncing = true;
+        let (write_res, sync_res, new_prealloc) = MutexGuard::unlocked(st, || {
+            for dir in &barriers {
+                // A directory that cannot be synced (EIO) fails the batch like the log would.
+                if let Err(e) = sys::fsync(std::os::fd::AsFd::as_fd(dir)) {
+                    return (Ok(()), Err(e), prealloc);
+                }
+            }
+            let fd = file.as_fd();
+            let end = off + buf.len() as u64;
+            let mut new_prealloc = prealloc;
+            if end > prealloc {
+                // Best effort: reserve space so a full disk cannot tear the next records.
+                if sys::fallocate(fd, libc::FALLOC_FL_KEEP_SIZE, off, (end - off).max(PREALLOC)).is_ok() {
+                    new_prealloc = off + (end - off).max(PREALLOC);
+                }
+            }
+            let w = if buf.is_empty() { Ok(()) } else { sys::pwrite_all(fd, &buf, off) };
+            let s = if w.is_ok() { sys::fdatasync(fd) } else { Ok(()) };
+            (w, s, new_prealloc)
+        });
+        st.syncing = false;
+        st.preallocated = new_prealloc;
+        match (write_res, sync_res) {
+            (Ok(()), Ok(())) => {
+                st.written += buf.len() as u64;
+                st.durable_seq = upto;
+                st.batch_error = None;
+            }
+            (Err(e), _) => {
+                // Cut the partial write off so the log stays a clean sequence of records,
+                // and keep the records queued: they are already applied in memory.
+                let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                if sys::ftruncate(st.file.as_fd(), off).is_ok() {
+                    let newer = std::mem::take(&mut st.pending);
+                    st.pending = buf;
+                    st.pending.extend_from_slice(&newer);
+                    st.batch_error = Some((upto, errno));
+                    tracing::warn!(error = %e, "dictionary log append failed; will retry");
+                } else {
+                    st.failed = Some(format!("append to {}: {e}", self.log_path(st.gen).display()));
+                    tracing::error!(error = %e, "dictionary log append failed and could not be undone");
+                }
+            }
+            (Ok(()), Err(e)) => {
+                // After a failed fdatasync the kernel may have dropped the data: nothing
+                // written since the last good sync can be trusted (fsyncgate).
+                st.failed = Some(format!("fdatasync {}: {e}", self.log_path(st.gen).display()));
+                tracing::error!(error = %e, "dictionary log fdatasync failed; dictionary is now read-only");
+            }
+        }
+        self.log_cv.notify_all();
+    }
+
+    /// Whether enough records accumulated since the last snapshot to compact.
+    pub fn compaction_due(&self) -> bool {
+        self.log.lock().records_since_snapshot >= self.rewrite_threshold
+    }
+
+    /// Records queued but not yet written.
+    pub fn has_pending(&self) -> bool {
+        !self.log.lock().pending.is_empty()
+    }
+
+    pub fn last_compaction(&self) -> Option<Instant> {
+        *self.last_compaction.lock()
+    }
+
+    /// Start a new log generation, write a snapshot covering the older ones, delete them.
+    pub fn compact(&self) -> Result<(), DictError> {
+        let _one = self.compact_lock.lock();
+        let mut st = self.log.lock();
+        // Everything queued goes into the old generation first.
+        loop {
+            if let Some(f) = &st.failed {
+                return Err(DictError::Failed(f.clone()));
+            }
+            if st.syncing {
+                self.log_cv.wait(&mut st);
+            } else if !st.pending.is_empty() || st.durable_seq < st.next_seq - 1 {
+                self.write_pending(&mut st);
+                if st.batch_error.is_some() {
+                    return Err(DictError::NoSpace);
+                }
+            } else {
+                break;
+            }
+        }
+        let info = SnapshotInfo { covers_gen: st.gen, last_seq: st.next_seq - 1 };
+        let new_gen = st.gen + 1;
+        let name = log_file_name(new_gen);
+        let new_path = self.dir.join(&name);
+        sys::write_durably(&self.dir, &name, &log::encode_header(new_gen, &self.instance))
+            .map_err(io_err("create", &new_path))?;
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(&new_path).map_err(io_err("open", &new_path))?;
+        st.file = Arc::new(file);
+        st.gen = new_gen;
+        st.written = LOG_HEADER_LEN as u64;
+        st.preallocated = 0;
+        st.records_since_snapshot = 0;
+        // Holding the tree read lock keeps it at `info.last_seq` while it is serialised
+        // (appends need the write lock); the log lock is released so waiters are not held.
+        let tree = self.tree.read();
+        drop(st);
+        let bytes = snapshot::encode(&tree, &self.seal, &self.instance, info);
+        drop(tree);
+        let snap_path = self.dir.join(SNAPSHOT_FILE);
+        sys::write_durably(&self.dir, SNAPSHOT_FILE, &bytes).map_err(io_err("write", &snap_path))?;
+        for g in 1..=info.covers_gen {
+            let p = self.log_path(g);
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(DictError::Io { op: "remove", path: p, source: e }),
+            }
+        }
+        sys::fsync_dir(&self.dir).map_err(io_err("fsync", &self.dir))?;
+        *self.last_compaction.lock() = Some(Instant::now());
+        tracing::info!(entries = self.tree.read().len(), generation = new_gen, "file dictionary compacted");
+        Ok(())
+    }
+
+    /// Total bytes of the dictionary files on disk.
+    pub fn disk_size(&self) -> u64 {
+        std::fs::read_dir(&self.dir)
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| {
+                        let n = e.file_name();
+                        let n = n.to_string_lossy();
+                        n == SNAPSHOT_FILE || n.starts_with("files.log.")
+                    })
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+}
+
+/// Background upkeep: writes lazily-queued records within a second, compacts when due.
+pub struct Maintenance {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Maintenance {
+    pub fn start(dict: Arc<FileDict>) -> Maintenance {
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let s = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("tdefs-dict".into())
+            .spawn(move || {
+                let (lock, cv) = &*s;
+                let mut stopped = lock.lock();
+                while !*stopped {
+                    cv.wait_for(&mut stopped, Duration::from_secs(1));
+                    if *stopped {
+                        break;
+                    }
+                    drop(stopped);
+                    if dict.has_pending() {
+                        if let Err(e) = dict.flush() {
+                            tracing::warn!(error = %e, "background dictionary flush failed");
+                        }
+                    }
+                    if dict.compaction_due() {
+                        if let Err(e) = dict.compact() {
+                            tracing::warn!(error = %e, "dictionary compaction failed; will retry");
+                        }
+                    }
+                    stopped = lock.lock();
+                }
+            })
+            .expect("spawn dictionary maintenance thread");
+        Maintenance { stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for Maintenance {
+    fn drop(&mut self) {
+        *self.stop.0.lock() = true;
+        self.stop.1.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,349 @@
+//! POSIX semantics over the backing directory: lookup, attributes, directories, xattrs,
+//! open. Every call works on descriptors of the backing inodes. Namespace changes that touch
+//! the dictionary live in `namespace.rs`, the data path in `io.rs`.
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fuser::{FileType, INodeNo, TimeOrNow};
+use parking_lot::{Mutex, RwLock};
+
+use super::attr::{kind_of, timespec};
+use super::errno::{err, Error, Result};
+use super::handle::{DirHandle, FileHandle, HandleTable};
+use super::inode::{FileState, Inode, InodeTable, Loc};
+use crate::crypto::{random_iv, FileCipher, Method};
+use crate::dictionary::{FileDict, FileEntry};
+use crate::keys::KeyStore;
+use crate::meta::{is_hidden_name, Metadata};
+use crate::sys::{self, Stat};
+
+/// What the adapter needs to know from the configuration.
+#[derive(Debug, Clone)]
+pub struct FsOptions {
+    pub method: Method,
+    pub rotation: Duration,
+    pub ttl: Duration,
+}
+
+pub struct Core {
+    pub(super) root: Arc<Inode>,
+    root_dev: u64,
+    pub(super) inodes: InodeTable,
+    pub(super) files: HandleTable<FileHandle>,
+    pub(super) dirs: HandleTable<DirHandle>,
+    pub(super) dict: Arc<FileDict>,
+    keys: Arc<KeyStore>,
+    pub(super) opts: FsOptions,
+    /// Namespace lock: pairs "compute a path from the inode tree" with "read or queue a
+    /// dictionary record for it" (shared), against "a rename's outcome moves entries and
+    /// inode locations" (exclusive). Never held across I/O waits.
+    pub(super) ns: RwLock<()>,
+    /// Whether the daemon may chown (runs as root): new files then belong to the caller.
+    pub(super) can_chown: bool,
+    other_devs: Mutex<HashMap<u64, u64>>,
+}
+
+impl Core {
+    pub fn new(meta: &Metadata, opts: FsOptions) -> Result<Core> {
+        let fd = sys::openat(
+            meta.backing_fd(),
+            OsStr::new("."),
+            libc::O_PATH | libc::O_DIRECTORY,
+            0,
+        )?;
+        let st = sys::fstat(fd.as_fd())?;
+        let root = Arc::new(Inode::new(INodeNo::ROOT.0, FileType::Directory, fd, None, FileState::plaintext()));
+        Ok(Core {
+            root,
+            root_dev: st.st_dev,
+            inodes: InodeTable::default(),
+            files: HandleTable::default(),
+            dirs: HandleTable::default(),
+            dict: meta.dict.clone(),
+            keys: meta.keys.clone(),
+            opts,
+            ns: RwLock::new(()),
+            can_chown: unsafe { libc::geteuid() } == 0,
+            other_devs: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn dict(&self) -> &Arc<FileDict> {
+        &self.dict
+    }
+
+    /// Node id of a backing inode: its inode number on the backing filesystem (1 is FUSE's
+    /// root id, so a backing inode 1 and inodes on other filesystems mounted inside the
+    /// backing directory get ids with the top bit set).
+    pub(super) fn nodeid(&self, dev: u64, ino: u64) -> u64 {
+        if dev == self.root_dev && ino != INodeNo::ROOT.0 && ino < (1 << 63) {
+            return ino;
+        }
+        let mut devs = self.other_devs.lock();
+        let n = devs.len() as u64;
+        let idx = if dev == self.root_dev { 0 } else { *devs.entry(dev).or_insert(n + 1) };
+        (1 << 63) | (idx << 48) | (ino & ((1 << 48) - 1))
+    }
+
+    pub(super) fn inode(&self, nodeid: u64) -> Result<Arc<Inode>> {
+        if nodeid == INodeNo::ROOT.0 {
+            return Ok(self.root.clone());
+        }
+        self.inodes.get(nodeid).ok_or(Error::Os(libc::ESTALE))
+    }
+
+    fn is_hidden(&self, parent: &Inode, name: &OsStr) -> bool {
+        parent.nodeid == INodeNo::ROOT.0 && is_hidden_name(name)
+    }
+
+    /// Refuse to create or rename onto the metadata directory's name.
+    pub(super) fn check_new_name(&self, parent: &Inode, name: &OsStr) -> Result<()> {
+        if self.is_hidden(parent, name) {
+            tracing::warn!(name = %name.to_string_lossy(), "refusing to create tdefs' reserved name in the mount root");
+            return err(libc::EPERM);
+        }
+        Ok(())
+    }
+
+    /// Encryption state for a file whose dictionary entry is `entry`.
+    pub(super) fn state_for(&self, entry: Option<FileEntry>) -> FileState {
+        match entry {
+            None => FileState::plaintext(),
+            Some(e) if e.method.is_plaintext() => FileState { entry: Some(e), cipher: Some(FileCipher::plaintext()) },
+            Some(e) => {
+                let cipher = self.keys.get(e.key_id).map(|k| k.cipher(&e.iv));
+                if cipher.is_none() {
+                    tracing::error!(key_id = format_args!("{:#018x}", e.key_id), "a file's data key is missing; its I/O fails with EIO");
+                }
+                FileState { entry: Some(e), cipher }
+            }
+        }
+    }
+
+    /// A fresh entry for a new (or re-keyed) file under the configured method: current data
+    /// key, random IV. `None` for the plaintext method.
+    pub(super) fn new_entry(&self) -> Result<(Option<FileEntry>, FileCipher)> {
+        match self.keys.key_for_new_file(self.opts.method, self.opts.rotation)? {
+            None => Ok((None, FileCipher::plaintext())),
+            Some(k) => {
+                let iv = random_iv();
+                Ok((Some(FileEntry { method: k.method, key_id: k.id, iv }), k.cipher(&iv)))
+            }
+        }
+    }
+
+    pub fn lookup(&self, parent: &Arc<Inode>, name: &OsStr) -> Result<(Arc<Inode>, Stat)> {
+        if self.is_hidden(parent, name) {
+            return err(libc::ENOENT);
+        }
+        let st = sys::fstatat(parent.fd(), name, libc::AT_SYMLINK_NOFOLLOW)?;
+        self.register(parent, name, &st, None)
+    }
+
+    /// The inode for `parent/name` (whose stat is `st`), counting one kernel reference.
+    /// `preset` is the encryption state of a file just created.
+    pub(super) fn register(&self, parent: &Arc<Inode>, name: &OsStr, st: &Stat, preset: Option<FileState>) -> Result<(Arc<Inode>, Stat)> {
+        let loc = || Some(Loc { parent: parent.clone(), name: name.to_os_string() });
+        if let Some(i) = self.inodes.get_and_ref(self.nodeid(st.st_dev, st.st_ino)) {
+            i.set_loc(loc());
+            return Ok((i, *st));
+        }
+        let fd = sys::openat(parent.fd(), name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+        let st = sys::fstat(fd.as_fd())?; // authoritative if the name changed meanwhile
+        let kind = kind_of(st.st_mode);
+        let state = match preset {
+            Some(s) => s,
+            None if kind == FileType::RegularFile => {
+                let _ns = self.ns.read();
+                self.state_for(parent.child_path(name).and_then(|p| self.dict.get(&p)))
+            }
+            None => FileState::plaintext(),
+        };
+        let inode = Inode::new(self.nodeid(st.st_dev, st.st_ino), kind, fd, loc(), state);
+        Ok((self.inodes.insert_or_ref(inode), st))
+    }
+
+    pub fn forget(&self, nodeid: u64, n: u64) {
+        self.inodes.forget(nodeid, n);
+    }
+
+    pub fn getattr(&self, nodeid: u64, fh: Option<u64>) -> Result<Stat> {
+        if let Some(h) = fh.and_then(|fh| self.files.get(fh)) {
+            return Ok(sys::fstat(h.fd())?);
+        }
+        Ok(sys::fstat(self.inode(nodeid)?.fd())?)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn setattr(
+        &self,
+        nodeid: u64,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        fh: Option<u64>,
+    ) -> Result<Stat> {
+        let inode = self.inode(nodeid)?;
+        if let Some(size) = size {
+            if inode.kind != FileType::RegularFile {
+                return err(if inode.kind == FileType::Directory { libc::EISDIR } else { libc::EINVAL });
+            }
+            self.truncate(&inode, fh.and_then(|fh| self.files.get(fh)), size)?;
+        }
+        if uid.is_some() || gid.is_some() {
+            sys::fchown(inode.fd(), uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX))?;
+        }
+        if let Some(mode) = mode {
+            if inode.kind != FileType::Symlink {
+                sys::fchmod_path(inode.fd(), mode & 0o7777)?;
+            }
+        }
+        if atime.is_some() || mtime.is_some() {
+            let conv = |t: Option<TimeOrNow>| match t {
+                None => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
+                Some(TimeOrNow::Now) => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_NOW },
+                Some(TimeOrNow::SpecificTime(t)) => timespec(t),
+            };
+            let times = [conv(atime), conv(mtime)];
+            if inode.kind == FileType::Symlink {
+                let loc = inode.loc().ok_or(Error::Os(libc::ENOENT))?;
+                sys::utimens(loc.parent.fd(), Some(&loc.name), &times, libc::AT_SYMLINK_NOFOLLOW)?;
+            } else {
+                sys::utimens(inode.fd(), None, &times, 0)?;
+            }
+        }
+        self.getattr(nodeid, fh)
+    }
+
+    pub fn readlink(&self, nodeid: u64) -> Result<OsString> {
+        Ok(sys::readlink_fd(self.inode(nodeid)?.fd())?)
+    }
+
+    pub fn opendir(&self, nodeid: u64) -> Result<u64> {
+        let inode = self.inode(nodeid)?;
+        let fd = sys::openat(inode.fd(), OsStr::new("."), libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+        Ok(self.dirs.insert(DirHandle { inode, fd: Mutex::new(fd) }))
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        self.dirs.remove(fh);
+    }
+
+    pub fn fsyncdir(&self, fh: u64) -> Result<()> {
+        let d = self.dirs.get(fh).ok_or(Error::Os(libc::EBADF))?;
+        let fd = d.fd.lock();
+        Ok(sys::fsync(fd.as_fd())?)
+    }
+
+    /// List the directory from `offset` (a cookie from a previous entry), calling `add`
+    /// (name, node id, type, next offset) until it returns true (reply full).
+    pub fn readdir(&self, fh: u64, offset: u64, mut add: impl FnMut(&OsStr, u64, FileType, u64) -> bool) -> Result<()> {
+        let d = self.dirs.get(fh).ok_or(Error::Os(libc::EBADF))?;
+        let is_root = d.inode.nodeid == INodeNo::ROOT.0;
+        let dev = sys::fstat(d.inode.fd())?.st_dev;
+        let fd = d.fd.lock();
+        let fd = fd.as_fd();
+        sys::lseek(fd, offset as i64, libc::SEEK_SET)?;
+        let mut buf = vec![0u8; 32 * 1024];
+        loop {
+            let n = sys::getdents(fd, &mut buf)?;
+            if n == 0 {
+                return Ok(());
+            }
+            let mut pos = 0;
+            while pos < n {
+                // struct linux_dirent64 { u64 d_ino; i64 d_off; u16 d_reclen; u8 d_type; char d_name[]; }
+                let ino = u64::from_ne_bytes(buf[pos..pos + 8].try_into().unwrap());
+                let off = i64::from_ne_bytes(buf[pos + 8..pos + 16].try_into().unwrap());
+                let reclen = u16::from_ne_bytes(buf[pos + 16..pos + 18].try_into().unwrap()) as usize;
+                let dtype = buf[pos + 18];
+                let raw = &buf[pos + 19..pos + reclen];
+                let name = OsStr::from_bytes(&raw[..raw.iter().position(|&b| b == 0).unwrap_or(raw.len())]);
+                pos += reclen;
+                if is_root && is_hidden_name(name) {
+                    continue;
+                }
+                if add(name, self.nodeid(dev, ino), kind_of(u32::from(dtype) << 12), off as u64) {
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    pub fn statfs(&self) -> Result<libc::statvfs> {
+        Ok(sys::fstatvfs(self.root.fd())?)
+    }
+
+    fn xattr_target(&self, nodeid: u64) -> Result<sys::XattrTarget> {
+        let inode = self.inode(nodeid)?;
+        if inode.kind == FileType::Symlink {
+            // A symlink's own xattrs: address it through its parent, without following.
+            let loc = inode.loc().ok_or(Error::Os(libc::ENOENT))?;
+            let mut p = sys::proc_path(loc.parent.fd().as_raw_fd()).into_bytes();
+            p.push(b'/');
+            p.extend_from_slice(loc.name.as_bytes());
+            return Ok(sys::XattrTarget { path: std::ffi::CString::new(p).map_err(|_| Error::Os(libc::EINVAL))?, follow: false });
+        }
+        Ok(sys::XattrTarget { path: sys::proc_path(inode.fd().as_raw_fd()), follow: true })
+    }
+
+    pub fn getxattr(&self, nodeid: u64, name: &OsStr, buf: &mut [u8]) -> Result<usize> {
+        Ok(sys::getxattr(&self.xattr_target(nodeid)?, name, buf)?)
+    }
+
+    pub fn setxattr(&self, nodeid: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+        Ok(sys::setxattr(&self.xattr_target(nodeid)?, name, value, flags)?)
+    }
+
+    pub fn listxattr(&self, nodeid: u64, buf: &mut [u8]) -> Result<usize> {
+        Ok(sys::listxattr(&self.xattr_target(nodeid)?, buf)?)
+    }
+
+    pub fn removexattr(&self, nodeid: u64, name: &OsStr) -> Result<()> {
+        Ok(sys::removexattr(&self.xattr_target(nodeid)?, name)?)
+    }
+
+    /// Open the backing file read-write where possible (hole fills read before they write;
+    /// the kernel's writeback cache reads through write-only handles), else as asked.
+    pub(super) fn open_backing(&self, inode: &Inode, flags: i32) -> Result<OwnedFd> {
+        // O_APPEND is dropped: the kernel gives every write its offset, and pwrite on an
+        // O_APPEND descriptor would ignore it. O_DIRECT is the kernel's business (the
+        // page cache above us); O_SYNC/O_DSYNC pass through to the backing file.
+        let keep = flags & (libc::O_SYNC | libc::O_DSYNC | libc::O_NOATIME);
+        match sys::reopen(inode.fd(), libc::O_RDWR | keep) {
+            Ok(fd) => Ok(fd),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EACCES) | Some(libc::EROFS) | Some(libc::ETXTBSY)) => {
+                Ok(sys::reopen(inode.fd(), (flags & libc::O_ACCMODE) | keep)?)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub fn open(&self, nodeid: u64, flags: i32) -> Result<u64> {
+        let inode = self.inode(nodeid)?;
+        if inode.kind != FileType::RegularFile {
+            return err(if inode.kind == FileType::Directory { libc::EISDIR } else { libc::EINVAL });
+        }
+        let fd = self.open_backing(&inode, flags)?;
+        let h = Arc::new(FileHandle::new(inode.clone(), fd));
+        if flags & libc::O_TRUNC != 0 {
+            self.truncate(&inode, Some(h.clone()), 0)?;
+        } else if flags & libc::O_ACCMODE != libc::O_RDONLY {
+            self.adopt_if_empty(&inode, &h)?;
+        }
+        let h = Arc::try_unwrap(h).map_err(|_| Error::Os(libc::EIO))?;
+        Ok(self.files.insert(h))
+    }
+
+    pub fn release(&self, fh: u64) {
+        self.files.remove(fh);
+    }
+}

@@ -1,0 +1,252 @@
+//! Encrypted data path: CTR encryption at any offset, and the hole rule of DESIGN.md §4.
+//!
+//! Invariant kept on every backing file: each complete, aligned 4 KiB block is either all
+//! zero bytes (a hole: reads as zeros) or all ciphertext; the partial block at the end of the
+//! file, if any, is all ciphertext. Operations that would leave a block mixed first fill the
+//! rest of it with encrypted zeros. Aligned page writes therefore cost no extra I/O.
+//!
+//! Locking is the caller's: `write` needs the file's lock exclusively unless
+//! `write_is_simple` says a shared one suffices; `read` needs it shared.
+
+use std::io;
+
+use crate::crypto::FileCipher;
+
+pub const BLOCK: u64 = 4096;
+
+pub const FALLOC_KEEP_SIZE: i32 = libc::FALLOC_FL_KEEP_SIZE;
+pub const FALLOC_PUNCH_HOLE: i32 = libc::FALLOC_FL_PUNCH_HOLE;
+pub const FALLOC_ZERO_RANGE: i32 = libc::FALLOC_FL_ZERO_RANGE;
+
+/// Backing file access used by the data path.
+pub trait Store {
+    /// Read up to `buf.len()` bytes at `off`; fewer only at end of file.
+    fn pread(&self, buf: &mut [u8], off: u64) -> io::Result<usize>;
+    fn pwrite(&self, buf: &[u8], off: u64) -> io::Result<()>;
+    fn size(&self) -> io::Result<u64>;
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    fn fallocate(&self, mode: i32, off: u64, len: u64) -> io::Result<()>;
+}
+
+fn down(x: u64) -> u64 {
+    x & !(BLOCK - 1)
+}
+
+fn up(x: u64) -> u64 {
+    down(x + BLOCK - 1)
+}
+
+fn all_zero(b: &[u8]) -> bool {
+    let (head, words, tail) = unsafe { b.align_to::<u128>() };
+    head.iter().all(|&x| x == 0) && words.iter().all(|&x| x == 0) && tail.iter().all(|&x| x == 0)
+}
+
+/// Read `len` plaintext bytes at `off` into `out` (cleared first); short at end of file.
+pub fn read(s: &dyn Store, c: &FileCipher, off: u64, len: usize, out: &mut Vec<u8>) -> io::Result<()> {
+    out.clear();
+    if c.is_plaintext() {
+        out.resize(len, 0);
+        let n = s.pread(out, off)?;
+        out.truncate(n);
+        return Ok(());
+    }
+    // Read whole blocks: a block is a hole only if all of its bytes are zero.
+    let start = down(off);
+    let end = off + len as u64;
+    out.resize((up(end) - start) as usize, 0);
+    let n = s.pread(out, start)?;
+    out.truncate(n);
+    for (i, block) in out.chunks_mut(BLOCK as usize).enumerate() {
+        let bstart = start + i as u64 * BLOCK;
+        if block.len() == BLOCK as usize && all_zero(block) {
+            continue; // hole (never true of real ciphertext: 2^-32768)
+        }
+        // Decrypt only the part the caller asked for.
+        let lo = off.saturating_sub(bstart).min(block.len() as u64) as usize;
+        let hi = (end - bstart).min(block.len() as u64) as usize;
+        if lo < hi {
+            c.apply(bstart + lo as u64, &mut block[lo..hi]);
+        }
+    }
+    let skip = (off - start) as usize;
+    if out.len() <= skip {
+        out.clear();
+    } else {
+        out.truncate(((end - start) as usize).min(out.len()));
+        out.drain(..skip);
+    }
+    Ok(())
+}
+
+/// A write that needs no hole check and cannot leave a mixed block: whole aligned blocks,
+/// not beyond a partial last block. Such writes may run concurrently (shared lock).
+pub fn write_is_simple(c: &FileCipher, off: u64, len: u64, size: u64) -> bool {
+    c.is_plaintext() || (off % BLOCK == 0 && len % BLOCK == 0 && (off <= size || size % BLOCK == 0))
+}
+
+/// Whether the complete block at `b` (inside the file) is a hole.
+fn is_hole(s: &dyn Store, b: u64) -> io::Result<bool> {
+    let mut buf = [0u8; BLOCK as usize];
+    let n = s.pread(&mut buf, b)?;
+    Ok(n == BLOCK as usize && all_zero(&buf))
+}
+
+/// Write encrypted zeros over `[from, to)`.
+fn write_zeros(s: &dyn Store, c: &FileCipher, from: u64, to: u64) -> io::Result<()> {
+    if from >= to {
+        return Ok(());
+    }
+    let mut z = vec![0u8; (to - from) as usize];
+    c.apply(from, &mut z);
+    s.pwrite(&z, from)
+}
+
+/// Write plaintext `data` at `off`. `scratch` is reused between calls to avoid allocation.
+pub fn write(s: &dyn Store, c: &FileCipher, off: u64, data: &[u8], scratch: &mut Vec<u8>) -> io::Result<()> {
+    if data.is_empty() {
+        return Ok(());
+    }
+    if c.is_plaintext() {
+        return s.pwrite(data, off);
+    }
+    let size = s.size()?;
+    let end = off + data.len() as u64;
+    if write_is_simple(c, off, data.len() as u64, size) {
+        scratch.clear();
+        scratch.extend_from_slice(data);
+        c.apply(off, scratch);
+        return s.pwrite(scratch, off);
+    }
+    let hb = down(off);
+    let tb = down(end - 1);
+    // Zeros to prepend (from `wstart`) and append (up to `wend`) so no block ends up mixed.
+    let mut wstart = off;
+    let mut wend = end;
+    if size % BLOCK != 0 && off >= up(size) {
+        // Writing past a partial last block: complete it first (it becomes a full block).
+        write_zeros(s, c, size, up(size))?;
+    }
+    let head_hole = off % BLOCK != 0 && hb + BLOCK <= size && is_hole(s, hb)?;
+    if off % BLOCK != 0 {
+        if hb >= size || head_hole {
+            wstart = hb; // new block or hole: all of it before the data becomes zeros
+        } else if off > size {
+            wstart = size; // the old partial last block: fill the gap up to the data
+        }
+    }
+    if end % BLOCK != 0 && end < size && tb + BLOCK <= size {
+        let tail_hole = if tb == hb && off % BLOCK != 0 { head_hole } else { is_hole(s, tb)? };
+        if tail_hole {
+            wend = tb + BLOCK;
+        }
+    }
+    scratch.clear();
+    scratch.resize((off - wstart) as usize, 0);
+    scratch.extend_from_slice(data);
+    scratch.resize((wend - wstart) as usize, 0);
+    c.apply(wstart, scratch);
+    s.pwrite(scratch, wstart)
+}
+
+/// Fill what an extension from `size` to `new_len` exposes that is not a whole-block hole:
+/// the rest of the old partial last block and the new partial last block.
+fn fill_extension(s: &dyn Store, c: &FileCipher, size: u64, new_len: u64) -> io::Result<()> {
+    if size % BLOCK != 0 {
+        write_zeros(s, c, size, up(size).min(new_len))?;
+    }
+    if new_len % BLOCK != 0 && down(new_len) >= up(size) {
+        write_zeros(s, c, down(new_len), new_len)?;
+    }
+    Ok(())
+}
+
+/// Change the file length to `new_len`.
+pub fn truncate(s: &dyn Store, c: &FileCipher, new_len: u64) -> io::Result<()> {
+    if c.is_plaintext() {
+        return s.set_len(new_len);
+    }
+    let size = s.size()?;
+    if new_len < size {
+        let tb = down(new_len);
+        // A hole block that becomes the partial last block must turn into ciphertext.
+        if new_len % BLOCK != 0 && tb + BLOCK <= size && is_hole(s, tb)? {
+            write_zeros(s, c, tb, new_len)?;
+        }
+        s.set_len(new_len)
+    } else {
+        fill_extension(s, c, size, new_len)?;
+        // Always set it: ftruncate updates mtime/ctime even when the size does not change.
+        s.set_len(new_len)
+    }
+}
+
+/// Encrypted zeros over `[from, to)`, which lies inside one block of the file (size `size`),
+/// unless that block is a hole already.
+fn zero_partial(s: &dyn Store, c: &FileCipher, from: u64, to: u64, size: u64) -> io::Result<()> {
+    if from >= to {
+        return Ok(());
+    }
+    let b = down(from);
+    if b + BLOCK <= size && is_hole(s, b)? {
+        return Ok(());
+    }
+    write_zeros(s, c, from, to)
+}
+
+/// fallocate: default mode and KEEP_SIZE allocate (zeros, i.e. holes); PUNCH_HOLE and
+/// ZERO_RANGE make a range read as zeros. Other modes (collapse, insert) would move
+/// ciphertext to other offsets and are refused by the kernel's FUSE module anyway.
+pub fn fallocate(s: &dyn Store, c: &FileCipher, mode: i32, off: u64, len: u64) -> io::Result<()> {
+    let known = FALLOC_KEEP_SIZE | FALLOC_PUNCH_HOLE | FALLOC_ZERO_RANGE;
+    if mode & !known != 0 || (mode & FALLOC_PUNCH_HOLE != 0 && mode & FALLOC_ZERO_RANGE != 0) {
+        return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+    }
+    if mode & FALLOC_PUNCH_HOLE != 0 && mode & FALLOC_KEEP_SIZE == 0 {
+        return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+    }
+    if c.is_plaintext() || len == 0 {
+        return s.fallocate(mode, off, len);
+    }
+    let size = s.size()?;
+    let end = off.checked_add(len).ok_or_else(|| io::Error::from_raw_os_error(libc::EFBIG))?;
+    let zeroing = mode & (FALLOC_PUNCH_HOLE | FALLOC_ZERO_RANGE) != 0;
+    if zeroing {
+        // Inside the file: partial blocks at the edges get encrypted zeros, whole blocks
+        // become holes through the backing filesystem.
+        let zend = end.min(size);
+        if off < zend {
+            let (mid_lo, mid_hi) = (up(off), down(zend));
+            if mid_lo > mid_hi {
+                zero_partial(s, c, off, zend, size)?; // within one block
+            } else {
+                zero_partial(s, c, off, mid_lo, size)?;
+                zero_partial(s, c, mid_hi, zend, size)?;
+                if mid_hi > mid_lo {
+                    s.fallocate(mode | FALLOC_KEEP_SIZE, mid_lo, mid_hi - mid_lo)?;
+                }
+            }
+        }
+        // Past the end of the file only allocation (or its release) is visible.
+        if end > size {
+            let from = up(size).max(off);
+            if end > from {
+                s.fallocate(mode, from, end - from)?;
+            }
+            if mode & FALLOC_KEEP_SIZE == 0 {
+                fill_extension(s, c, size, end)?;
+                if s.size()? < end {
+                    s.set_len(end)?;
+                }
+            }
+        }
+        return Ok(());
+    }
+    s.fallocate(mode, off, len)?;
+    if mode & FALLOC_KEEP_SIZE == 0 && end > size {
+        fill_extension(s, c, size, end)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,207 @@
+//! The data path against an in-memory sparse file and a plaintext model.
+
+use std::cell::RefCell;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::crypto::Method;
+
+/// In-memory backing file: zeros where nothing was written, like a sparse file.
+#[derive(Default)]
+struct Mem(RefCell<Vec<u8>>);
+
+impl Store for Mem {
+    fn pread(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+        let v = self.0.borrow();
+        let off = off as usize;
+        if off >= v.len() {
+            return Ok(0);
+        }
+        let n = buf.len().min(v.len() - off);
+        buf[..n].copy_from_slice(&v[off..off + n]);
+        Ok(n)
+    }
+    fn pwrite(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        let mut v = self.0.borrow_mut();
+        let end = off as usize + buf.len();
+        if v.len() < end {
+            v.resize(end, 0);
+        }
+        v[off as usize..end].copy_from_slice(buf);
+        Ok(())
+    }
+    fn size(&self) -> io::Result<u64> {
+        Ok(self.0.borrow().len() as u64)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.borrow_mut().resize(len as usize, 0);
+        Ok(())
+    }
+    fn fallocate(&self, mode: i32, off: u64, len: u64) -> io::Result<()> {
+        let mut v = self.0.borrow_mut();
+        let end = (off + len) as usize;
+        if mode & (FALLOC_PUNCH_HOLE | FALLOC_ZERO_RANGE) != 0 {
+            let zend = end.min(v.len());
+            if (off as usize) < zend {
+                v[off as usize..zend].fill(0);
+            }
+        }
+        if mode & FALLOC_KEEP_SIZE == 0 && v.len() < end {
+            v.resize(end, 0);
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write(u64, Vec<u8>),
+    Truncate(u64),
+    Falloc(i32, u64, u64),
+}
+
+fn apply_model(m: &mut Vec<u8>, op: &Op) {
+    match op {
+        Op::Write(off, d) => {
+            let end = *off as usize + d.len();
+            if m.len() < end {
+                m.resize(end, 0);
+            }
+            m[*off as usize..end].copy_from_slice(d);
+        }
+        Op::Truncate(n) => m.resize(*n as usize, 0),
+        Op::Falloc(mode, off, len) => {
+            let end = (off + len) as usize;
+            if mode & (FALLOC_PUNCH_HOLE | FALLOC_ZERO_RANGE) != 0 {
+                let zend = end.min(m.len());
+                if (*off as usize) < zend {
+                    m[*off as usize..zend].fill(0);
+                }
+            }
+            if mode & FALLOC_KEEP_SIZE == 0 && m.len() < end {
+                m.resize(end, 0);
+            }
+        }
+    }
+}
+
+fn apply(s: &Mem, c: &FileCipher, op: &Op) {
+    let mut scratch = Vec::new();
+    match op {
+        Op::Write(off, d) => write(s, c, *off, d, &mut scratch).unwrap(),
+        Op::Truncate(n) => truncate(s, c, *n).unwrap(),
+        Op::Falloc(mode, off, len) => fallocate(s, c, *mode, *off, *len).unwrap(),
+    }
+}
+
+fn cipher(m: Method) -> FileCipher {
+    FileCipher::new(m, &[0x5a; 32][..m.key_len()], &[0xa5; 16]).unwrap()
+}
+
+fn check(s: &Mem, c: &FileCipher, model: &[u8], ops: &[Op]) {
+    assert_eq!(s.size().unwrap(), model.len() as u64, "size after {ops:?}");
+    let mut out = Vec::new();
+    read(s, c, 0, model.len() + 10, &mut out).unwrap();
+    if out != model {
+        let pos = out.iter().zip(model).position(|(a, b)| a != b);
+        panic!("content differs at {pos:?} after {ops:?}");
+    }
+}
+
+fn op_strategy() -> impl Strategy<Value = Op> {
+    let off = prop_oneof![0u64..20_000, (0u64..5).prop_map(|b| b * BLOCK), (1u64..5).prop_map(|b| b * BLOCK - 1)];
+    let len = prop_oneof![1u64..9000, (1u64..3).prop_map(|b| b * BLOCK)];
+    prop_oneof![
+        4 => (off.clone(), len.clone()).prop_map(|(o, l)| Op::Write(o, (0..l).map(|i| (i % 251 + 1) as u8).collect())),
+        1 => (0u64..24_000).prop_map(Op::Truncate),
+        2 => (prop_oneof![Just(0), Just(FALLOC_KEEP_SIZE), Just(FALLOC_PUNCH_HOLE | FALLOC_KEEP_SIZE),
+                          Just(FALLOC_ZERO_RANGE), Just(FALLOC_ZERO_RANGE | FALLOC_KEEP_SIZE)], off, len)
+            .prop_map(|(m, o, l)| Op::Falloc(m, o, l)),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(400))]
+    /// Any sequence of writes, truncates and fallocates reads back like a plain file.
+    #[test]
+    fn matches_plain_file_model(method_idx in 0usize..5, ops in proptest::collection::vec(op_strategy(), 1..25)) {
+        let c = cipher(Method::ALL[method_idx]);
+        let s = Mem::default();
+        let mut model = Vec::new();
+        for (i, op) in ops.iter().enumerate() {
+            apply(&s, &c, op);
+            apply_model(&mut model, op);
+            check(&s, &c, &model, &ops[..=i]);
+        }
+        if !c.is_plaintext() && model.iter().any(|&b| b != 0) {
+            prop_assert_ne!(&*s.0.borrow(), &model, "backing must not hold plaintext");
+        }
+    }
+
+    /// Reads at any offset and length agree with the model.
+    #[test]
+    fn unaligned_reads(data in proptest::collection::vec(any::<u8>(), 1..20_000), off in 0u64..21_000, len in 0usize..9000) {
+        let c = cipher(Method::Aes128Ctr);
+        let s = Mem::default();
+        write(&s, &c, 0, &data, &mut Vec::new()).unwrap();
+        let mut out = Vec::new();
+        read(&s, &c, off, len, &mut out).unwrap();
+        let lo = (off as usize).min(data.len());
+        let hi = (off as usize + len).min(data.len());
+        prop_assert_eq!(&out[..], &data[lo..hi]);
+    }
+}
+
+#[test]
+fn aligned_page_writes_into_holes_cost_no_extra_io() {
+    let c = cipher(Method::Aes256Ctr);
+    let s = Mem::default();
+    s.set_len(10 * BLOCK).unwrap(); // ftruncate-extend: all holes
+    let page = vec![7u8; 8192];
+    write(&s, &c, 2 * BLOCK, &page, &mut Vec::new()).unwrap();
+    let raw = s.0.borrow();
+    assert!(raw[..2 * BLOCK as usize].iter().all(|&b| b == 0), "untouched holes stay holes");
+    assert!(raw[4 * BLOCK as usize..].iter().all(|&b| b == 0));
+    assert!(write_is_simple(&c, 2 * BLOCK, 8192, 10 * BLOCK));
+}
+
+#[test]
+fn partial_write_into_hole_fills_block_with_encrypted_zeros() {
+    let c = cipher(Method::Aes256Ctr);
+    let s = Mem::default();
+    s.set_len(3 * BLOCK).unwrap();
+    write(&s, &c, BLOCK + 100, b"hello", &mut Vec::new()).unwrap();
+    let raw = s.0.borrow().clone();
+    let block = &raw[BLOCK as usize..2 * BLOCK as usize];
+    assert!(block.iter().filter(|&&b| b == 0).count() < 64, "whole block is ciphertext now");
+    let mut out = Vec::new();
+    read(&s, &c, 0, 3 * BLOCK as usize, &mut out).unwrap();
+    let mut want = vec![0u8; 3 * BLOCK as usize];
+    want[BLOCK as usize + 100..BLOCK as usize + 105].copy_from_slice(b"hello");
+    assert_eq!(out, want);
+}
+
+#[test]
+fn extending_truncate_of_partial_tail_reads_zeros() {
+    let c = cipher(Method::Sm4Ctr);
+    let s = Mem::default();
+    write(&s, &c, 0, &[1u8; 5000], &mut Vec::new()).unwrap();
+    truncate(&s, &c, 20_000).unwrap();
+    truncate(&s, &c, 9000).unwrap();
+    truncate(&s, &c, 30_001).unwrap();
+    let mut out = Vec::new();
+    read(&s, &c, 0, 40_000, &mut out).unwrap();
+    assert_eq!(out.len(), 30_001);
+    assert!(out[..5000].iter().all(|&b| b == 1) && out[5000..].iter().all(|&b| b == 0));
+}
+
+#[test]
+fn collapse_and_insert_range_are_refused() {
+    let c = cipher(Method::Aes128Ctr);
+    let s = Mem::default();
+    for mode in [libc::FALLOC_FL_COLLAPSE_RANGE, libc::FALLOC_FL_INSERT_RANGE, FALLOC_PUNCH_HOLE] {
+        let e = fallocate(&s, &c, mode, 0, BLOCK).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EOPNOTSUPP));
+    }
+}

@@ -1,0 +1,421 @@
+//! The FUSE adapter. `TdeFs` only translates between fuser's calls and `Core`, which keeps
+//! POSIX semantics (`core.rs`), dictionary ordering (`namespace.rs`) and the data path
+//! (`io.rs` over the pure hole/crypto logic of `data.rs`) in their own modules.
+
+mod attr;
+mod core;
+mod data;
+mod errno;
+mod handle;
+mod inode;
+mod io;
+mod namespace;
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    AccessFlags, BsdFileFlags, CopyFileRangeFlags, Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
+};
+
+pub use self::core::{Core, FsOptions};
+pub use self::data::BLOCK;
+use self::errno::errno;
+pub use self::namespace::Caller;
+
+/// How to mount.
+#[derive(Debug, Clone)]
+pub struct MountSpec {
+    pub mountpoint: PathBuf,
+    pub allow_other: bool,
+    pub default_permissions: bool,
+    pub threads: usize,
+    pub writeback_cache: bool,
+}
+
+pub struct TdeFs {
+    core: Arc<Core>,
+    writeback_cache: bool,
+}
+
+const GEN: Generation = Generation(0);
+
+fn fail(e: &errno::Error) -> Errno {
+    Errno::from_i32(errno(e))
+}
+
+impl TdeFs {
+    pub fn new(core: Arc<Core>, writeback_cache: bool) -> TdeFs {
+        TdeFs { core, writeback_cache }
+    }
+
+    fn ttl(&self) -> Duration {
+        self.core.opts.ttl
+    }
+
+    fn entry(&self, r: errno::Result<(Arc<inode::Inode>, crate::sys::Stat)>, reply: ReplyEntry) {
+        match r {
+            Ok((i, st)) => reply.entry(&self.ttl(), &attr::to_attr(i.nodeid, &st), GEN),
+            Err(e) => reply.error(fail(&e)),
+        }
+    }
+
+    fn empty(r: errno::Result<()>, reply: ReplyEmpty) {
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(fail(&e)),
+        }
+    }
+
+    fn open_flags() -> FopenFlags {
+        // Only tdefs writes the backing files, so cached pages stay valid across opens;
+        // concurrent O_DIRECT writers are serialised per block range by the data path.
+        FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES
+    }
+}
+
+fn caller(req: &Request) -> Caller {
+    Caller { uid: req.uid(), gid: req.gid() }
+}
+
+impl Filesystem for TdeFs {
+    fn init(&mut self, _req: &Request, cfg: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = cfg.set_max_write(1 << 20);
+        let _ = cfg.set_max_readahead(1 << 20);
+        let _ = cfg.set_max_background(64);
+        let _ = cfg.set_congestion_threshold(48);
+        let mut wanted = vec![
+            InitFlags::FUSE_ATOMIC_O_TRUNC,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_READDIRPLUS_AUTO,
+            InitFlags::FUSE_CACHE_SYMLINKS,
+            InitFlags::FUSE_ASYNC_DIO,
+        ];
+        if self.writeback_cache {
+            wanted.push(InitFlags::FUSE_WRITEBACK_CACHE);
+        }
+        for cap in wanted {
+            if cfg.add_capabilities(cap).is_err() {
+                tracing::debug!(?cap, "kernel lacks FUSE capability");
+            }
+        }
+        Ok(())
+    }
+
+    fn destroy(&mut self) {
+        if let Err(e) = self.core.dict().flush() {
+            tracing::error!(error = %e, "final dictionary flush failed");
+        }
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let r = self.core.inode(parent.0).and_then(|p| self.core.lookup(&p, name));
+        self.entry(r, reply);
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.core.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.core.getattr(ino.0, fh.map(|f| f.0)) {
+            Ok(st) => reply.attr(&self.ttl(), &attr::to_attr(ino.0, &st)),
+            Err(e) => reply.error(fail(&e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        match self.core.setattr(ino.0, mode, uid, gid, size, atime, mtime, fh.map(|f| f.0)) {
+            Ok(st) => reply.attr(&self.ttl(), &attr::to_attr(ino.0, &st)),
+            Err(e) => reply.error(fail(&e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.core.readlink(ino.0) {
+            Ok(t) => reply.data(std::os::unix::ffi::OsStrExt::as_bytes(t.as_os_str())),
+            Err(e) => reply.error(fail(&e)),
+        }
+    }
+
+    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, rdev: u32, reply: ReplyEntry) {
+        self.entry(self.core.mknod(parent.0, name, mode, rdev, caller(req)), reply);
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
+        self.entry(self.core.mkdir(parent.0, name, mode, caller(req)), reply);
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        Self::empty(self.core.unlink(parent.0, name), reply);
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        Self::empty(self.core.rmdir(parent.0, name), reply);
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        self.entry(self.core.symlink(parent.0, link_name, target.as_os_str(), caller(req)), reply);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        Self::empty(self.core.rename(parent.0, name, newparent.0, newname, flags.bits()), reply);
+    }
+
+    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        self.entry(self.core.link(ino.0, newparent.0, newname), reply);
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.core.open(ino.0, flags.0) {
+            Ok(fh) => reply.opened(FileHandle(fh), Self::open_flags()),
+            Err(e) => reply.error(fail(&e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        self.core.read(fh.0, offset, size, |r| match r {
+            Ok(data) => reply.data(data),
+            Err(e) => reply.error(fail(&e)),
+        });
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.core.write(fh.0, offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(fail(&e)),
+        }
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        reply.ok(); // nothing is buffered in the daemon
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.core.release(fh.0);
+        reply.ok();
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+        Self::empty(self.core.fsync(fh.0, datasync), reply);
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.core.opendir(ino.0) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(fail(&e)),
+        }
+    }
+
+    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let r = self.core.readdir(fh.0, offset, |name, nodeid, kind, off| reply.add(INodeNo(nodeid), off, kind, name));
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(fail(&e)),
+        }
+    }
+
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let dir = match self.core.inode(ino.0) {
+            Ok(d) => d,
+            Err(e) => return reply.error(fail(&e)),
+        };
+        let ttl = self.ttl();
+        let core = &self.core;
+        let r = core.readdir(fh.0, offset, |name, nodeid, _kind, off| {
+            if name == "." || name == ".." {
+                // The kernel takes no reference for these; attributes are not used.
+                let st = crate::sys::fstat(dir.fd());
+                return match st {
+                    Ok(st) => reply.add(INodeNo(nodeid), off, name, &ttl, &attr::to_attr(nodeid, &st), GEN),
+                    Err(_) => false,
+                };
+            }
+            match core.lookup(&dir, name) {
+                Ok((i, st)) => {
+                    let full = reply.add(INodeNo(i.nodeid), off, name, &ttl, &attr::to_attr(i.nodeid, &st), GEN);
+                    if full {
+                        core.forget(i.nodeid, 1); // not sent: give the reference back
+                    }
+                    full
+                }
+                Err(_) => false, // vanished meanwhile: skip it
+            }
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(fail(&e)),
+        }
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.core.releasedir(fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        Self::empty(self.core.fsyncdir(fh.0), reply);
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self.core.statfs() {
+            Ok(s) => reply.statfs(
+                s.f_blocks,
+                s.f_bfree,
+                s.f_bavail,
+                s.f_files,
+                s.f_ffree,
+                s.f_bsize as u32,
+                s.f_namemax as u32,
+                s.f_frsize as u32,
+            ),
+            Err(e) => reply.error(fail(&e)),
+        }
+    }
+
+    fn setxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32, _position: u32, reply: ReplyEmpty) {
+        Self::empty(self.core.setxattr(ino.0, name, value, flags), reply);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let mut buf = vec![0u8; size as usize];
+        match self.core.getxattr(ino.0, name, &mut buf) {
+            Ok(n) if size == 0 => reply.size(n as u32),
+            Ok(n) => reply.data(&buf[..n]),
+            Err(e) => reply.error(fail(&e)),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let mut buf = vec![0u8; size as usize];
+        match self.core.listxattr(ino.0, &mut buf) {
+            Ok(n) if size == 0 => reply.size(n as u32),
+            Ok(n) => reply.data(&buf[..n]),
+            Err(e) => reply.error(fail(&e)),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        Self::empty(self.core.removexattr(ino.0, name), reply);
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // With default_permissions the kernel checks access itself and never asks.
+        reply.ok();
+    }
+
+    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, flags: i32, reply: ReplyCreate) {
+        match self.core.create(parent.0, name, mode, flags, caller(req)) {
+            Ok((i, st, fh)) => {
+                reply.created(&self.ttl(), &attr::to_attr(i.nodeid, &st), GEN, FileHandle(fh), Self::open_flags())
+            }
+            Err(e) => reply.error(fail(&e)),
+        }
+    }
+
+    fn fallocate(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
+        Self::empty(self.core.fallocate(fh.0, offset, length, mode), reply);
+    }
+
+    fn lseek(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+        match self.core.lseek(fh.0, offset, whence) {
+            Ok(o) => reply.offset(o),
+            Err(e) => reply.error(fail(&e)),
+        }
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        fh_in: FileHandle,
+        offset_in: u64,
+        _ino_out: INodeNo,
+        fh_out: FileHandle,
+        offset_out: u64,
+        len: u64,
+        _flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        match self.core.copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(fail(&e)),
+        }
+    }
+}
+
+/// fuser configuration for `spec`.
+pub fn fuser_config(spec: &MountSpec) -> fuser::Config {
+    let mut cfg = fuser::Config::default();
+    cfg.mount_options = vec![MountOption::FSName("tdefs".into()), MountOption::Subtype("tdefs".into())];
+    if spec.default_permissions {
+        cfg.mount_options.push(MountOption::DefaultPermissions);
+    }
+    cfg.acl = if spec.allow_other { SessionACL::All } else { SessionACL::Owner };
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    cfg.n_threads = Some(if spec.threads > 0 { spec.threads } else { cpus.max(2) * 2 });
+    cfg.clone_fd = true;
+    cfg
+}

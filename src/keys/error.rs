@@ -1,0 +1,36 @@
+use std::path::PathBuf;
+
+use crate::meta::format::HeaderError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("master key file {path}: {problem}")]
+    KeyFile { path: PathBuf, problem: String },
+
+    #[error(
+        "the configured master key ({configured}) cannot open {path}: wrong key, or the file was changed. \
+         Nothing was modified. Check [security.encryption.master-key] in the config; if you are rotating \
+         master keys, put the old one under [security.encryption.previous-master-key]"
+    )]
+    WrongMasterKey { path: PathBuf, configured: String },
+
+    #[error(
+        "{path} was sealed with a master key of type \"{stored}\" but the config has type \"{configured}\"; \
+         configure the original master key (as master-key, or as previous-master-key to rotate)"
+    )]
+    BackendMismatch { path: PathBuf, stored: String, configured: String },
+
+    #[error("key dictionary {path} is damaged: {reason}. Nothing was modified; restore {path} from a backup")]
+    Corrupt { path: PathBuf, reason: String },
+
+    #[error("key dictionary {path}: {source}")]
+    Header { path: PathBuf, source: HeaderError },
+
+    #[error("{op} {path}: {source}")]
+    Io { op: &'static str, path: PathBuf, source: std::io::Error },
+
+    #[error("data key {0:#018x} is referenced by the file dictionary but missing from the key dictionary")]
+    MissingDataKey(u64),
+}
+
+impl std::error::Error for HeaderError {}

@@ -1,0 +1,327 @@
+//! The key dictionary `.tdefs/keys`: the wrapped dictionary key plus every data key, sealed.
+//! Small and rarely written, so every change rewrites it whole, atomically and durably.
+//!
+//! Layout: header | u8 len + master backend kind | u32 len + wrapped dictionary key |
+//! instance id (16) | u32 len + sealed body | crc32 of all preceding bytes.
+//! Body: generation u64 | current key id u64 (0 = none) | u32 count | per key: id u64,
+//! method u8, created (unix seconds) u64, u32 len + key.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parking_lot::{Mutex, RwLock};
+
+use super::{KeyError, MasterKeyBackend};
+use crate::crypto::{random_bytes, random_u64, FileCipher, Iv, Method, SealKey, Secret};
+use crate::meta::format::{check_header, write_header, Dec, Enc, FileKind, HEADER_LEN};
+
+pub const KEYS_FILE: &str = "keys";
+const BODY_AAD: &[u8] = b"tdefs key dictionary body v1";
+
+/// One data key. `id` and key material travel together in one `Arc`, so a rotation can never
+/// pair a file's recorded key id with another key.
+pub struct DataKey {
+    pub id: u64,
+    pub method: Method,
+    pub created: u64,
+    key: Secret,
+}
+
+impl DataKey {
+    pub fn cipher(&self, iv: &Iv) -> FileCipher {
+        FileCipher::new(self.method, self.key.expose(), iv).expect("key length checked at load")
+    }
+
+    pub fn age(&self, now: SystemTime) -> Duration {
+        let created = UNIX_EPOCH + Duration::from_secs(self.created);
+        now.duration_since(created).unwrap_or_default()
+    }
+}
+
+impl fmt::Debug for DataKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DataKey({:#018x}, {}, created {})", self.id, self.method, self.created)
+    }
+}
+
+#[derive(Clone, Default)]
+struct State {
+    generation: u64,
+    current: u64,
+    keys: BTreeMap<u64, Arc<DataKey>>,
+}
+
+pub struct KeyStore {
+    dir: PathBuf,
+    backend_kind: String,
+    wrapped: Vec<u8>,
+    seal: SealKey,
+    instance: [u8; 16],
+    state: RwLock<State>,
+    /// Serialises rewrites of the file (rotation), never held by readers.
+    write_lock: Mutex<()>,
+}
+
+impl fmt::Debug for KeyStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyStore({}, {} keys)", self.path().display(), self.state.read().keys.len())
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl KeyStore {
+    /// Create a new key dictionary in `dir` (which must not hold one), durably.
+    pub fn create(dir: &Path, backend: &dyn MasterKeyBackend) -> Result<KeyStore, KeyError> {
+        let dict_key = Secret::random(32);
+        let wrapped = backend.wrap(&dict_key)?;
+        // Prove the backend can open what it just wrapped before anything depends on it.
+        if backend.unwrap(&wrapped)?.as_ref() != Some(&dict_key) {
+            return Err(KeyError::WrongMasterKey { path: dir.join(KEYS_FILE), configured: backend.describe() });
+        }
+        let mut instance = [0u8; 16];
+        random_bytes(&mut instance);
+        let store = KeyStore {
+            dir: dir.to_path_buf(),
+            backend_kind: backend.kind().to_string(),
+            wrapped,
+            seal: SealKey::new(&dict_key),
+            instance,
+            state: RwLock::new(State::default()),
+            write_lock: Mutex::new(()),
+        };
+        store.persist(&State::default())?;
+        Ok(store)
+    }
+
+    /// Open the key dictionary in `dir` with `backend`. Reads only.
+    pub fn open(dir: &Path, backend: &dyn MasterKeyBackend) -> Result<KeyStore, KeyError> {
+        let path = dir.join(KEYS_FILE);
+        let bytes = std::fs::read(&path).map_err(|e| KeyError::Io { op: "read", path: path.clone(), source: e })?;
+        let corrupt = |reason: &str| KeyError::Corrupt { path: path.clone(), reason: reason.to_string() };
+        check_header(&bytes, FileKind::Keys).map_err(|source| KeyError::Header { path: path.clone(), source })?;
+        if bytes.len() < HEADER_LEN + 4 {
+            return Err(corrupt("truncated"));
+        }
+        let (content, crc) = bytes.split_at(bytes.len() - 4);
+        if crc32fast::hash(content).to_le_bytes() != crc {
+            return Err(corrupt("checksum mismatch (the file is truncated or bytes were changed)"));
+        }
+        let mut d = Dec::new(&content[HEADER_LEN..]);
+        let kind_len = d.u8().ok_or_else(|| corrupt("truncated"))? as usize;
+        let kind = d.raw(kind_len).ok_or_else(|| corrupt("truncated"))?;
+        let kind = String::from_utf8_lossy(kind).into_owned();
+        let wrapped = d.bytes(1 << 16).ok_or_else(|| corrupt("bad wrapped key"))?.to_vec();
+        let instance: [u8; 16] = d.array().ok_or_else(|| corrupt("truncated"))?;
+        let aad_end = HEADER_LEN + d.pos();
+        let sealed = d.bytes(1 << 30).ok_or_else(|| corrupt("bad body length"))?;
+        if !d.is_empty() {
+            return Err(corrupt("trailing bytes"));
+        }
+        if kind != backend.kind() {
+            return Err(KeyError::BackendMismatch { path, stored: kind, configured: backend.kind().into() });
+        }
+        let dict_key = backend
+            .unwrap(&wrapped)?
+            .ok_or_else(|| KeyError::WrongMasterKey { path: path.clone(), configured: backend.describe() })?;
+        let seal = SealKey::new(&dict_key);
+        let aad = [BODY_AAD, &content[..aad_end]].concat();
+        let body = seal.open(&aad, sealed).map_err(|_| corrupt("body fails authentication"))?;
+        let state = decode_body(body.expose()).ok_or_else(|| corrupt("body is malformed"))?;
+        Ok(KeyStore {
+            dir: dir.to_path_buf(),
+            backend_kind: kind,
+            wrapped,
+            seal,
+            instance,
+            state: RwLock::new(state),
+            write_lock: Mutex::new(()),
+        })
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(KEYS_FILE)
+    }
+
+    /// Key that seals the file dictionary.
+    pub fn seal_key(&self) -> &SealKey {
+        &self.seal
+    }
+
+    /// Random id of this tdefs instance; binds dictionary files to this key dictionary.
+    pub fn instance(&self) -> [u8; 16] {
+        self.instance
+    }
+
+    pub fn backend_kind(&self) -> &str {
+        &self.backend_kind
+    }
+
+    pub fn get(&self, id: u64) -> Option<Arc<DataKey>> {
+        self.state.read().keys.get(&id).cloned()
+    }
+
+    pub fn keys(&self) -> Vec<Arc<DataKey>> {
+        self.state.read().keys.values().cloned().collect()
+    }
+
+    pub fn current(&self) -> Option<Arc<DataKey>> {
+        let st = self.state.read();
+        st.keys.get(&st.current).cloned()
+    }
+
+    /// The key for a new file under `method`: the current key if it has that method and is
+    /// younger than `period`, else a new one (made durable before it is returned).
+    /// `None` for plaintext.
+    pub fn key_for_new_file(&self, method: Method, period: Duration) -> Result<Option<Arc<DataKey>>, KeyError> {
+        if method.is_plaintext() {
+            return Ok(None);
+        }
+        let fresh = |st: &State| {
+            st.keys.get(&st.current).filter(|k| k.method == method && k.age(SystemTime::now()) < period).cloned()
+        };
+        if let Some(k) = fresh(&self.state.read()) {
+            return Ok(Some(k));
+        }
+        let _w = self.write_lock.lock();
+        if let Some(k) = fresh(&self.state.read()) {
+            return Ok(Some(k));
+        }
+        let mut next = self.state.read().clone();
+        let id = loop {
+            // Random 64-bit ids can collide (TiKV lost data that way): check.
+            let id = random_u64();
+            if id != 0 && !next.keys.contains_key(&id) {
+                break id;
+            }
+        };
+        let key = Arc::new(DataKey { id, method, created: now_secs(), key: Secret::random(method.key_len()) });
+        next.keys.insert(id, key.clone());
+        next.current = id;
+        next.generation += 1;
+        self.persist(&next)?;
+        *self.state.write() = next;
+        tracing::info!(key_id = format_args!("{id:#018x}"), %method, "new data key");
+        Ok(Some(key))
+    }
+
+    fn persist(&self, st: &State) -> Result<(), KeyError> {
+        let mut out = Vec::new();
+        write_header(&mut out, FileKind::Keys);
+        let mut e = Enc(out);
+        e.u8(self.backend_kind.len() as u8).raw(self.backend_kind.as_bytes());
+        e.bytes(&self.wrapped).raw(&self.instance);
+        let aad = [BODY_AAD, &e.0].concat();
+        let body = encode_body(st);
+        let sealed = self.seal.seal(&aad, body.expose());
+        e.bytes(&sealed);
+        let crc = crc32fast::hash(&e.0);
+        e.raw(&crc.to_le_bytes());
+        crate::sys::write_durably(&self.dir, KEYS_FILE, &e.0)
+            .map_err(|source| KeyError::Io { op: "write", path: self.path(), source })
+    }
+}
+
+fn encode_body(st: &State) -> Secret {
+    let mut e = Enc::default();
+    e.u64(st.generation).u64(st.current).u32(st.keys.len() as u32);
+    for k in st.keys.values() {
+        e.u64(k.id).u8(k.method.code()).u64(k.created).bytes(k.key.expose());
+    }
+    Secret::new(e.0)
+}
+
+fn decode_body(b: &[u8]) -> Option<State> {
+    let mut d = Dec::new(b);
+    let generation = d.u64()?;
+    let current = d.u64()?;
+    let n = d.u32()?;
+    let mut keys = BTreeMap::new();
+    for _ in 0..n {
+        let id = d.u64()?;
+        let method = Method::from_code(d.u8()?)?;
+        let created = d.u64()?;
+        let key = d.bytes(64)?;
+        if key.len() != method.key_len() || method.is_plaintext() || id == 0 {
+            return None;
+        }
+        keys.insert(id, Arc::new(DataKey { id, method, created, key: Secret::new(key.to_vec()) }));
+    }
+    if !d.is_empty() || (current != 0 && !keys.contains_key(&current)) {
+        return None;
+    }
+    Some(State { generation, current, keys })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::{generate_key_file, FileBackend, PlaintextBackend};
+
+    fn backend(dir: &Path, name: &str) -> FileBackend {
+        let p = dir.join(name);
+        generate_key_file(&p).unwrap();
+        FileBackend::load(&p).unwrap()
+    }
+
+    #[test]
+    fn create_rotate_reopen() {
+        let d = tempfile::tempdir().unwrap();
+        let b = backend(d.path(), "mk");
+        let s = KeyStore::create(d.path(), &b).unwrap();
+        let day = Duration::from_secs(86400);
+        let k1 = s.key_for_new_file(Method::Aes256Ctr, day).unwrap().unwrap();
+        assert_eq!(s.key_for_new_file(Method::Aes256Ctr, day).unwrap().unwrap().id, k1.id, "reused while young");
+        let k2 = s.key_for_new_file(Method::Sm4Ctr, day).unwrap().unwrap();
+        assert_ne!(k1.id, k2.id, "method change makes a new key");
+        assert!(s.key_for_new_file(Method::Plaintext, day).unwrap().is_none());
+        let k3 = s.key_for_new_file(Method::Sm4Ctr, Duration::ZERO).unwrap().unwrap();
+        assert_ne!(k2.id, k3.id, "expired key rotates");
+
+        let r = KeyStore::open(d.path(), &b).unwrap();
+        assert_eq!(r.instance(), s.instance());
+        assert_eq!(r.keys().len(), 3);
+        assert_eq!(r.current().unwrap().id, k3.id);
+        let iv = [7u8; 16];
+        let mut a = *b"some plaintext!!";
+        let mut c = a;
+        k1.cipher(&iv).apply(5, &mut a);
+        r.get(k1.id).unwrap().cipher(&iv).apply(5, &mut c);
+        assert_eq!(a, c, "same key material after reopen");
+    }
+
+    #[test]
+    fn wrong_key_mismatch_and_corruption_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let b = backend(d.path(), "mk");
+        let s = KeyStore::create(d.path(), &b).unwrap();
+        s.key_for_new_file(Method::Aes128Ctr, Duration::from_secs(60)).unwrap();
+        let path = s.path();
+        let orig = std::fs::read(&path).unwrap();
+
+        let other = backend(d.path(), "other");
+        assert!(matches!(KeyStore::open(d.path(), &other), Err(KeyError::WrongMasterKey { .. })));
+        let e = KeyStore::open(d.path(), &PlaintextBackend).unwrap_err();
+        assert!(matches!(e, KeyError::BackendMismatch { .. }), "{e}");
+
+        for i in 0..orig.len() {
+            let mut t = orig.clone();
+            t[i] ^= 0x40;
+            std::fs::write(&path, &t).unwrap();
+            assert!(KeyStore::open(d.path(), &b).is_err(), "flip at byte {i} accepted");
+        }
+        for len in [0, 5, HEADER_LEN, orig.len() / 2, orig.len() - 1] {
+            std::fs::write(&path, &orig[..len]).unwrap();
+            let e = KeyStore::open(d.path(), &b).unwrap_err().to_string();
+            assert!(e.contains(&*path.to_string_lossy()), "{e}");
+        }
+        std::fs::write(&path, &orig).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), orig);
+        KeyStore::open(d.path(), &b).unwrap();
+    }
+}

@@ -1,0 +1,19 @@
+//! tdefs: transparent data encryption at rest for unmodified databases, as a FUSE filesystem.
+//!
+//! Module map (one concern each, mirroring the architecture):
+//! - [`config`]: TOML configuration.
+//! - [`crypto`]: per-file CTR ciphers and metadata sealing.
+//! - [`keys`]: master-key backends and the data-key store.
+//! - [`dictionary`]: the durable file dictionary (records, log, snapshot).
+//! - [`meta`]: the `.tdefs` metadata directory: initialisation, opening, locking.
+//! - [`fs`]: the FUSE adapter (inodes, handles, data path).
+//! - [`cli`]: the command line.
+
+pub mod cli;
+pub mod config;
+pub mod crypto;
+pub mod dictionary;
+pub mod fs;
+pub mod keys;
+pub mod meta;
+pub mod sys;

@@ -1,0 +1,234 @@
+//! The `.tdefs` metadata directory in the backing root: first-time initialisation, opening
+//! with the configured master key, exclusive use, and recovery after a crash.
+
+pub mod format;
+
+use std::collections::HashSet;
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::config::MasterKeyConfig;
+use crate::dictionary::{DictError, FileDict, Loaded, Record};
+use crate::keys::{backend_for, KeyError, KeyStore, MasterKeyBackend};
+use crate::sys;
+
+/// Metadata directory, hidden and inaccessible through the mount.
+pub const META_DIR: &str = ".tdefs";
+/// Where a first initialisation is assembled before it is renamed into place.
+const INIT_DIR: &str = ".tdefs.init";
+
+/// Names in the backing root that tdefs reserves.
+pub fn is_hidden_name(name: &OsStr) -> bool {
+    name == META_DIR || name == INIT_DIR
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    #[error("backing directory {path}: {problem}")]
+    Backing { path: PathBuf, problem: String },
+
+    #[error(
+        "backing directory {path} already holds files ({count} entries, e.g. {example:?}) but no tdefs \
+         metadata. To adopt them (they stay readable, tracked as plaintext; new files are encrypted) \
+         mount once with --init. If this directory held tdefs-encrypted files, its {META_DIR} directory \
+         is missing: restore it from a backup instead"
+    )]
+    NotEmpty { path: PathBuf, count: usize, example: String },
+
+    #[error("{path} is in use by another tdefs process (is this backing directory already mounted?)")]
+    Locked { path: PathBuf },
+
+    #[error(transparent)]
+    Key(#[from] KeyError),
+
+    #[error(transparent)]
+    Dict(#[from] DictError),
+
+    #[error("{op} {path}: {source}")]
+    Io { op: &'static str, path: PathBuf, source: std::io::Error },
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> MetaError + 'a {
+    move |source| MetaError::Io { op, path: path.to_path_buf(), source }
+}
+
+/// What opening found and did, for the log.
+#[derive(Debug, Default, Clone)]
+pub struct OpenReport {
+    pub initialized: bool,
+    pub adopted_entries: usize,
+    pub entries: usize,
+    pub records_replayed: u64,
+    pub torn_tail_bytes: Option<u64>,
+    pub renames_completed: usize,
+    pub renames_dropped: usize,
+    pub stale_entries_dropped: usize,
+}
+
+pub struct Metadata {
+    backing: PathBuf,
+    backing_fd: OwnedFd,
+    pub keys: Arc<KeyStore>,
+    pub dict: Arc<FileDict>,
+    pub report: OpenReport,
+    /// flock on the metadata directory, held while this process uses it.
+    _lock: File,
+}
+
+/// Options for opening.
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// Adopt a non-empty backing directory without metadata (`--init`).
+    pub adopt: bool,
+    pub rewrite_threshold: u64,
+}
+
+impl Metadata {
+    pub fn backing(&self) -> &Path {
+        &self.backing
+    }
+
+    /// `O_PATH` descriptor of the backing root.
+    pub fn backing_fd(&self) -> BorrowedFd<'_> {
+        self.backing_fd.as_fd()
+    }
+
+    /// Open the metadata of `backing`, initialising it first if the directory is empty
+    /// (or `adopt` is set). Every check that can fail (key file, master key, dictionary
+    /// integrity) happens before anything on disk is changed.
+    pub fn open_or_init(backing: &Path, master: &MasterKeyConfig, opts: &OpenOptions) -> Result<Metadata, MetaError> {
+        let backing = check_backing(backing)?;
+        let meta_dir = backing.join(META_DIR);
+        let mut report = OpenReport::default();
+        match std::fs::symlink_metadata(&meta_dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(MetaError::Backing {
+                    path: backing,
+                    problem: format!("{META_DIR} exists but is not a directory"),
+                })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let backend = backend_for(master)?;
+                report.adopted_entries = initialize(&backing, backend.as_ref(), opts.adopt)?;
+                report.initialized = true;
+            }
+            Err(e) => return Err(io_err("stat", &meta_dir)(e)),
+        }
+        let lock = File::open(&meta_dir).map_err(io_err("open", &meta_dir))?;
+        if !sys::try_lock_exclusive(lock.as_fd()).map_err(io_err("lock", &meta_dir))? {
+            return Err(MetaError::Locked { path: meta_dir });
+        }
+        let backend = backend_for(master)?;
+        let keys = KeyStore::open(&meta_dir, backend.as_ref())?;
+        let loaded = FileDict::load(&meta_dir, keys.seal_key(), &keys.instance())?;
+        let backing_fd = std::fs::File::open(&backing).map_err(io_err("open", &backing))?.into();
+        // Validated; from here on recovery may write.
+        let dict = recover(loaded, &keys, opts, &backing_fd, &mut report)?;
+        report.entries = dict.with_tree(|t| t.len());
+        Ok(Metadata { backing, backing_fd, keys: Arc::new(keys), dict: Arc::new(dict), report, _lock: lock })
+    }
+}
+
+fn check_backing(backing: &Path) -> Result<PathBuf, MetaError> {
+    let problem = |p: String| MetaError::Backing { path: backing.to_path_buf(), problem: p };
+    let m = std::fs::metadata(backing).map_err(|e| problem(format!("cannot access it: {e}")))?;
+    if !m.is_dir() {
+        return Err(problem("is not a directory".into()));
+    }
+    std::fs::canonicalize(backing).map_err(|e| problem(format!("cannot resolve it: {e}")))
+}
+
+/// Create the metadata directory atomically: assemble it under a temporary name, make it
+/// durable, rename it into place, make the rename durable. Returns how many existing
+/// entries were adopted as plaintext.
+fn initialize(backing: &Path, backend: &dyn MasterKeyBackend, adopt: bool) -> Result<usize, MetaError> {
+    let tmp = backing.join(INIT_DIR);
+    if tmp.exists() {
+        tracing::warn!(dir = %tmp.display(), "removing an interrupted initialisation");
+        std::fs::remove_dir_all(&tmp).map_err(io_err("remove", &tmp))?;
+    }
+    let mut count = 0;
+    let mut example = String::new();
+    for e in std::fs::read_dir(backing).map_err(io_err("list", backing))? {
+        let e = e.map_err(io_err("list", backing))?;
+        if e.file_name() == "lost+found" {
+            continue;
+        }
+        if count == 0 {
+            example = e.file_name().to_string_lossy().into_owned();
+        }
+        count += 1;
+    }
+    if count > 0 && !adopt {
+        return Err(MetaError::NotEmpty { path: backing.to_path_buf(), count, example });
+    }
+    std::fs::DirBuilder::new().mode(0o700).create(&tmp).map_err(io_err("create", &tmp))?;
+    let keys = KeyStore::create(&tmp, backend)?;
+    FileDict::create(&tmp, keys.seal_key(), &keys.instance())?;
+    sys::fsync_dir(&tmp).map_err(io_err("fsync", &tmp))?;
+    let dir = backing.join(META_DIR);
+    std::fs::rename(&tmp, &dir).map_err(io_err("rename", &tmp))?;
+    sys::fsync_dir(backing).map_err(io_err("fsync", backing))?;
+    tracing::info!(backing = %backing.display(), adopted = count, master_key = %backend.describe(), "initialised tdefs metadata");
+    Ok(count)
+}
+
+/// Make the loaded dictionary writable and settle what a crash may have left: renames
+/// announced but not concluded, entries of files that no longer exist.
+fn recover(loaded: Loaded, keys: &KeyStore, opts: &OpenOptions, backing: &OwnedFd, report: &mut OpenReport) -> Result<FileDict, MetaError> {
+    report.records_replayed = loaded.records;
+    report.torn_tail_bytes = loaded.torn_tail.map(|t| t.0);
+    let intents: Vec<_> = loaded.tree.intents().cloned().collect();
+    let touched: HashSet<Vec<u8>> = loaded.touched.iter().cloned().collect();
+    if !intents.is_empty() || !touched.is_empty() {
+        // What a crash left in the page cache must be on disk before we reason about it.
+        sys::syncfs(backing.as_fd()).map_err(io_err("syncfs", Path::new("backing directory")))?;
+    }
+    let dict = FileDict::open_writable(loaded, keys.seal_key(), &keys.instance(), opts.rewrite_threshold)?;
+    for i in intents {
+        // Earlier outcomes may have moved this intent's paths: read them fresh.
+        let Some(cur) = dict.pending_intents().into_iter().find(|p| p.seq == i.seq) else { continue };
+        let happened = match lookup(backing, &cur.to)? {
+            Some(st) => st.st_ino == cur.from_ino,
+            None => false,
+        };
+        let rec = if happened { Record::RenameDone { intent: cur.seq } } else { Record::RenameAbort { intent: cur.seq } };
+        dict.submit(rec)?;
+        if happened {
+            report.renames_completed += 1;
+        } else {
+            report.renames_dropped += 1;
+        }
+    }
+    for path in touched {
+        if dict.get(&path).is_none() {
+            continue;
+        }
+        let regular = lookup(backing, &path)?.is_some_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG);
+        if !regular {
+            dict.submit(Record::Delete { path })?;
+            report.stale_entries_dropped += 1;
+        }
+    }
+    dict.flush()?;
+    Ok(dict)
+}
+
+/// stat of a dictionary path in the backing directory; `None` if it does not exist. Any
+/// other error stops recovery rather than guess.
+fn lookup(backing: &OwnedFd, path: &[u8]) -> Result<Option<sys::Stat>, MetaError> {
+    match sys::stat_below(backing.as_fd(), path) {
+        Ok(st) => Ok(Some(st)),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR)) => Ok(None),
+        Err(e) => Err(MetaError::Io {
+            op: "stat",
+            path: PathBuf::from(String::from_utf8_lossy(path).into_owned()),
+            source: e,
+        }),
+    }
+}

@@ -1,0 +1,359 @@
+//! Thin wrappers over the Linux system calls tdefs uses, returning `io::Result`.
+//!
+//! Everything works on file descriptors (`*at` calls), never on paths built from strings,
+//! so renames elsewhere in the tree cannot redirect an operation. `/proc/self/fd/N` is used
+//! where Linux offers no fd-based call for an `O_PATH` descriptor.
+
+use std::ffi::{CStr, CString, OsStr, OsString};
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::Path;
+
+pub type Stat = libc::stat;
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn cvt_size(r: libc::ssize_t) -> io::Result<usize> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}
+
+/// Retry a call interrupted by a signal.
+fn retry<T>(mut f: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    loop {
+        match f() {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => return r,
+        }
+    }
+}
+
+pub fn cstr(name: &OsStr) -> io::Result<CString> {
+    CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+const EMPTY: &CStr = c"";
+
+/// `/proc/self/fd/N`: reopens or addresses the inode behind an `O_PATH` descriptor.
+pub fn proc_path(fd: RawFd) -> CString {
+    CString::new(format!("/proc/self/fd/{fd}")).expect("no NUL")
+}
+
+pub fn fstatat(dir: BorrowedFd<'_>, name: &OsStr, flags: libc::c_int) -> io::Result<Stat> {
+    let name = cstr(name)?;
+    let mut st = MaybeUninit::<Stat>::uninit();
+    cvt(unsafe { libc::fstatat(dir.as_raw_fd(), name.as_ptr(), st.as_mut_ptr(), flags) })?;
+    Ok(unsafe { st.assume_init() })
+}
+
+/// stat of the inode behind any descriptor, `O_PATH` ones included.
+pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<Stat> {
+    let mut st = MaybeUninit::<Stat>::uninit();
+    cvt(unsafe {
+        libc::fstatat(fd.as_raw_fd(), EMPTY.as_ptr(), st.as_mut_ptr(), libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW)
+    })?;
+    Ok(unsafe { st.assume_init() })
+}
+
+pub fn openat(dir: BorrowedFd<'_>, name: &OsStr, flags: libc::c_int, mode: libc::mode_t) -> io::Result<OwnedFd> {
+    let name = cstr(name)?;
+    retry(|| cvt(unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags | libc::O_CLOEXEC, mode as libc::c_uint) }))
+        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Open the inode behind an `O_PATH` descriptor for real I/O.
+pub fn reopen(fd: BorrowedFd<'_>, flags: libc::c_int) -> io::Result<OwnedFd> {
+    let p = proc_path(fd.as_raw_fd());
+    retry(|| cvt(unsafe { libc::open(p.as_ptr(), flags | libc::O_CLOEXEC) }))
+        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+pub fn mkdirat(dir: BorrowedFd<'_>, name: &OsStr, mode: libc::mode_t) -> io::Result<()> {
+    let name = cstr(name)?;
+    cvt(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode) }).map(drop)
+}
+
+pub fn mknodat(dir: BorrowedFd<'_>, name: &OsStr, mode: libc::mode_t, rdev: libc::dev_t) -> io::Result<()> {
+    let name = cstr(name)?;
+    cvt(unsafe { libc::mknodat(dir.as_raw_fd(), name.as_ptr(), mode, rdev) }).map(drop)
+}
+
+pub fn symlinkat(target: &OsStr, dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
+    let (t, n) = (cstr(target)?, cstr(name)?);
+    cvt(unsafe { libc::symlinkat(t.as_ptr(), dir.as_raw_fd(), n.as_ptr()) }).map(drop)
+}
+
+/// Target of the symlink an `O_PATH|O_NOFOLLOW` descriptor refers to.
+pub fn readlink_fd(fd: BorrowedFd<'_>) -> io::Result<OsString> {
+    let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
+    let n = cvt_size(unsafe {
+        libc::readlinkat(fd.as_raw_fd(), EMPTY.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+    })?;
+    buf.truncate(n);
+    Ok(OsString::from_vec(buf))
+}
+
+pub fn unlinkat(dir: BorrowedFd<'_>, name: &OsStr, flags: libc::c_int) -> io::Result<()> {
+    let name = cstr(name)?;
+    cvt(unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), flags) }).map(drop)
+}
+
+pub fn renameat2(
+    olddir: BorrowedFd<'_>,
+    oldname: &OsStr,
+    newdir: BorrowedFd<'_>,
+    newname: &OsStr,
+    flags: libc::c_uint,
+) -> io::Result<()> {
+    let (o, n) = (cstr(oldname)?, cstr(newname)?);
+    cvt(unsafe { libc::renameat2(olddir.as_raw_fd(), o.as_ptr(), newdir.as_raw_fd(), n.as_ptr(), flags) }).map(drop)
+}
+
+/// Hard-link the inode behind `fd` as `newdir/newname` (works for `O_PATH` descriptors).
+pub fn link_fd(fd: BorrowedFd<'_>, newdir: BorrowedFd<'_>, newname: &OsStr) -> io::Result<()> {
+    let (p, n) = (proc_path(fd.as_raw_fd()), cstr(newname)?);
+    cvt(unsafe { libc::linkat(libc::AT_FDCWD, p.as_ptr(), newdir.as_raw_fd(), n.as_ptr(), libc::AT_SYMLINK_FOLLOW) })
+        .map(drop)
+}
+
+/// chown of the inode behind `fd` itself (a symlink is not followed). `u32::MAX` keeps a value.
+pub fn fchown(fd: BorrowedFd<'_>, uid: u32, gid: u32) -> io::Result<()> {
+    cvt(unsafe { libc::fchownat(fd.as_raw_fd(), EMPTY.as_ptr(), uid, gid, libc::AT_EMPTY_PATH) }).map(drop)
+}
+
+/// chmod of the inode behind an `O_PATH` descriptor (not for symlinks).
+pub fn fchmod_path(fd: BorrowedFd<'_>, mode: libc::mode_t) -> io::Result<()> {
+    let p = proc_path(fd.as_raw_fd());
+    cvt(unsafe { libc::chmod(p.as_ptr(), mode) }).map(drop)
+}
+
+/// utimensat on `dir/name` (flags may hold `AT_SYMLINK_NOFOLLOW`) or, with `name` empty,
+/// on the inode behind an `O_PATH` descriptor.
+pub fn utimens(fd: BorrowedFd<'_>, name: Option<&OsStr>, times: &[libc::timespec; 2], flags: libc::c_int) -> io::Result<()> {
+    match name {
+        Some(n) => {
+            let n = cstr(n)?;
+            cvt(unsafe { libc::utimensat(fd.as_raw_fd(), n.as_ptr(), times.as_ptr(), flags) }).map(drop)
+        }
+        None => {
+            let p = proc_path(fd.as_raw_fd());
+            cvt(unsafe { libc::utimensat(libc::AT_FDCWD, p.as_ptr(), times.as_ptr(), 0) }).map(drop)
+        }
+    }
+}
+
+/// Read up to `buf.len()` bytes at `off`, looping over short reads; fewer bytes mean EOF.
+pub fn pread_full(fd: BorrowedFd<'_>, buf: &mut [u8], off: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        let n = retry(|| {
+            cvt_size(unsafe {
+                libc::pread(fd.as_raw_fd(), buf[done..].as_mut_ptr().cast(), buf.len() - done, (off + done as u64) as i64)
+            })
+        })?;
+        if n == 0 {
+            break;
+        }
+        done += n;
+    }
+    Ok(done)
+}
+
+pub fn pwrite_all(fd: BorrowedFd<'_>, buf: &[u8], off: u64) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let n = retry(|| {
+            cvt_size(unsafe {
+                libc::pwrite(fd.as_raw_fd(), buf[done..].as_ptr().cast(), buf.len() - done, (off + done as u64) as i64)
+            })
+        })?;
+        if n == 0 {
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+pub fn fsync(fd: BorrowedFd<'_>) -> io::Result<()> {
+    retry(|| cvt(unsafe { libc::fsync(fd.as_raw_fd()) })).map(drop)
+}
+
+pub fn fdatasync(fd: BorrowedFd<'_>) -> io::Result<()> {
+    retry(|| cvt(unsafe { libc::fdatasync(fd.as_raw_fd()) })).map(drop)
+}
+
+pub fn ftruncate(fd: BorrowedFd<'_>, len: u64) -> io::Result<()> {
+    retry(|| cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), len as i64) })).map(drop)
+}
+
+pub fn fallocate(fd: BorrowedFd<'_>, mode: libc::c_int, off: u64, len: u64) -> io::Result<()> {
+    retry(|| cvt(unsafe { libc::fallocate(fd.as_raw_fd(), mode, off as i64, len as i64) })).map(drop)
+}
+
+pub fn lseek(fd: BorrowedFd<'_>, off: i64, whence: libc::c_int) -> io::Result<i64> {
+    let r = unsafe { libc::lseek(fd.as_raw_fd(), off, whence) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+pub fn fstatvfs(fd: BorrowedFd<'_>) -> io::Result<libc::statvfs> {
+    let mut st = MaybeUninit::<libc::statvfs>::uninit();
+    cvt(unsafe { libc::fstatvfs(fd.as_raw_fd(), st.as_mut_ptr()) })?;
+    Ok(unsafe { st.assume_init() })
+}
+
+/// One `getdents64` call into `buf`; returns bytes filled (0 at end of directory).
+pub fn getdents(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    let r = unsafe { libc::syscall(libc::SYS_getdents64, fd.as_raw_fd(), buf.as_mut_ptr(), buf.len()) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}
+
+/// Where an xattr call is aimed: a path (a `/proc/self/fd/N` alias of the inode) and
+/// whether its last component is followed (not for symlinks, whose own xattrs are meant).
+pub struct XattrTarget {
+    pub path: CString,
+    pub follow: bool,
+}
+
+pub fn getxattr(t: &XattrTarget, name: &OsStr, buf: &mut [u8]) -> io::Result<usize> {
+    let n = cstr(name)?;
+    let (p, len) = (buf.as_mut_ptr().cast(), buf.len());
+    cvt_size(unsafe {
+        if t.follow {
+            libc::getxattr(t.path.as_ptr(), n.as_ptr(), p, len)
+        } else {
+            libc::lgetxattr(t.path.as_ptr(), n.as_ptr(), p, len)
+        }
+    })
+}
+
+pub fn setxattr(t: &XattrTarget, name: &OsStr, value: &[u8], flags: libc::c_int) -> io::Result<()> {
+    let n = cstr(name)?;
+    let (p, len) = (value.as_ptr().cast(), value.len());
+    cvt(unsafe {
+        if t.follow {
+            libc::setxattr(t.path.as_ptr(), n.as_ptr(), p, len, flags)
+        } else {
+            libc::lsetxattr(t.path.as_ptr(), n.as_ptr(), p, len, flags)
+        }
+    })
+    .map(drop)
+}
+
+pub fn listxattr(t: &XattrTarget, buf: &mut [u8]) -> io::Result<usize> {
+    let (p, len) = (buf.as_mut_ptr().cast(), buf.len());
+    cvt_size(unsafe {
+        if t.follow {
+            libc::listxattr(t.path.as_ptr(), p, len)
+        } else {
+            libc::llistxattr(t.path.as_ptr(), p, len)
+        }
+    })
+}
+
+pub fn removexattr(t: &XattrTarget, name: &OsStr) -> io::Result<()> {
+    let n = cstr(name)?;
+    cvt(unsafe {
+        if t.follow {
+            libc::removexattr(t.path.as_ptr(), n.as_ptr())
+        } else {
+            libc::lremovexattr(t.path.as_ptr(), n.as_ptr())
+        }
+    })
+    .map(drop)
+}
+
+/// `flock(LOCK_EX | LOCK_NB)`; `Ok(false)` when another process holds it.
+pub fn try_lock_exclusive(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    match cvt(unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// fsync a directory, making the names created, renamed or removed in it durable.
+pub fn fsync_dir(dir: &Path) -> io::Result<()> {
+    let f = std::fs::File::open(dir)?;
+    f.sync_all()
+}
+
+/// Replace `dir/name` with `bytes` so that a crash at any instant leaves either the old or
+/// the new contents, and the new ones are durable on return: write a temporary file, fsync
+/// it, rename it over the target, fsync the directory.
+pub fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode_0600().open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, dir.join(name))?;
+    fsync_dir(dir)
+}
+
+/// Open options with mode 0600: metadata is nobody else's business.
+pub trait Mode0600 {
+    fn mode_0600(&mut self) -> &mut Self;
+}
+
+impl Mode0600 for std::fs::OpenOptions {
+    fn mode_0600(&mut self) -> &mut Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.mode(0o600)
+    }
+}
+
+/// Raise the open-file limit to its hard maximum: the FUSE adapter keeps one `O_PATH`
+/// descriptor per inode the kernel remembers.
+pub fn raise_nofile_limit() {
+    unsafe {
+        let mut rl = MaybeUninit::<libc::rlimit>::uninit();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, rl.as_mut_ptr()) == 0 {
+            let mut rl = rl.assume_init();
+            rl.rlim_cur = rl.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &rl);
+        }
+    }
+}
+
+/// Flush the whole filesystem holding `fd` (makes the state found after a crash durable
+/// before recovery reasons about it).
+pub fn syncfs(fd: BorrowedFd<'_>) -> io::Result<()> {
+    cvt(unsafe { libc::syncfs(fd.as_raw_fd()) }).map(drop)
+}
+
+/// stat of `rel` ("a/b/c") below `dir` without following any symlink on the way.
+pub fn stat_below(dir: BorrowedFd<'_>, rel: &[u8]) -> io::Result<Stat> {
+    let comps: Vec<&[u8]> = rel.split(|&b| b == b'/').filter(|c| !c.is_empty()).collect();
+    let Some((last, parents)) = comps.split_last() else {
+        return fstat(dir);
+    };
+    let mut cur: Option<OwnedFd> = None;
+    for c in parents {
+        let base = cur.as_ref().map(|f| f.as_fd()).unwrap_or(dir);
+        let next = openat(base, OsStr::from_bytes(c), libc::O_PATH | libc::O_NOFOLLOW | libc::O_DIRECTORY, 0)?;
+        cur = Some(next);
+    }
+    let base = cur.as_ref().map(|f| f.as_fd()).unwrap_or(dir);
+    fstatat(base, OsStr::from_bytes(last), libc::AT_SYMLINK_NOFOLLOW)
+}
