@@ -42,18 +42,20 @@ pub fn spawn_and_wait() -> anyhow::Result<()> {
     bail!("the daemon exited ({status}) before the mount was ready; see its error above")
 }
 
-/// In the daemon: tell the waiting parent the mount is ready, then stop writing to the
-/// terminal it may have inherited.
-pub fn notify_ready() {
+/// In the daemon: tell the waiting parent the mount is ready, then detach from the
+/// parent's output: stdout to /dev/null, stderr (the log) to `log_file` or /dev/null.
+pub fn notify_ready(log_file: Option<&std::path::Path>) {
     let Some(fd) = std::env::var(READY_ENV).ok().and_then(|v| v.parse::<i32>().ok()) else { return };
     std::env::remove_var(READY_ENV);
     let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
     let _ = writeln!(f, "{READY}");
     drop(f);
     if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+        let log = log_file.and_then(|p| std::fs::OpenOptions::new().create(true).append(true).open(p).ok());
         unsafe {
             libc::dup2(null.as_raw_fd(), 0);
             libc::dup2(null.as_raw_fd(), 1);
+            libc::dup2(log.as_ref().map(|f| f.as_raw_fd()).unwrap_or(null.as_raw_fd()), 2);
         }
     }
 }

@@ -35,11 +35,17 @@ enum Command {
     },
 }
 
-/// Logs go to stderr; RUST_LOG filters them (default: info for tdefs, warnings elsewhere).
+/// Logs go to stderr; RUST_LOG filters them (default: info for tdefs, warnings elsewhere;
+/// fuser warns when its own unmount finds the mount already gone, which is normal).
 fn init_logging() {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,tdefs=info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,fuser=error,tdefs=info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 pub fn main() -> ExitCode {

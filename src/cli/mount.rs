@@ -21,9 +21,13 @@ pub struct MountArgs {
     /// Configuration file (TOML).
     #[arg(short, long, value_name = "FILE", default_value = DEFAULT_CONFIG_PATH)]
     config: PathBuf,
-    /// Return once the mount is ready and keep serving it in the background.
+    /// Return once the mount is ready and keep serving it in the background. Start-up
+    /// errors still print here; later logs go to --log-file (else they are discarded).
     #[arg(long)]
     daemon: bool,
+    /// With --daemon: append the daemon's log to this file.
+    #[arg(long, value_name = "FILE")]
+    log_file: Option<PathBuf>,
     /// Adopt a backing directory that already holds files but no tdefs metadata: its files
     /// stay readable (tracked as plaintext), new files are encrypted.
     #[arg(long)]
@@ -109,7 +113,7 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
     })?;
     tracing::info!(mountpoint = %mountpoint.display(), method = %enc.data_encryption_method, "mounted");
     if daemon::is_daemon_child() {
-        daemon::notify_ready();
+        daemon::notify_ready(args.log_file.as_deref());
     }
     let result = session.run();
     signal_handle.close();

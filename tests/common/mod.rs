@@ -1,0 +1,226 @@
+//! Test harness: a real `tdefs mount` in a temporary directory, driven through the kernel.
+#![allow(dead_code)]
+
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const TDEFS: &str = env!("CARGO_BIN_EXE_tdefs");
+
+pub struct Mount {
+    pub dir: tempfile::TempDir,
+    pub backing: PathBuf,
+    pub mnt: PathBuf,
+    pub key: PathBuf,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+pub fn config_text(backing: &Path, mnt: &Path, key: &Path, method: &str, extra: &str) -> String {
+    format!(
+        "backing-dir = {:?}\nmountpoint = {:?}\n{extra}\n[security.encryption]\ndata-encryption-method = {method:?}\n\
+         [security.encryption.master-key]\ntype = \"file\"\npath = {:?}\n",
+        backing, mnt, key
+    )
+}
+
+impl Mount {
+    /// A fresh backing directory and key, not mounted yet.
+    pub fn prepare(method: &str) -> Mount {
+        Self::prepare_with(method, "")
+    }
+
+    /// `extra` is TOML placed before the [security] tables (e.g. a [mount] table).
+    pub fn prepare_with(method: &str, extra: &str) -> Mount {
+        let dir = tempfile::Builder::new().prefix("tdefs-test").tempdir_in("/tmp").unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let backing = dir.path().join("backing");
+        let mnt = dir.path().join("mnt");
+        fs::create_dir(&backing).unwrap();
+        fs::create_dir(&mnt).unwrap();
+        let key = dir.path().join("master.key");
+        let out = Command::new(TDEFS).arg("genkey").arg(&key).output().unwrap();
+        assert!(out.status.success(), "genkey: {out:?}");
+        let config = dir.path().join("tdefs.toml");
+        fs::write(&config, config_text(&backing, &mnt, &key, method, extra)).unwrap();
+        let log = dir.path().join("tdefs.log");
+        Mount { dir, backing, mnt, key, config, log, child: None }
+    }
+
+    /// Prepared and mounted.
+    pub fn new(method: &str) -> Mount {
+        let mut m = Self::prepare(method);
+        m.start();
+        m
+    }
+
+    pub fn set_method(&self, method: &str) {
+        fs::write(&self.config, config_text(&self.backing, &self.mnt, &self.key, method, "")).unwrap();
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    pub fn bpath(&self, rel: &str) -> PathBuf {
+        self.backing.join(rel)
+    }
+
+    /// Run `tdefs mount` in the foreground and wait until the mount is live.
+    pub fn start_with(&mut self, extra_args: &[&str]) {
+        assert!(self.child.is_none(), "already mounted");
+        let log = fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let child = Command::new(TDEFS)
+            .arg("mount")
+            .arg("--config")
+            .arg(&self.config)
+            .args(extra_args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !is_mounted(&self.mnt) {
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.child = None;
+                panic!("tdefs mount exited ({st}) before mounting:\n{}", self.log_text());
+            }
+            assert!(Instant::now() < deadline, "mount did not appear:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn start(&mut self) {
+        self.start_with(&[]);
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("mounted").id()
+    }
+
+    /// Unmount as an operator would and require a clean exit.
+    pub fn stop(&mut self) {
+        let st = Command::new("fusermount3").arg("-u").arg(&self.mnt).status().unwrap();
+        assert!(st.success(), "fusermount3 -u failed:\n{}", self.log_text());
+        let status = wait_timeout(self.child.take().unwrap(), Duration::from_secs(30));
+        assert!(status.success(), "tdefs exited with {status} after unmount:\n{}", self.log_text());
+    }
+
+    /// SIGKILL the daemon (a crash) and clean up the dead mount.
+    pub fn kill(&mut self) {
+        let mut c = self.child.take().expect("mounted");
+        let _ = c.kill();
+        let _ = c.wait();
+        lazy_unmount(&self.mnt);
+    }
+
+    pub fn remount(&mut self) {
+        self.stop();
+        self.start();
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `tdefs mount` expected to fail: its output.
+    pub fn mount_fails(&self, extra_args: &[&str]) -> Output {
+        let out = Command::new(TDEFS)
+            .arg("mount")
+            .arg("--config")
+            .arg(&self.config)
+            .args(extra_args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        if out.status.success() || is_mounted(&self.mnt) {
+            lazy_unmount(&self.mnt);
+            panic!("mount unexpectedly succeeded: {out:?}");
+        }
+        out
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("fusermount3").arg("-u").arg(&self.mnt).status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+            lazy_unmount(&self.mnt);
+        }
+    }
+}
+
+pub fn lazy_unmount(mnt: &Path) {
+    for _ in 0..50 {
+        if !is_mounted(mnt) {
+            return;
+        }
+        let _ = Command::new("fusermount3").arg("-u").arg("-z").arg(mnt).stderr(Stdio::null()).status();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn is_mounted(mnt: &Path) -> bool {
+    let mut s = String::new();
+    fs::File::open("/proc/self/mountinfo").unwrap().read_to_string(&mut s).unwrap();
+    let want = mnt.to_str().unwrap();
+    s.lines().any(|l| l.split(' ').nth(4) == Some(want))
+}
+
+pub fn wait_timeout(mut c: Child, t: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + t;
+    loop {
+        if let Some(st) = c.try_wait().unwrap() {
+            return st;
+        }
+        if Instant::now() > deadline {
+            let _ = c.kill();
+            panic!("process did not exit within {t:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Every file below `dir` with its bytes (to prove "nothing on disk changed").
+pub fn tree_digest(dir: &Path) -> Vec<(PathBuf, Vec<u8>, u32)> {
+    let mut out = Vec::new();
+    fn walk(d: &Path, out: &mut Vec<(PathBuf, Vec<u8>, u32)>) {
+        let mut ents: Vec<_> = fs::read_dir(d).unwrap().map(|e| e.unwrap().path()).collect();
+        ents.sort();
+        for p in ents {
+            let m = fs::symlink_metadata(&p).unwrap();
+            if m.is_dir() {
+                out.push((p.clone(), Vec::new(), m.permissions().mode()));
+                walk(&p, out);
+            } else {
+                out.push((p.clone(), fs::read(&p).unwrap_or_default(), m.permissions().mode()));
+            }
+        }
+    }
+    walk(dir, &mut out);
+    out
+}
+
+pub fn errno_of(r: std::io::Result<impl Sized>) -> i32 {
+    match r {
+        Ok(_) => 0,
+        Err(e) => e.raw_os_error().unwrap_or(-1),
+    }
+}
+
+pub const METHODS: [&str; 5] = ["aes128-ctr", "aes192-ctr", "aes256-ctr", "sm4-ctr", "plaintext"];
