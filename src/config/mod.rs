@@ -256,6 +256,17 @@ path = "/run/keys/tdefs.key"
     }
 
     #[test]
+    fn shipped_configs_parse() {
+        for (name, text) in [
+            ("quickstart.toml", include_str!("../../config/quickstart.toml")),
+            ("tdefs.toml", include_str!("../../config/tdefs.toml")),
+        ] {
+            let c = Config::parse(text).unwrap_or_else(|e| panic!("config/{name}: {e}"));
+            assert!(c.backing_dir.is_some() && c.mountpoint.is_some(), "{name}");
+        }
+    }
+
+    #[test]
     fn debug_of_master_key_has_no_material() {
         let c = Config::parse(GOOD).unwrap();
         let s = format!("{c:?}");

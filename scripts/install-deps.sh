@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Install the Debian packages a tdefs task needs, only those missing.
+#   install-deps.sh base    fuse3 (fusermount3) and a C toolchain
+#   install-deps.sh test    base + what the test suite drives
+set -euo pipefail
+want=(fuse3)
+case "${1:-base}" in
+    base) ;;
+    test) want+=(attr xfsprogs) ;;
+    *) echo "usage: $0 base|test" >&2; exit 2 ;;
+esac
+missing=()
+for p in "${want[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "missing packages: ${missing[*]} (run as root, or install them)" >&2
+        exit 1
+    fi
+    echo "installing: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+[ -e /dev/fuse ] || { echo "/dev/fuse is missing: load the fuse module (modprobe fuse)" >&2; exit 1; }

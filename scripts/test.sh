@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh Debian 12 machine, as root: installs what it needs, runs
+# every stage, prints each stage's result and a final "N passed, N failed" line.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+[ "$(id -u)" = 0 ] || { echo "run as root: the tests mount FUSE filesystems and act as other users" >&2; exit 1; }
+scripts/install-deps.sh test || exit 1
+
+passed=0; failed=0; failures=()
+# stage NAME COMMAND...: runs it, adds its counts (cargo's "test result:" lines or the
+# "N passed, N failed" line of our own runners) to the totals.
+stage() {
+    local name=$1; shift
+    echo "=== $name"
+    local log; log=$(mktemp)
+    "$@" 2>&1 | tee "$log"
+    local rc=${PIPESTATUS[0]}
+    local p f
+    p=$(grep -E '^test result:|^[a-z]+: [0-9]+ passed, [0-9]+ failed' "$log" | grep -oE '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
+    f=$(grep -E '^test result:|^[a-z]+: [0-9]+ passed, [0-9]+ failed' "$log" | grep -oE '[0-9]+ failed' | awk '{s+=$1} END {print s+0}')
+    if [ "$rc" != 0 ] && [ "$f" = 0 ]; then f=1; fi  # a stage that broke without counting
+    passed=$((passed + p)); failed=$((failed + f))
+    [ "$f" = 0 ] || failures+=("$name")
+    rm -f "$log"
+}
+
+stage "build" cargo build --release --all-targets --quiet
+stage "unit and integration tests" cargo test --release --no-fail-fast -- --test-threads=4
+
+echo
+[ ${#failures[@]} -eq 0 ] || echo "failed stages: ${failures[*]}"
+echo "summary: $passed passed, $failed failed"
+[ "$failed" = 0 ]
