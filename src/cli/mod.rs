@@ -1,5 +1,6 @@
-//! Command line: `tdefs mount`, `tdefs genkey`.
+//! Command line: `tdefs mount`, `tdefs check`, `tdefs genkey`.
 
+mod check;
 mod daemon;
 mod mount;
 
@@ -27,6 +28,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     Mount(mount::MountArgs),
+    Check(check::CheckArgs),
     /// Write a new random 256-bit master key (64 hex characters + newline, mode 0600).
     #[command(after_help = "Example:\n  tdefs genkey /run/keys/tdefs.key   # keep it on tmpfs or in a secrets manager")]
     Genkey {
@@ -52,6 +54,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     let r = match cli.cmd {
+        Command::Check(args) => return check::run(args),
         Command::Mount(args) => mount::run(args),
         Command::Genkey { path } => crate::keys::generate_key_file(&path)
             .map(|()| eprintln!("wrote a new master key to {} (mode 0600)", path.display()))

@@ -1,6 +1,7 @@
 //! The `.tdefs` metadata directory in the backing root: first-time initialisation, opening
 //! with the configured master key, exclusive use, and recovery after a crash.
 
+pub mod check;
 pub mod format;
 
 use std::collections::HashSet;
@@ -119,18 +120,53 @@ impl Metadata {
             }
             Err(e) => return Err(io_err("stat", &meta_dir)(e)),
         }
+        let off = Offline::open_existing(&backing, master)?;
+        let loaded = off.load()?;
+        off.into_metadata(loaded, opts, report)
+    }
+}
+
+/// Metadata opened for inspection: locked against a concurrent mount, keys unwrapped,
+/// nothing written.
+pub struct Offline {
+    pub backing: PathBuf,
+    pub meta_dir: PathBuf,
+    pub keys: KeyStore,
+    lock: File,
+}
+
+impl Offline {
+    /// Open the existing metadata of `backing` (never initialises).
+    pub fn open(backing: &Path, master: &MasterKeyConfig) -> Result<Offline, MetaError> {
+        let backing = check_backing(backing)?;
+        if !backing.join(META_DIR).is_dir() {
+            return Err(MetaError::Backing { path: backing, problem: format!("has no {META_DIR} directory (not a tdefs backing directory)") });
+        }
+        Self::open_existing(&backing, master)
+    }
+
+    fn open_existing(backing: &Path, master: &MasterKeyConfig) -> Result<Offline, MetaError> {
+        let meta_dir = backing.join(META_DIR);
         let lock = File::open(&meta_dir).map_err(io_err("open", &meta_dir))?;
         if !sys::try_lock_exclusive(lock.as_fd()).map_err(io_err("lock", &meta_dir))? {
             return Err(MetaError::Locked { path: meta_dir });
         }
         let backend = backend_for(master)?;
         let keys = KeyStore::open(&meta_dir, backend.as_ref())?;
-        let loaded = FileDict::load(&meta_dir, keys.seal_key(), &keys.instance())?;
-        let backing_fd = std::fs::File::open(&backing).map_err(io_err("open", &backing))?.into();
-        // Validated; from here on recovery may write.
-        let dict = recover(loaded, &keys, opts, &backing_fd, &mut report)?;
+        Ok(Offline { backing: backing.to_path_buf(), meta_dir, keys, lock })
+    }
+
+    /// Read the file dictionary (changes nothing).
+    pub fn load(&self) -> Result<Loaded, DictError> {
+        FileDict::load(&self.meta_dir, self.keys.seal_key(), &self.keys.instance())
+    }
+
+    /// Recover what a crash left and make the dictionary writable.
+    pub fn into_metadata(self, loaded: Loaded, opts: &OpenOptions, mut report: OpenReport) -> Result<Metadata, MetaError> {
+        let backing_fd = std::fs::File::open(&self.backing).map_err(io_err("open", &self.backing))?.into();
+        let dict = recover(loaded, &self.keys, opts, &backing_fd, &mut report)?;
         report.entries = dict.with_tree(|t| t.len());
-        Ok(Metadata { backing, backing_fd, keys: Arc::new(keys), dict: Arc::new(dict), report, _lock: lock })
+        Ok(Metadata { backing: self.backing, backing_fd, keys: Arc::new(self.keys), dict: Arc::new(dict), report, _lock: self.lock })
     }
 }
 
