@@ -571,3 +571,17 @@ fn daemon_mode_returns_when_ready_and_sigterm_unmounts() {
     }
     assert!(fs::read_to_string(m.dir.path().join("daemon.log")).unwrap().contains("unmounted cleanly"));
 }
+
+/// Regression (found by the crash torture): after `link f g; unlink g` the kernel's last
+/// name for the inode is gone while `f` remains; emptying `f` then must not re-key it in
+/// memory only, or its new contents read as noise after a remount.
+#[test]
+fn emptying_a_file_whose_last_used_name_was_unlinked() {
+    let mut m = Mount::new("aes256-ctr");
+    fs::write(m.path("f"), vec![1u8; 10_000]).unwrap();
+    fs::hard_link(m.path("f"), m.path("g")).unwrap();
+    fs::remove_file(m.path("g")).unwrap();
+    fs::write(m.path("f"), vec![2u8; 9000]).unwrap(); // O_TRUNC: emptied, then rewritten
+    m.remount();
+    assert_eq!(read_all(&m.path("f")), vec![2u8; 9000]);
+}

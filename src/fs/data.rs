@@ -5,6 +5,11 @@
 //! file, if any, is all ciphertext. Operations that would leave a block mixed first fill the
 //! rest of it with encrypted zeros. Aligned page writes therefore cost no extra I/O.
 //!
+//! Crash safety: operations that take several backing calls are ordered so that the file is
+//! valid after each of them (a process killed in between, or a torn page-granular write,
+//! leaves every byte old or new, never keystream). The unit tests check this by cutting
+//! every operation after each of its backing calls.
+//!
 //! Locking is the caller's: `write` needs the file's lock exclusively unless
 //! `write_is_simple` says a shared one suffices; `read` needs it shared.
 
@@ -149,7 +154,9 @@ pub fn write(s: &dyn Store, c: &FileCipher, off: u64, data: &[u8], scratch: &mut
 }
 
 /// Fill what an extension from `size` to `new_len` exposes that is not a whole-block hole:
-/// the rest of the old partial last block and the new partial last block.
+/// the rest of the old partial last block and the new partial last block. These writes
+/// themselves extend the file, so every state between them is valid (see the module doc):
+/// callers extend the size only after them.
 fn fill_extension(s: &dyn Store, c: &FileCipher, size: u64, new_len: u64) -> io::Result<()> {
     if size % BLOCK != 0 {
         write_zeros(s, c, size, up(size).min(new_len))?;
@@ -161,6 +168,10 @@ fn fill_extension(s: &dyn Store, c: &FileCipher, size: u64, new_len: u64) -> io:
 }
 
 /// Change the file length to `new_len`.
+///
+/// Every operation here is ordered so that a crash between any two backing calls leaves
+/// the file valid (each byte old or new, never keystream): fills are written before the
+/// size changes to expose them.
 pub fn truncate(s: &dyn Store, c: &FileCipher, new_len: u64) -> io::Result<()> {
     if c.is_plaintext() {
         return s.set_len(new_len);
@@ -168,9 +179,10 @@ pub fn truncate(s: &dyn Store, c: &FileCipher, new_len: u64) -> io::Result<()> {
     let size = s.size()?;
     if new_len < size {
         let tb = down(new_len);
-        // A hole block that becomes the partial last block must turn into ciphertext.
+        // A hole block that becomes the partial last block must turn into ciphertext: the
+        // whole block, so it is valid both before and after the size drops.
         if new_len % BLOCK != 0 && tb + BLOCK <= size && is_hole(s, tb)? {
-            write_zeros(s, c, tb, new_len)?;
+            write_zeros(s, c, tb, tb + BLOCK)?;
         }
         s.set_len(new_len)
     } else {
@@ -209,8 +221,7 @@ pub fn fallocate(s: &dyn Store, c: &FileCipher, mode: i32, off: u64, len: u64) -
     }
     let size = s.size()?;
     let end = off.checked_add(len).ok_or_else(|| io::Error::from_raw_os_error(libc::EFBIG))?;
-    let zeroing = mode & (FALLOC_PUNCH_HOLE | FALLOC_ZERO_RANGE) != 0;
-    if zeroing {
+    if mode & (FALLOC_PUNCH_HOLE | FALLOC_ZERO_RANGE) != 0 {
         // Inside the file: partial blocks at the edges get encrypted zeros, whole blocks
         // become holes through the backing filesystem.
         let zend = end.min(size);
@@ -226,24 +237,25 @@ pub fn fallocate(s: &dyn Store, c: &FileCipher, mode: i32, off: u64, len: u64) -
                 }
             }
         }
-        // Past the end of the file only allocation (or its release) is visible.
-        if end > size {
-            let from = up(size).max(off);
-            if end > from {
-                s.fallocate(mode, from, end - from)?;
-            }
-            if mode & FALLOC_KEEP_SIZE == 0 {
-                fill_extension(s, c, size, end)?;
-                if s.size()? < end {
-                    s.set_len(end)?;
-                }
-            }
+        if end <= size {
+            return Ok(());
         }
-        return Ok(());
+        // Past the end of the file only allocation (or its release) is visible.
+        if mode & FALLOC_KEEP_SIZE != 0 {
+            let from = up(size).max(off);
+            return if end > from { s.fallocate(mode, from, end - from) } else { Ok(()) };
+        }
     }
-    s.fallocate(mode, off, len)?;
-    if mode & FALLOC_KEEP_SIZE == 0 && end > size {
+    // Allocation, possibly extending: fills first, then the backing call (which never
+    // changes bytes already written).
+    let extends = mode & FALLOC_KEEP_SIZE == 0 && end > size;
+    if extends {
         fill_extension(s, c, size, end)?;
+    }
+    let alloc_mode = mode & FALLOC_KEEP_SIZE;
+    let from = if mode & FALLOC_ZERO_RANGE != 0 { up(size).max(off) } else { off };
+    if end > from {
+        s.fallocate(alloc_mode, from, end - from)?;
     }
     Ok(())
 }

@@ -117,7 +117,19 @@ impl Core {
 
     /// Empty the file and record a fresh entry for it. Order: the backing file is emptied
     /// and that made durable first, so a crash leaves an empty file, whichever entry wins.
+    ///
+    /// Needs the file's current name: when it is unknown (the name the kernel last used was
+    /// unlinked, another link remains) the file keeps its entry and is simply emptied. A new
+    /// keystream that only memory knows would turn its next contents into noise at the next
+    /// mount.
     fn rekey(&self, inode: &Arc<Inode>, st: &mut FileState, fd: BorrowedFd<'_>) -> Result<()> {
+        let named = {
+            let _ns = self.ns.read();
+            inode.path().is_some()
+        };
+        if !named {
+            return Ok(data::truncate(&Fd(fd), cipher(st)?, 0)?);
+        }
         sys::ftruncate(fd, 0)?;
         let (entry, cipher) = self.new_entry()?;
         if entry.is_none() && st.entry.is_none() {
@@ -128,7 +140,8 @@ impl Core {
         let seq = {
             let _ns = self.ns.read();
             let Some(path) = inode.path() else {
-                // Unlinked while open: no name to record; the new keystream lives in memory.
+                // Its last name was unlinked meanwhile (no link left): nothing to record;
+                // the new keystream lives in memory for as long as the file is open.
                 *st = FileState { entry, cipher: Some(cipher) };
                 return Ok(());
             };
