@@ -25,3 +25,181 @@ fn kill_dash_nine_of_the_daemon_mixed_modes() {
 fn kill_dash_nine_with_sm4() {
     torture("kill-fs", "sm4-ctr", 8, 12);
 }
+
+mod common;
+use common::*;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+fn meta(m: &Mount, name: &str) -> PathBuf {
+    m.bpath(".tdefs").join(name)
+}
+
+fn log_file(m: &Mount) -> PathBuf {
+    let mut logs: Vec<PathBuf> = fs::read_dir(m.bpath(".tdefs")).unwrap().map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("files.log.")).collect();
+    logs.sort();
+    logs.pop().expect("a log file")
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    let _ = fs::remove_dir_all(to);
+    fs::create_dir_all(to).unwrap();
+    for e in fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+/// Two sessions: ten files compacted into the snapshot, then a few logged records.
+fn dictionary_with_snapshot_and_log() -> Mount {
+    let mut m = Mount::prepare("aes256-ctr");
+    m.set_encryption_extra("aes256-ctr", "file-dictionary-rewrite-threshold = 8");
+    m.start();
+    for i in 0..10 {
+        fs::write(m.path(&format!("s{i}")), format!("snapshot file {i}")).unwrap();
+    }
+    m.stop(); // compaction is due at unmount
+    m.set_encryption_extra("aes256-ctr", "file-dictionary-rewrite-threshold = 1000");
+    m.start();
+    for i in 0..3 {
+        fs::write(m.path(&format!("l{i}")), format!("log file {i}")).unwrap();
+    }
+    fs::remove_file(m.path("l2")).unwrap();
+    m.stop();
+    m
+}
+
+#[test]
+fn torn_last_log_record_at_every_offset_still_mounts() {
+    let mut m = dictionary_with_snapshot_and_log();
+    let log = log_file(&m);
+    let full = fs::read(&log).unwrap();
+    // The last record is the Delete of l2 (its file is already gone): find where it starts
+    // by cutting until the mount sees one record fewer.
+    let pristine = m.dir.path().join("pristine");
+    copy_dir(&m.bpath(".tdefs"), &pristine);
+    let mut cuts = 0;
+    for cut in (full.len() - 120).max(40)..full.len() {
+        copy_dir(&pristine, &m.bpath(".tdefs"));
+        fs::write(&log, &full[..cut]).unwrap();
+        m.start();
+        for i in 0..10 {
+            assert_eq!(fs::read_to_string(m.path(&format!("s{i}"))).unwrap(), format!("snapshot file {i}"), "cut {cut}");
+        }
+        for i in 0..2 {
+            assert_eq!(fs::read_to_string(m.path(&format!("l{i}"))).unwrap(), format!("log file {i}"), "cut {cut}");
+        }
+        assert!(!m.path("l2").exists());
+        m.stop();
+        let (code, text) = m.check(&[]);
+        assert_eq!(code, 0, "cut {cut}: {text}");
+        cuts += 1;
+    }
+    assert!(cuts >= 60);
+    assert!(m.log_text().contains("torn record"), "the cut is logged");
+}
+
+#[test]
+fn interrupted_compaction_leftovers_are_ignored() {
+    let mut m = dictionary_with_snapshot_and_log();
+    fs::write(meta(&m, "files.snap.tmp"), b"half a snapshot").unwrap();
+    m.start();
+    assert_eq!(fs::read_to_string(m.path("s3")).unwrap(), "snapshot file 3");
+    assert_eq!(fs::read_to_string(m.path("l1")).unwrap(), "log file 1");
+    m.stop();
+    assert!(!meta(&m, "files.snap.tmp").exists());
+}
+
+#[test]
+fn damaged_metadata_is_refused_clearly_and_left_unchanged() {
+    let mut m = dictionary_with_snapshot_and_log();
+    let pristine = m.dir.path().join("pristine");
+    copy_dir(&m.bpath(".tdefs"), &pristine);
+    let log = log_file(&m);
+    let snap = meta(&m, "files.snap");
+    let keys = meta(&m, "keys");
+    let snap_len = fs::metadata(&snap).unwrap().len() as usize;
+    let mut cases: Vec<(String, Box<dyn Fn()>, Vec<&str>)> = Vec::new();
+    for pos in [0usize, 9, 20, 60, snap_len / 2, snap_len - 1] {
+        let snap = snap.clone();
+        cases.push((format!("snapshot bit flip at {pos}"), Box::new(move || flip(&snap, pos)), vec!["files.snap", "Restore"]));
+    }
+    let l = log.clone();
+    cases.push(("bit flip in the first log record".into(), Box::new(move || flip(&l, 60)), vec!["files.log", "damaged at byte", "tdefs check --repair"]));
+    let k = keys.clone();
+    cases.push(("truncated key dictionary".into(), Box::new(move || {
+        let b = fs::read(&k).unwrap();
+        fs::write(&k, &b[..b.len() / 2]).unwrap();
+    }), vec!["keys", "damaged", "backup"]));
+    for f in [keys.clone(), snap.clone(), log.clone()] {
+        cases.push((format!("newer format in {}", f.display()), Box::new(move || {
+            let mut b = fs::read(&f).unwrap();
+            b[8] = 2;
+            fs::write(&f, b).unwrap();
+        }), vec!["newer than this build", "upgrade tdefs"]));
+    }
+    for (name, damage, expect) in cases {
+        copy_dir(&pristine, &m.bpath(".tdefs"));
+        damage();
+        let before = tree_digest(&m.backing);
+        let out = m.mount_fails(&[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        for x in expect {
+            assert!(err.to_lowercase().contains(&x.to_lowercase()), "{name}: expected {x:?} in:\n{err}");
+        }
+        assert_eq!(tree_digest(&m.backing), before, "{name}: nothing on disk changed");
+        let (code, text) = m.check(&[]);
+        assert_eq!(code, 2, "{name}: check cannot check: {text}");
+    }
+    // Damage in the second of four log records (Put l0, Put l1, Put l2, Delete l2):
+    // `check --repair` keeps the snapshot and the first record.
+    copy_dir(&pristine, &m.bpath(".tdefs"));
+    let bytes = fs::read(&log).unwrap();
+    let frames: Vec<usize> = bytes.windows(4).enumerate().filter(|(_, w)| *w == b"tREc").map(|(i, _)| i).collect();
+    assert_eq!(frames.len(), 4, "records in the log");
+    flip(&log, frames[1] + 30);
+    let out = m.mount_fails(&[]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tdefs check --repair"));
+    let (code, text) = m.check(&["--repair"]);
+    assert!(text.contains("copies kept") && text.contains(".damaged"), "{text}");
+    assert!(code == 0 || code == 1, "{text}");
+    m.start();
+    assert_eq!(fs::read_to_string(m.path("s5")).unwrap(), "snapshot file 5");
+    assert_eq!(fs::read_to_string(m.path("l0")).unwrap(), "log file 0");
+    assert!(!m.path("l2").exists());
+}
+
+fn flip(p: &Path, pos: usize) {
+    let mut b = fs::read(p).unwrap();
+    b[pos] ^= 0x10;
+    fs::write(p, b).unwrap();
+}
+
+#[test]
+fn check_reports_stale_entries_repairs_them_and_refuses_a_mounted_directory() {
+    let mut m = Mount::new("aes128-ctr");
+    fs::create_dir(m.path("d")).unwrap();
+    fs::write(m.path("d/a"), b"a").unwrap();
+    fs::write(m.path("d/b"), b"b").unwrap();
+    fs::hard_link(m.path("d/a"), m.path("a2")).unwrap();
+    let (code, text) = m.check(&[]);
+    assert_eq!(code, 2, "mounted: {text}");
+    assert!(text.contains("in use"), "{text}");
+    m.stop();
+    fs::write(m.bpath("plain.txt"), b"legacy").unwrap();
+    let (code, text) = m.check(&[]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("files aes128-ctr:       3") && text.contains("files plaintext:        1"), "{text}");
+    fs::remove_file(m.bpath("d/b")).unwrap(); // behind tdefs' back
+    let (code, text) = m.check(&[]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("STALE") && text.contains("/d/b"), "{text}");
+    let (code, text) = m.check(&["--repair"]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("drop /d/b"), "{text}");
+    let (code, _) = m.check(&[]);
+    assert_eq!(code, 0);
+    m.start();
+    assert_eq!(fs::read(m.path("a2")).unwrap(), b"a");
+}

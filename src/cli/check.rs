@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Args;
 
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
-use crate::dictionary::Record;
+use crate::dictionary::{FileDict, Record};
 use crate::meta::check::{check, CheckReport};
 use crate::meta::{OpenOptions, OpenReport, Offline};
 
@@ -85,7 +85,23 @@ fn run_inner(args: CheckArgs) -> anyhow::Result<bool> {
     })?;
     let enc = &cfg.security.encryption;
     let off = Offline::open(&backing, &enc.master_key)?;
-    let loaded = off.load()?;
+    let loaded = match off.load() {
+        Ok(l) => l,
+        Err(e) if args.repair => {
+            println!("the file dictionary does not load: {e}");
+            let kept = FileDict::salvage(&e)?;
+            if kept.is_empty() {
+                return Err(e.into());
+            }
+            println!("repair: cut the damaged log before the damage; copies kept:");
+            for k in &kept {
+                println!("  {}", k.display());
+            }
+            println!("repair: records after the damage are lost: files created, linked or renamed after that point may read as noise; check them");
+            off.load()?
+        }
+        Err(e) => return Err(e.into()),
+    };
     let report = check(&off, &loaded)?;
     print_report(&report, args.verbose);
     if report.problems() == 0 || !args.repair {

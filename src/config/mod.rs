@@ -115,8 +115,8 @@ impl fmt::Debug for MasterKeyConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    #[error("cannot read config file {path}: {err}")]
+    Read { path: PathBuf, err: std::io::Error },
     #[error("invalid config file {path}: {message}")]
     Invalid { path: PathBuf, message: String },
 }
@@ -124,7 +124,7 @@ pub enum ConfigError {
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+            .map_err(|err| ConfigError::Read { path: path.to_path_buf(), err })?;
         Config::parse(&text).map_err(|message| ConfigError::Invalid { path: path.to_path_buf(), message })
     }
 

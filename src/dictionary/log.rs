@@ -12,7 +12,7 @@ use crate::meta::format::{check_header, write_header, Dec, Enc, FileKind, Header
 use super::record::Record;
 
 pub const LOG_HEADER_LEN: usize = HEADER_LEN + 8 + 16 + 4;
-const FRAME_MAGIC: u32 = 0x6345_5274; // "tReC"
+const FRAME_MAGIC: u32 = 0x6345_5274; // bytes "tREc"
 const FRAME_FIXED: usize = 4 + 4 + 8 + 4;
 /// Largest sealed record accepted (paths up to 1 MiB, twice, plus overhead).
 const MAX_SEALED: usize = (2 << 20) + 4096;

@@ -37,18 +37,14 @@ const PREALLOC: u64 = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DictError {
-    #[error("{op} {path}: {source}")]
-    Io { op: &'static str, path: PathBuf, source: io::Error },
+    #[error("{op} {path}: {err}")]
+    Io { op: &'static str, path: PathBuf, err: io::Error },
 
-    #[error(
-        "{path} ({what}) is damaged at byte {offset}: {reason}. Nothing was modified. \
-         Restore the .tdefs directory from a backup, or run `tdefs check --repair` to keep \
-         what precedes the damage (files recorded after it would read as noise)"
-    )]
+    #[error("{path} ({what}) is damaged at byte {offset}: {reason}. Nothing was modified. {}", repair_hint(.what))]
     Damaged { path: PathBuf, what: &'static str, offset: u64, reason: String },
 
-    #[error("{path}: {source}")]
-    Header { path: PathBuf, source: HeaderError },
+    #[error("{path}: {err}. Nothing was modified. {}", header_hint(.err))]
+    Header { path: PathBuf, err: HeaderError },
 
     #[error("{path} belongs to another tdefs instance (it was not written with this key dictionary); \
              was a .tdefs directory assembled from different backups?")]
@@ -69,12 +65,31 @@ pub enum DictError {
     Inconsistent(String),
 }
 
+fn repair_hint(what: &str) -> &'static str {
+    if what == LOG_WHAT {
+        "Restore the .tdefs directory from a backup, or run `tdefs check --repair` to keep every \
+         record before the damage (a copy of the damaged log is kept; files created or renamed after \
+         that point may read as noise)"
+    } else {
+        "Restore the .tdefs directory from a backup"
+    }
+}
+
+fn header_hint(e: &HeaderError) -> &'static str {
+    match e {
+        HeaderError::NewerVersion(_) => "",
+        _ => "The file is damaged or not tdefs' own: restore the .tdefs directory from a backup",
+    }
+}
+
+const LOG_WHAT: &str = "file dictionary log";
+
 impl DictError {
     /// errno for a FUSE reply.
     pub fn errno(&self) -> i32 {
         match self {
             DictError::NoSpace => libc::ENOSPC,
-            DictError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            DictError::Io { err, .. } => err.raw_os_error().unwrap_or(libc::EIO),
             _ => libc::EIO,
         }
     }
@@ -131,7 +146,7 @@ pub struct FileDict {
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> DictError + 'a {
-    move |source| DictError::Io { op, path: path.to_path_buf(), source }
+    move |err| DictError::Io { op, path: path.to_path_buf(), err }
 }
 
 impl FileDict {
@@ -149,16 +164,16 @@ impl FileDict {
         let snap_path = dir.join(SNAPSHOT_FILE);
         let f = File::open(&snap_path).map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => DictError::Missing { dir: dir.into(), what: format!("{SNAPSHOT_FILE} is missing") },
-            _ => DictError::Io { op: "open", path: snap_path.clone(), source: e },
+            _ => DictError::Io { op: "open", path: snap_path.clone(), err: e },
         })?;
         let (mut tree, info) = snapshot::decode(&mut io::BufReader::with_capacity(1 << 20, f), seal, instance)
             .map_err(|e| match e {
-                snapshot::SnapError::Header(source) => DictError::Header { path: snap_path.clone(), source },
+                snapshot::SnapError::Header(err) => DictError::Header { path: snap_path.clone(), err },
                 snapshot::SnapError::Damaged { offset, reason } => {
                     DictError::Damaged { path: snap_path.clone(), what: "file dictionary snapshot", offset, reason }
                 }
                 snapshot::SnapError::ForeignInstance => DictError::Foreign { path: snap_path.clone() },
-                snapshot::SnapError::Io(source) => DictError::Io { op: "read", path: snap_path.clone(), source },
+                snapshot::SnapError::Io(err) => DictError::Io { op: "read", path: snap_path.clone(), err },
             })?;
 
         let mut gens = Vec::new();
@@ -192,17 +207,17 @@ impl FileDict {
             let path = dir.join(log_file_name(gen));
             let bytes = std::fs::read(&path).map_err(io_err("read", &path))?;
             log::check_log_header(&bytes, gen, instance).map_err(|p| match p {
-                log::HeaderProblem::Format(source) => DictError::Header { path: path.clone(), source },
+                log::HeaderProblem::Format(err) => DictError::Header { path: path.clone(), err },
                 log::HeaderProblem::Instance => DictError::Foreign { path: path.clone() },
                 log::HeaderProblem::Checksum => DictError::Damaged {
                     path: path.clone(),
-                    what: "file dictionary log",
+                    what: LOG_WHAT,
                     offset: 0,
                     reason: "header checksum mismatch".into(),
                 },
                 log::HeaderProblem::Generation(g) => DictError::Damaged {
                     path: path.clone(),
-                    what: "file dictionary log",
+                    what: LOG_WHAT,
                     offset: 0,
                     reason: format!("header says generation {g}"),
                 },
@@ -210,14 +225,14 @@ impl FileDict {
             let is_last = i + 1 == gens.len();
             let c = log::read_log(&bytes, seal, instance, gen, next_seq, is_last).map_err(|d| DictError::Damaged {
                 path: path.clone(),
-                what: "file dictionary log",
+                what: LOG_WHAT,
                 offset: d.offset,
                 reason: d.reason,
             })?;
             for (seq, rec) in &c.records {
                 tree.apply(*seq, rec).map_err(|e| DictError::Damaged {
                     path: path.clone(),
-                    what: "file dictionary log",
+                    what: LOG_WHAT,
                     offset: 0,
                     reason: format!("record {seq}: {}", e.0),
                 })?;
@@ -244,6 +259,44 @@ impl FileDict {
             touched,
             stale_logs,
         })
+    }
+
+    /// Cut a damaged log before its damage so the dictionary loads again, keeping a copy of
+    /// every file changed (`<name>.damaged`). Later log generations are set aside the same
+    /// way. Returns the files set aside.
+    pub fn salvage(err: &DictError) -> Result<Vec<PathBuf>, DictError> {
+        let DictError::Damaged { path, what, offset, .. } = err else {
+            return Ok(Vec::new());
+        };
+        if *what != LOG_WHAT {
+            return Ok(Vec::new());
+        }
+        let dir = path.parent().ok_or_else(|| DictError::Missing { dir: path.clone(), what: "no parent".into() })?;
+        let gen = path.file_name().and_then(|n| n.to_str()).and_then(log::parse_log_file_name).unwrap_or(0);
+        let mut kept = Vec::new();
+        let aside = |p: &Path, kept: &mut Vec<PathBuf>| -> Result<(), DictError> {
+            let copy = PathBuf::from(format!("{}.damaged", p.display()));
+            std::fs::copy(p, &copy).map_err(io_err("copy", p))?;
+            kept.push(copy);
+            Ok(())
+        };
+        aside(path, &mut kept)?;
+        let cut = (*offset).max(LOG_HEADER_LEN as u64);
+        let f = std::fs::OpenOptions::new().write(true).open(path).map_err(io_err("open", path))?;
+        sys::ftruncate(f.as_fd(), cut).map_err(io_err("truncate", path))?;
+        sys::fsync(f.as_fd()).map_err(io_err("fsync", path))?;
+        let mut g = gen + 1;
+        loop {
+            let later = dir.join(log_file_name(g));
+            if !later.exists() {
+                break;
+            }
+            aside(&later, &mut kept)?;
+            std::fs::remove_file(&later).map_err(io_err("remove", &later))?;
+            g += 1;
+        }
+        sys::fsync_dir(dir).map_err(io_err("fsync", dir))?;
+        Ok(kept)
     }
 
     /// Turn a loaded dictionary into a writable one: cut a torn tail off the last log and
@@ -352,7 +405,7 @@ impl FileDict {
                     return Err(if errno == libc::ENOSPC || errno == libc::EDQUOT {
                         DictError::NoSpace
                     } else {
-                        DictError::Io { op: "append to", path: self.log_path(st.gen), source: io::Error::from_raw_os_error(errno) }
+                        DictError::Io { op: "append to", path: self.log_path(st.gen), err: io::Error::from_raw_os_error(errno) }
                     });
                 }
             }
@@ -494,7 +547,7 @@ impl FileDict {
             match std::fs::remove_file(&p) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(DictError::Io { op: "remove", path: p, source: e }),
+                Err(e) => return Err(DictError::Io { op: "remove", path: p, err: e }),
             }
         }
         sys::fsync_dir(&self.dir).map_err(io_err("fsync", &self.dir))?;

@@ -23,11 +23,11 @@ pub enum KeyError {
     #[error("key dictionary {path} is damaged: {reason}. Nothing was modified; restore {path} from a backup")]
     Corrupt { path: PathBuf, reason: String },
 
-    #[error("key dictionary {path}: {source}")]
-    Header { path: PathBuf, source: HeaderError },
+    #[error("key dictionary {path}: {err}. Nothing was modified.{}", if matches!(.err, HeaderError::NewerVersion(_)) { "" } else { " Restore it from a backup" })]
+    Header { path: PathBuf, err: HeaderError },
 
-    #[error("{op} {path}: {source}")]
-    Io { op: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("{op} {path}: {err}")]
+    Io { op: &'static str, path: PathBuf, err: std::io::Error },
 
     #[error("data key {0:#018x} is referenced by the file dictionary but missing from the key dictionary")]
     MissingDataKey(u64),

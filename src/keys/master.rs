@@ -137,7 +137,7 @@ fn parse_key_text(text: &[u8]) -> Result<Secret, String> {
 
 /// Write a new random master key to `path` (mode 0600), refusing to overwrite anything.
 pub fn generate_key_file(path: &Path) -> Result<(), KeyError> {
-    let io = |op, e| KeyError::Io { op, path: path.to_path_buf(), source: e };
+    let io = |op, e| KeyError::Io { op, path: path.to_path_buf(), err: e };
     let key = Secret::random(32);
     let mut text = hex::encode(key.expose()).into_bytes();
     text.push(b'\n');

@@ -102,9 +102,9 @@ impl KeyStore {
     /// Open the key dictionary in `dir` with `backend`. Reads only.
     pub fn open(dir: &Path, backend: &dyn MasterKeyBackend) -> Result<KeyStore, KeyError> {
         let path = dir.join(KEYS_FILE);
-        let bytes = std::fs::read(&path).map_err(|e| KeyError::Io { op: "read", path: path.clone(), source: e })?;
+        let bytes = std::fs::read(&path).map_err(|e| KeyError::Io { op: "read", path: path.clone(), err: e })?;
         let corrupt = |reason: &str| KeyError::Corrupt { path: path.clone(), reason: reason.to_string() };
-        check_header(&bytes, FileKind::Keys).map_err(|source| KeyError::Header { path: path.clone(), source })?;
+        check_header(&bytes, FileKind::Keys).map_err(|err| KeyError::Header { path: path.clone(), err })?;
         if bytes.len() < HEADER_LEN + 4 {
             return Err(corrupt("truncated"));
         }
@@ -223,7 +223,7 @@ impl KeyStore {
         let crc = crc32fast::hash(&e.0);
         e.raw(&crc.to_le_bytes());
         crate::sys::write_durably(&self.dir, KEYS_FILE, &e.0)
-            .map_err(|source| KeyError::Io { op: "write", path: self.path(), source })
+            .map_err(|err| KeyError::Io { op: "write", path: self.path(), err })
     }
 }
 

@@ -50,8 +50,9 @@ impl fmt::Display for HeaderError {
             HeaderError::BadMagic => f.write_str("not a tdefs metadata file of this kind (bad magic)"),
             HeaderError::NewerVersion(v) => write!(
                 f,
-                "written by a newer tdefs (format version {v}; this build reads up to {FORMAT_VERSION}); \
-                 upgrade tdefs to open it"
+                "has format version {v}, newer than this build reads (up to {FORMAT_VERSION}): written by a \
+                 newer tdefs, so upgrade tdefs to open it; if no newer tdefs ever wrote it, the header is \
+                 damaged: restore the .tdefs directory from a backup"
             ),
         }
     }
@@ -168,6 +169,7 @@ mod tests {
         h[8] = 9;
         assert_eq!(check_header(&h, FileKind::Log), Err(HeaderError::NewerVersion(9)));
         assert!(HeaderError::NewerVersion(9).to_string().contains("upgrade tdefs"));
+        assert!(HeaderError::NewerVersion(9).to_string().contains("newer"));
     }
 
     #[test]

@@ -49,12 +49,12 @@ pub enum MetaError {
     #[error(transparent)]
     Dict(#[from] DictError),
 
-    #[error("{op} {path}: {source}")]
-    Io { op: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("{op} {path}: {err}")]
+    Io { op: &'static str, path: PathBuf, err: std::io::Error },
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> MetaError + 'a {
-    move |source| MetaError::Io { op, path: path.to_path_buf(), source }
+    move |err| MetaError::Io { op, path: path.to_path_buf(), err }
 }
 
 /// What opening found and did, for the log.
@@ -264,7 +264,7 @@ fn lookup(backing: &OwnedFd, path: &[u8]) -> Result<Option<sys::Stat>, MetaError
         Err(e) => Err(MetaError::Io {
             op: "stat",
             path: PathBuf::from(String::from_utf8_lossy(path).into_owned()),
-            source: e,
+            err: e,
         }),
     }
 }

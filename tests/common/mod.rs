@@ -21,9 +21,14 @@ pub struct Mount {
 }
 
 pub fn config_text(backing: &Path, mnt: &Path, key: &Path, method: &str, extra: &str) -> String {
+    config_text_enc(backing, mnt, key, method, extra, "")
+}
+
+/// `extra` goes before the [security] tables, `enc_extra` into [security.encryption].
+pub fn config_text_enc(backing: &Path, mnt: &Path, key: &Path, method: &str, extra: &str, enc_extra: &str) -> String {
     format!(
         "backing-dir = {:?}\nmountpoint = {:?}\n{extra}\n[security.encryption]\ndata-encryption-method = {method:?}\n\
-         [security.encryption.master-key]\ntype = \"file\"\npath = {:?}\n",
+         {enc_extra}\n[security.encryption.master-key]\ntype = \"file\"\npath = {:?}\n",
         backing, mnt, key
     )
 }
@@ -56,6 +61,18 @@ impl Mount {
         let mut m = Self::prepare(method);
         m.start();
         m
+    }
+
+    /// Rewrite the config with extra keys in [security.encryption].
+    pub fn set_encryption_extra(&self, method: &str, enc_extra: &str) {
+        fs::write(&self.config, config_text_enc(&self.backing, &self.mnt, &self.key, method, "", enc_extra)).unwrap();
+    }
+
+    /// `tdefs check` with this config: (exit code, stdout + stderr).
+    pub fn check(&self, extra_args: &[&str]) -> (i32, String) {
+        let out = Command::new(TDEFS).arg("check").arg("--config").arg(&self.config).args(extra_args).output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.code().unwrap_or(-1), text)
     }
 
     pub fn set_method(&self, method: &str) {
