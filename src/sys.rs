@@ -323,16 +323,27 @@ impl Mode0600 for std::fs::OpenOptions {
     }
 }
 
-/// Raise the open-file limit to its hard maximum: the FUSE adapter keeps one `O_PATH`
-/// descriptor per inode the kernel remembers.
-pub fn raise_nofile_limit() {
+/// Raise the open-file limit as far as allowed: to the kernel's `nr_open` when privileged,
+/// else to the hard limit. The FUSE adapter keeps one `O_PATH` descriptor per inode the
+/// kernel remembers. Returns the limit now in force.
+pub fn raise_nofile_limit() -> u64 {
+    let nr_open: u64 = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1 << 20);
     unsafe {
         let mut rl = MaybeUninit::<libc::rlimit>::uninit();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, rl.as_mut_ptr()) == 0 {
-            let mut rl = rl.assume_init();
-            rl.rlim_cur = rl.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &rl);
+        if libc::getrlimit(libc::RLIMIT_NOFILE, rl.as_mut_ptr()) != 0 {
+            return 1024;
         }
+        let mut rl = rl.assume_init();
+        let want = libc::rlimit { rlim_cur: nr_open.max(rl.rlim_max), rlim_max: nr_open.max(rl.rlim_max) };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+            return want.rlim_cur;
+        }
+        rl.rlim_cur = rl.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &rl);
+        rl.rlim_cur
     }
 }
 
