@@ -323,6 +323,17 @@ impl Mode0600 for std::fs::OpenOptions {
     }
 }
 
+/// The current open-file limit.
+pub fn nofile_limit() -> u64 {
+    unsafe {
+        let mut rl = MaybeUninit::<libc::rlimit>::uninit();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, rl.as_mut_ptr()) != 0 {
+            return 1024;
+        }
+        rl.assume_init().rlim_cur
+    }
+}
+
 /// Raise the open-file limit as far as allowed: to the kernel's `nr_open` when privileged,
 /// else to the hard limit. The FUSE adapter keeps one `O_PATH` descriptor per inode the
 /// kernel remembers. Returns the limit now in force.
@@ -367,4 +378,44 @@ pub fn stat_below(dir: BorrowedFd<'_>, rel: &[u8]) -> io::Result<Stat> {
     }
     let base = cur.as_ref().map(|f| f.as_fd()).unwrap_or(dir);
     fstatat(base, OsStr::from_bytes(last), libc::AT_SYMLINK_NOFOLLOW)
+}
+
+/// A file handle (`name_to_handle_at`): names a backing inode, generation included,
+/// without keeping it open.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Handle {
+    ty: i32,
+    bytes: Box<[u8]>,
+}
+
+const HANDLE_HEADER: usize = 8; // struct file_handle { u32 handle_bytes; i32 handle_type; }
+
+/// The handle of `dir/name` (not following a final symlink); `name` empty means the inode
+/// behind `dir` itself.
+pub fn handle_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<Handle> {
+    let n = cstr(name)?;
+    let mut buf = [0u32; (HANDLE_HEADER + libc::MAX_HANDLE_SZ as usize) / 4];
+    let fh = buf.as_mut_ptr() as *mut libc::file_handle;
+    let mut mount_id = 0;
+    let flags = if name.is_empty() { libc::AT_EMPTY_PATH } else { 0 };
+    unsafe {
+        (*fh).handle_bytes = libc::MAX_HANDLE_SZ as u32;
+        cvt(libc::name_to_handle_at(dir.as_raw_fd(), n.as_ptr(), fh, &mut mount_id, flags))?;
+        let len = ((*fh).handle_bytes as usize).min(libc::MAX_HANDLE_SZ as usize);
+        let bytes = std::slice::from_raw_parts((buf.as_ptr() as *const u8).add(HANDLE_HEADER), len);
+        Ok(Handle { ty: (*fh).handle_type, bytes: bytes.into() })
+    }
+}
+
+/// Open the inode a handle names (`mount` is any descriptor on the same filesystem).
+pub fn open_handle(mount: BorrowedFd<'_>, h: &Handle, flags: libc::c_int) -> io::Result<OwnedFd> {
+    let mut buf = [0u32; (HANDLE_HEADER + libc::MAX_HANDLE_SZ as usize) / 4];
+    let fh = buf.as_mut_ptr() as *mut libc::file_handle;
+    unsafe {
+        (*fh).handle_bytes = h.bytes.len() as u32;
+        (*fh).handle_type = h.ty;
+        std::ptr::copy_nonoverlapping(h.bytes.as_ptr(), (buf.as_mut_ptr() as *mut u8).add(HANDLE_HEADER), h.bytes.len());
+        retry(|| cvt(libc::open_by_handle_at(mount.as_raw_fd(), fh, flags | libc::O_CLOEXEC)))
+            .map(|fd| OwnedFd::from_raw_fd(fd))
+    }
 }

@@ -585,3 +585,49 @@ fn emptying_a_file_whose_last_used_name_was_unlinked() {
     m.remount();
     assert_eq!(read_all(&m.path("f")), vec![2u8; 9000]);
 }
+
+/// More files than the daemon may hold descriptors: inodes are reopened by file handle
+/// from a bounded descriptor cache (the daemon runs with a 1024-descriptor limit here).
+#[test]
+fn more_files_than_the_descriptor_limit() {
+    let mut m = Mount::prepare("aes256-ctr");
+    m.start_limited(&[], Some(1024));
+    let n = 3000;
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let dir = m.path(&format!("d{t}"));
+            std::thread::spawn(move || {
+                fs::create_dir(&dir).unwrap();
+                for i in 0..n / 4 {
+                    fs::write(dir.join(format!("f{i}")), format!("{t}:{i}")).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let check = |m: &Mount| {
+        for t in 0..4 {
+            let mut count = 0;
+            for e in fs::read_dir(m.path(&format!("d{t}"))).unwrap() {
+                let e = e.unwrap();
+                let md = e.metadata().unwrap();
+                assert!(md.is_file() && md.len() > 2);
+                count += 1;
+            }
+            assert_eq!(count, n / 4);
+            for i in (0..n / 4).step_by(7) {
+                assert_eq!(fs::read_to_string(m.path(&format!("d{t}/f{i}"))).unwrap(), format!("{t}:{i}"));
+            }
+        }
+    };
+    check(&m);
+    fs::rename(m.path("d1"), m.path("moved")).unwrap();
+    fs::rename(m.path("moved"), m.path("d1")).unwrap();
+    fs::hard_link(m.path("d0/f5"), m.path("link")).unwrap();
+    assert_eq!(fs::read_to_string(m.path("link")).unwrap(), "0:5");
+    m.stop();
+    m.start_limited(&[], Some(1024));
+    check(&m);
+}

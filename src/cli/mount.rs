@@ -47,10 +47,7 @@ fn harden_process() {
         let zero = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
         libc::setrlimit(libc::RLIMIT_CORE, &zero);
     }
-    let nofile = crate::sys::raise_nofile_limit();
-    if nofile < 65536 {
-        tracing::warn!(limit = nofile, "low open-file limit: tdefs keeps one descriptor per file the kernel caches; raise LimitNOFILE");
-    }
+    crate::sys::raise_nofile_limit();
 }
 
 fn pick(arg: Option<PathBuf>, cfg: &Option<PathBuf>, what: &str, key: &str) -> anyhow::Result<PathBuf> {

@@ -45,23 +45,37 @@ pub struct Core {
     pub(super) ns: RwLock<()>,
     /// Whether the daemon may chown (runs as root): new files then belong to the caller.
     pub(super) can_chown: bool,
+    /// Whether inodes are named by file handles (else every inode keeps its descriptor).
+    handles: bool,
+    /// A plain descriptor of the backing root: `open_by_handle_at` refuses `O_PATH` ones.
+    mount_fd: OwnedFd,
     other_devs: Mutex<HashMap<u64, u64>>,
 }
 
 impl Core {
     pub fn new(meta: &Metadata, opts: FsOptions) -> Result<Core> {
-        let fd = sys::openat(
-            meta.backing_fd(),
-            OsStr::new("."),
-            libc::O_PATH | libc::O_DIRECTORY,
-            0,
-        )?;
+        let fd = sys::openat(meta.backing_fd(), OsStr::new("."), libc::O_PATH | libc::O_DIRECTORY, 0)?;
         let st = sys::fstat(fd.as_fd())?;
-        let root = Arc::new(Inode::new(INodeNo::ROOT.0, FileType::Directory, fd, None, FileState::plaintext()));
+        let mount_fd = sys::openat(fd.as_fd(), OsStr::new("."), libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+        // File handles let the descriptor cache stay bounded; opening by handle needs
+        // CAP_DAC_READ_SEARCH, so probe the whole round trip.
+        let handles = sys::handle_at(fd.as_fd(), OsStr::new(""))
+            .and_then(|h| sys::open_handle(mount_fd.as_fd(), &h, libc::O_PATH))
+            .is_ok();
+        let limit = sys::nofile_limit();
+        if !handles {
+            tracing::warn!(
+                limit,
+                "the backing filesystem offers no usable file handles: tdefs keeps one descriptor per \
+                 cached inode, so the open-file limit bounds how many files the kernel may cache"
+            );
+        }
+        let root = Arc::new(Inode::new(INodeNo::ROOT.0, FileType::Directory, None, Some(fd), None, FileState::plaintext()));
         Ok(Core {
             root,
             root_dev: st.st_dev,
-            inodes: InodeTable::default(),
+            // Half the descriptors for cached inodes, the rest for open files and metadata.
+            inodes: InodeTable::new((limit / 2) as usize),
             files: HandleTable::default(),
             dirs: HandleTable::default(),
             dict: meta.dict.clone(),
@@ -69,8 +83,30 @@ impl Core {
             opts,
             ns: RwLock::new(()),
             can_chown: unsafe { libc::geteuid() } == 0,
+            handles,
+            mount_fd,
             other_devs: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// An `O_PATH` descriptor of the inode: the cached one, or reopened by its handle.
+    pub(super) fn pfd(&self, inode: &Inode) -> Result<Arc<OwnedFd>> {
+        if let Some(fd) = inode.cached_fd() {
+            return Ok(fd);
+        }
+        let h = inode.handle.as_ref().ok_or(Error::Os(libc::ESTALE))?;
+        let fd = sys::open_handle(self.mount_fd.as_fd(), h, libc::O_PATH)?;
+        let (fd, stored) = inode.cache_fd(fd);
+        if stored {
+            self.inodes.note_cached();
+        }
+        Ok(fd)
+    }
+
+    pub(super) fn root_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        // The root keeps its descriptor for the whole mount.
+        let fd = self.root.cached_fd().expect("root descriptor");
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(fd.as_raw_fd()) }
     }
 
     pub fn dict(&self) -> &Arc<FileDict> {
@@ -141,7 +177,7 @@ impl Core {
         if self.is_hidden(parent, name) {
             return err(libc::ENOENT);
         }
-        let st = sys::fstatat(parent.fd(), name, libc::AT_SYMLINK_NOFOLLOW)?;
+        let st = sys::fstatat(self.pfd(parent)?.as_fd(), name, libc::AT_SYMLINK_NOFOLLOW)?;
         self.register(parent, name, &st, None)
     }
 
@@ -149,12 +185,27 @@ impl Core {
     /// `preset` is the encryption state of a file just created.
     pub(super) fn register(&self, parent: &Arc<Inode>, name: &OsStr, st: &Stat, preset: Option<FileState>) -> Result<(Arc<Inode>, Stat)> {
         let loc = || Some(Loc { parent: parent.clone(), name: name.to_os_string() });
-        if let Some(i) = self.inodes.get_and_ref(self.nodeid(st.st_dev, st.st_ino)) {
-            i.set_loc(loc());
-            return Ok((i, *st));
-        }
-        let fd = sys::openat(parent.fd(), name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
-        let st = sys::fstat(fd.as_fd())?; // authoritative if the name changed meanwhile
+        let pfd = self.pfd(parent)?;
+        let handle = if self.handles && st.st_dev == self.root_dev { Some(sys::handle_at(pfd.as_fd(), name)?) } else { None };
+        let primary = self.nodeid(st.st_dev, st.st_ino);
+        let nodeid = match self.inodes.find_and_ref(primary, handle.as_ref()) {
+            Ok(i) => {
+                i.set_loc(loc());
+                return Ok((i, *st));
+            }
+            // The backing filesystem reused the number of a file the kernel still knows.
+            Err(true) => self.inodes.alt_nodeid(handle.as_ref().expect("only handles can differ")),
+            Err(false) => primary,
+        };
+        // Without handles, the descriptor pins the inode (and its number) for its life.
+        let (fd, st) = match handle {
+            Some(_) => (None, *st),
+            None => {
+                let fd = sys::openat(pfd.as_fd(), name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+                let st = sys::fstat(fd.as_fd())?; // authoritative if the name changed meanwhile
+                (Some(fd), st)
+            }
+        };
         let kind = kind_of(st.st_mode);
         let state = match preset {
             Some(s) => s,
@@ -164,7 +215,7 @@ impl Core {
             }
             None => FileState::plaintext(),
         };
-        let inode = Inode::new(self.nodeid(st.st_dev, st.st_ino), kind, fd, loc(), state);
+        let inode = Inode::new(nodeid, kind, handle, fd, loc(), state);
         Ok((self.inodes.insert_or_ref(inode), st))
     }
 
@@ -176,7 +227,7 @@ impl Core {
         if let Some(h) = fh.and_then(|fh| self.files.get(fh)) {
             return Ok(sys::fstat(h.fd())?);
         }
-        Ok(sys::fstat(self.inode(nodeid)?.fd())?)
+        Ok(sys::fstat(self.pfd(&*self.inode(nodeid)?)?.as_fd())?)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -199,11 +250,11 @@ impl Core {
             self.truncate(&inode, fh.and_then(|fh| self.files.get(fh)), size)?;
         }
         if uid.is_some() || gid.is_some() {
-            sys::fchown(inode.fd(), uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX))?;
+            sys::fchown(self.pfd(&inode)?.as_fd(), uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX))?;
         }
         if let Some(mode) = mode {
             if inode.kind != FileType::Symlink {
-                sys::fchmod_path(inode.fd(), mode & 0o7777)?;
+                sys::fchmod_path(self.pfd(&inode)?.as_fd(), mode & 0o7777)?;
             }
         }
         if atime.is_some() || mtime.is_some() {
@@ -215,21 +266,21 @@ impl Core {
             let times = [conv(atime), conv(mtime)];
             if inode.kind == FileType::Symlink {
                 let loc = inode.loc().ok_or(Error::Os(libc::ENOENT))?;
-                sys::utimens(loc.parent.fd(), Some(&loc.name), &times, libc::AT_SYMLINK_NOFOLLOW)?;
+                sys::utimens(self.pfd(&loc.parent)?.as_fd(), Some(&loc.name), &times, libc::AT_SYMLINK_NOFOLLOW)?;
             } else {
-                sys::utimens(inode.fd(), None, &times, 0)?;
+                sys::utimens(self.pfd(&inode)?.as_fd(), None, &times, 0)?;
             }
         }
         self.getattr(nodeid, fh)
     }
 
     pub fn readlink(&self, nodeid: u64) -> Result<OsString> {
-        Ok(sys::readlink_fd(self.inode(nodeid)?.fd())?)
+        Ok(sys::readlink_fd(self.pfd(&*self.inode(nodeid)?)?.as_fd())?)
     }
 
     pub fn opendir(&self, nodeid: u64) -> Result<u64> {
         let inode = self.inode(nodeid)?;
-        let fd = sys::openat(inode.fd(), OsStr::new("."), libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+        let fd = sys::openat(self.pfd(&inode)?.as_fd(), OsStr::new("."), libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
         Ok(self.dirs.insert(DirHandle { inode, fd: Mutex::new(fd) }))
     }
 
@@ -248,7 +299,7 @@ impl Core {
     pub fn readdir(&self, fh: u64, offset: u64, mut add: impl FnMut(&OsStr, u64, FileType, u64) -> bool) -> Result<()> {
         let d = self.dirs.get(fh).ok_or(Error::Os(libc::EBADF))?;
         let is_root = d.inode.nodeid == INodeNo::ROOT.0;
-        let dev = sys::fstat(d.inode.fd())?.st_dev;
+        let dev = { sys::fstat(d.fd.lock().as_fd())?.st_dev };
         let fd = d.fd.lock();
         let fd = fd.as_fd();
         sys::lseek(fd, offset as i64, libc::SEEK_SET)?;
@@ -279,36 +330,45 @@ impl Core {
     }
 
     pub fn statfs(&self) -> Result<libc::statvfs> {
-        Ok(sys::fstatvfs(self.root.fd())?)
+        Ok(sys::fstatvfs(self.root_fd())?)
     }
 
-    fn xattr_target(&self, nodeid: u64) -> Result<sys::XattrTarget> {
+    /// Where xattr calls for `nodeid` go, and the descriptor that path refers through (keep
+    /// it alive for the call).
+    fn xattr_target(&self, nodeid: u64) -> Result<(sys::XattrTarget, Arc<OwnedFd>)> {
         let inode = self.inode(nodeid)?;
         if inode.kind == FileType::Symlink {
             // A symlink's own xattrs: address it through its parent, without following.
             let loc = inode.loc().ok_or(Error::Os(libc::ENOENT))?;
-            let mut p = sys::proc_path(loc.parent.fd().as_raw_fd()).into_bytes();
+            let pfd = self.pfd(&loc.parent)?;
+            let mut p = sys::proc_path(pfd.as_raw_fd()).into_bytes();
             p.push(b'/');
             p.extend_from_slice(loc.name.as_bytes());
-            return Ok(sys::XattrTarget { path: std::ffi::CString::new(p).map_err(|_| Error::Os(libc::EINVAL))?, follow: false });
+            let path = std::ffi::CString::new(p).map_err(|_| Error::Os(libc::EINVAL))?;
+            return Ok((sys::XattrTarget { path, follow: false }, pfd));
         }
-        Ok(sys::XattrTarget { path: sys::proc_path(inode.fd().as_raw_fd()), follow: true })
+        let fd = self.pfd(&inode)?;
+        Ok((sys::XattrTarget { path: sys::proc_path(fd.as_raw_fd()), follow: true }, fd))
     }
 
     pub fn getxattr(&self, nodeid: u64, name: &OsStr, buf: &mut [u8]) -> Result<usize> {
-        Ok(sys::getxattr(&self.xattr_target(nodeid)?, name, buf)?)
+        let (t, _fd) = self.xattr_target(nodeid)?;
+        Ok(sys::getxattr(&t, name, buf)?)
     }
 
     pub fn setxattr(&self, nodeid: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
-        Ok(sys::setxattr(&self.xattr_target(nodeid)?, name, value, flags)?)
+        let (t, _fd) = self.xattr_target(nodeid)?;
+        Ok(sys::setxattr(&t, name, value, flags)?)
     }
 
     pub fn listxattr(&self, nodeid: u64, buf: &mut [u8]) -> Result<usize> {
-        Ok(sys::listxattr(&self.xattr_target(nodeid)?, buf)?)
+        let (t, _fd) = self.xattr_target(nodeid)?;
+        Ok(sys::listxattr(&t, buf)?)
     }
 
     pub fn removexattr(&self, nodeid: u64, name: &OsStr) -> Result<()> {
-        Ok(sys::removexattr(&self.xattr_target(nodeid)?, name)?)
+        let (t, _fd) = self.xattr_target(nodeid)?;
+        Ok(sys::removexattr(&t, name)?)
     }
 
     /// Open the backing file read-write where possible (hole fills read before they write;
@@ -318,12 +378,19 @@ impl Core {
         // O_APPEND descriptor would ignore it. O_DIRECT is the kernel's business (the
         // page cache above us); O_SYNC/O_DSYNC pass through to the backing file.
         let keep = flags & (libc::O_SYNC | libc::O_DSYNC | libc::O_NOATIME);
-        match sys::reopen(inode.fd(), libc::O_RDWR | keep) {
-            Ok(fd) => Ok(fd),
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EACCES) | Some(libc::EROFS) | Some(libc::ETXTBSY)) => {
-                Ok(sys::reopen(inode.fd(), (flags & libc::O_ACCMODE) | keep)?)
+        // By handle when there is one: a single call, and no descriptor cached for it.
+        let open = |fl: i32| -> Result<OwnedFd> {
+            match &inode.handle {
+                Some(h) => Ok(sys::open_handle(self.mount_fd.as_fd(), h, fl)?),
+                None => Ok(sys::reopen(self.pfd(inode)?.as_fd(), fl)?),
             }
-            Err(e) => Err(e.into()),
+        };
+        match open(libc::O_RDWR | keep) {
+            Ok(fd) => Ok(fd),
+            Err(Error::Io(e)) if matches!(e.raw_os_error(), Some(libc::EACCES) | Some(libc::EROFS) | Some(libc::ETXTBSY)) => {
+                open((flags & libc::O_ACCMODE) | keep)
+            }
+            Err(e) => Err(e),
         }
     }
 

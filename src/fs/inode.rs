@@ -1,13 +1,19 @@
 //! Inodes the kernel knows about. Node id = backing inode number (fuser reports `attr.ino`
 //! as the node id), so hard links share one node and `stat` shows the backing numbers.
-//! Each inode pins its backing inode with an `O_PATH` descriptor, so the backing
-//! filesystem cannot reuse that number while the kernel may still send it.
+//!
+//! An inode is named by its backing *file handle* (inode number + generation) and keeps an
+//! `O_PATH` descriptor only in a bounded cache: a database with more files than the
+//! process may hold descriptors still works. Because an uncached inode does not pin its
+//! number, the backing filesystem may reuse it for a new file while the kernel still
+//! remembers the old one; a lookup that finds a different handle under a remembered node
+//! id gives the new file a node id of its own. Without file handles (some filesystems)
+//! every inode keeps its descriptor for its whole life, which also pins its number.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use fuser::FileType;
@@ -15,6 +21,7 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::crypto::FileCipher;
 use crate::dictionary::FileEntry;
+use crate::sys::Handle;
 
 /// Encryption state of a regular file. Lives inside the inode's I/O lock: reads and
 /// writes hold it shared, operations that change the layout (hole fills, truncate,
@@ -42,20 +49,66 @@ pub struct Loc {
 pub struct Inode {
     pub nodeid: u64,
     pub kind: FileType,
-    fd: OwnedFd,
+    /// The backing inode's file handle; `None` where the backing filesystem has none (then
+    /// `fd` is held for the inode's whole life).
+    pub handle: Option<Handle>,
+    fd: Mutex<Option<Arc<OwnedFd>>>,
+    /// Clock bit for the descriptor cache.
+    used: AtomicBool,
     lookups: AtomicU64,
     loc: Mutex<Option<Loc>>,
     pub data: RwLock<FileState>,
 }
 
 impl Inode {
-    pub fn new(nodeid: u64, kind: FileType, fd: OwnedFd, loc: Option<Loc>, state: FileState) -> Inode {
-        Inode { nodeid, kind, fd, lookups: AtomicU64::new(0), loc: Mutex::new(loc), data: RwLock::new(state) }
+    pub fn new(nodeid: u64, kind: FileType, handle: Option<Handle>, fd: Option<OwnedFd>, loc: Option<Loc>, state: FileState) -> Inode {
+        Inode {
+            nodeid,
+            kind,
+            handle,
+            fd: Mutex::new(fd.map(Arc::new)),
+            used: AtomicBool::new(true),
+            lookups: AtomicU64::new(0),
+            loc: Mutex::new(loc),
+            data: RwLock::new(state),
+        }
     }
 
-    /// The `O_PATH` descriptor of the backing inode.
-    pub fn fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
+    /// The cached `O_PATH` descriptor, if any.
+    pub fn cached_fd(&self) -> Option<Arc<OwnedFd>> {
+        let f = self.fd.lock().clone();
+        if f.is_some() {
+            self.used.store(true, Ordering::Relaxed);
+        }
+        f
+    }
+
+    /// Cache `fd` unless a descriptor is cached already; returns the one to use and
+    /// whether `fd` was stored.
+    pub fn cache_fd(&self, fd: OwnedFd) -> (Arc<OwnedFd>, bool) {
+        let mut g = self.fd.lock();
+        self.used.store(true, Ordering::Relaxed);
+        match &*g {
+            Some(f) => (f.clone(), false),
+            None => {
+                let f = Arc::new(fd);
+                *g = Some(f.clone());
+                (f, true)
+            }
+        }
+    }
+
+    /// One clock step: drop the cached descriptor if it was not used since the last step.
+    /// Inodes without a handle keep theirs. Returns whether a descriptor was dropped.
+    fn sweep(&self) -> bool {
+        if self.handle.is_none() || self.used.swap(false, Ordering::Relaxed) {
+            return false;
+        }
+        self.fd.lock().take().is_some()
+    }
+
+    fn holds_cached_fd(&self) -> bool {
+        self.handle.is_some() && self.fd.lock().is_some()
     }
 
     pub fn loc(&self) -> Option<Loc> {
@@ -111,19 +164,31 @@ impl Inode {
 }
 
 const SHARDS: usize = 16;
+/// Node ids given to a file whose inode number is still remembered for another file.
+const ALT_BASE: u64 = 1 << 62;
 
-/// Node id -> inode, sharded so concurrent lookups rarely meet on one lock.
+/// Node id -> inode, sharded so concurrent lookups rarely meet on one lock; plus the
+/// descriptor cache accounting and the node ids of displaced files.
 pub struct InodeTable {
     shards: [RwLock<HashMap<u64, Arc<Inode>>>; SHARDS],
-}
-
-impl Default for InodeTable {
-    fn default() -> Self {
-        InodeTable { shards: std::array::from_fn(|_| RwLock::new(HashMap::new())) }
-    }
+    cached: AtomicUsize,
+    budget: usize,
+    alt: RwLock<HashMap<Handle, u64>>,
+    next_alt: AtomicU64,
 }
 
 impl InodeTable {
+    /// `budget`: how many `O_PATH` descriptors the cache may hold.
+    pub fn new(budget: usize) -> InodeTable {
+        InodeTable {
+            shards: std::array::from_fn(|_| RwLock::new(HashMap::new())),
+            cached: AtomicUsize::new(0),
+            budget: budget.max(64),
+            alt: RwLock::new(HashMap::new()),
+            next_alt: AtomicU64::new(1),
+        }
+    }
+
     fn shard(&self, nodeid: u64) -> &RwLock<HashMap<u64, Arc<Inode>>> {
         &self.shards[(nodeid as usize) % SHARDS]
     }
@@ -132,21 +197,53 @@ impl InodeTable {
         self.shard(nodeid).read().get(&nodeid).cloned()
     }
 
-    /// The inode with `nodeid`, counting one more kernel reference, if it is known.
-    pub fn get_and_ref(&self, nodeid: u64) -> Option<Arc<Inode>> {
+    /// The known inode for backing file `handle` (primary node id `nodeid`), counting one
+    /// more kernel reference. `Err(true)` when `nodeid` is remembered for another file.
+    pub fn find_and_ref(&self, nodeid: u64, handle: Option<&Handle>) -> Result<Arc<Inode>, bool> {
+        if let Some(h) = handle {
+            let alt = self.alt.read();
+            if let Some(&a) = alt.get(h) {
+                if let Some(i) = self.shard(a).read().get(&a) {
+                    i.lookups.fetch_add(1, Ordering::Relaxed);
+                    return Ok(i.clone());
+                }
+            }
+        }
         let shard = self.shard(nodeid).read();
-        let i = shard.get(&nodeid)?;
-        i.lookups.fetch_add(1, Ordering::Relaxed);
-        Some(i.clone())
+        match shard.get(&nodeid) {
+            Some(i) if handle.is_none() || i.handle.as_ref() == handle => {
+                i.lookups.fetch_add(1, Ordering::Relaxed);
+                Ok(i.clone())
+            }
+            Some(_) => Err(true),
+            None => Err(false),
+        }
+    }
+
+    /// A node id of its own for a file whose inode number is remembered for another file.
+    pub fn alt_nodeid(&self, handle: &Handle) -> u64 {
+        let id = ALT_BASE | self.next_alt.fetch_add(1, Ordering::Relaxed);
+        self.alt.write().insert(handle.clone(), id);
+        id
     }
 
     /// Insert `inode` with one kernel reference; if another thread inserted the same node
     /// meanwhile, count the reference on that one and return it instead.
     pub fn insert_or_ref(&self, inode: Inode) -> Arc<Inode> {
+        let cached = inode.holds_cached_fd();
         let mut shard = self.shard(inode.nodeid).write();
-        let i = shard.entry(inode.nodeid).or_insert_with(|| Arc::new(inode));
+        let mut inserted = false;
+        let i = shard.entry(inode.nodeid).or_insert_with(|| {
+            inserted = true;
+            Arc::new(inode)
+        });
         i.lookups.fetch_add(1, Ordering::Relaxed);
-        i.clone()
+        let i = i.clone();
+        drop(shard);
+        if inserted && cached {
+            self.note_cached();
+        }
+        i
     }
 
     /// Drop `n` kernel references; the inode is released when none remain.
@@ -158,7 +255,37 @@ impl InodeTable {
         if let Some(i) = shard.get(&nodeid) {
             let prev = i.lookups.fetch_sub(n.min(i.lookups.load(Ordering::Relaxed)), Ordering::Relaxed);
             if prev <= n {
-                shard.remove(&nodeid);
+                let i = shard.remove(&nodeid).expect("present");
+                drop(shard);
+                if i.holds_cached_fd() {
+                    self.cached.fetch_sub(1, Ordering::Relaxed);
+                }
+                if nodeid & ALT_BASE != 0 {
+                    if let Some(h) = &i.handle {
+                        self.alt.write().remove(h);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Account for one more cached descriptor; over budget, sweep the clock until a
+    /// quarter of the budget is free again.
+    pub fn note_cached(&self) {
+        if self.cached.fetch_add(1, Ordering::Relaxed) + 1 <= self.budget {
+            return;
+        }
+        let target = self.budget * 3 / 4;
+        for _pass in 0..2 {
+            for shard in &self.shards {
+                for i in shard.read().values() {
+                    if i.sweep() {
+                        self.cached.fetch_sub(1, Ordering::Relaxed);
+                    }
+                }
+                if self.cached.load(Ordering::Relaxed) <= target {
+                    return;
+                }
             }
         }
     }

@@ -287,7 +287,7 @@ impl Filesystem for TdeFs {
         let r = core.readdir(fh.0, offset, |name, nodeid, _kind, off| {
             if name == "." || name == ".." {
                 // The kernel takes no reference for these; attributes are not used.
-                let st = crate::sys::fstat(dir.fd());
+                let st = core.pfd(&dir).and_then(|fd| Ok(crate::sys::fstat(std::os::fd::AsFd::as_fd(&*fd))?));
                 return match st {
                     Ok(st) => reply.add(INodeNo(nodeid), off, name, &ttl, &attr::to_attr(nodeid, &st), GEN),
                     Err(_) => false,

@@ -35,18 +35,19 @@ fn exists(dir: BorrowedFd<'_>, name: &OsStr) -> Result<Option<Stat>> {
     }
 }
 
-/// Descriptors that can fsync directories `dirs` (for dictionary barriers).
-fn dir_barriers(dirs: &[&Inode]) -> Vec<OwnedFd> {
-    let mut v: Vec<OwnedFd> = Vec::new();
-    for (i, d) in dirs.iter().enumerate() {
-        if dirs[..i].iter().any(|o| o.nodeid == d.nodeid) {
-            continue;
+impl Core {
+    /// Descriptors that can fsync directories `dirs` (for dictionary barriers).
+    fn dir_barriers(&self, dirs: &[&Inode]) -> Vec<OwnedFd> {
+        let mut v: Vec<OwnedFd> = Vec::new();
+        for (i, d) in dirs.iter().enumerate() {
+            if dirs[..i].iter().any(|o| o.nodeid == d.nodeid) {
+                continue;
+            }
+            let fd = self.pfd(d).ok().and_then(|p| sys::openat(p.as_fd(), OsStr::new("."), libc::O_RDONLY | libc::O_DIRECTORY, 0).ok());
+            v.extend(fd);
         }
-        if let Ok(fd) = sys::openat(d.fd(), OsStr::new("."), libc::O_RDONLY | libc::O_DIRECTORY, 0) {
-            v.push(fd);
-        }
+        v
     }
-    v
 }
 
 impl Core {
@@ -84,7 +85,7 @@ impl Core {
         if !self.can_chown {
             return Ok(());
         }
-        let pst = sys::fstat(parent.fd())?;
+        let pst = sys::fstat(self.pfd(parent)?.as_fd())?;
         let gid = if pst.st_mode & libc::S_ISGID != 0 { pst.st_gid } else { who.gid };
         sys::fchown(fd, who.uid, gid)?;
         if !is_dir && mode & (libc::S_ISUID | libc::S_ISGID) != 0 {
@@ -97,13 +98,14 @@ impl Core {
     pub fn create(&self, parent_id: u64, name: &OsStr, mode: u32, flags: i32, who: Caller) -> Result<(Arc<Inode>, Stat, u64)> {
         let parent = self.inode(parent_id)?;
         self.check_new_name(&parent, name)?;
-        if exists(parent.fd(), name)?.is_some() {
+        let pfd = self.pfd(&parent)?;
+        if exists(pfd.as_fd(), name)?.is_some() {
             return err(libc::EEXIST);
         }
         let (entry, cipher) = self.new_entry()?;
         let recorded = self.record_new_name(&parent, name, entry)?;
         let open_flags = libc::O_CREAT | libc::O_EXCL | libc::O_RDWR | (flags & (libc::O_SYNC | libc::O_DSYNC));
-        let fd = match sys::openat(parent.fd(), name, open_flags, mode & 0o7777) {
+        let fd = match sys::openat(pfd.as_fd(), name, open_flags, mode & 0o7777) {
             Ok(fd) => fd,
             Err(e) => {
                 self.forget_new_name(recorded);
@@ -120,7 +122,8 @@ impl Core {
     pub fn mknod(&self, parent_id: u64, name: &OsStr, mode: u32, rdev: u32, who: Caller) -> Result<(Arc<Inode>, Stat)> {
         let parent = self.inode(parent_id)?;
         self.check_new_name(&parent, name)?;
-        if exists(parent.fd(), name)?.is_some() {
+        let pfd = self.pfd(&parent)?;
+        if exists(pfd.as_fd(), name)?.is_some() {
             return err(libc::EEXIST);
         }
         let regular = mode & libc::S_IFMT == libc::S_IFREG || mode & libc::S_IFMT == 0;
@@ -131,11 +134,11 @@ impl Core {
             recorded = self.record_new_name(&parent, name, entry)?;
             preset = Some(FileState { entry, cipher: Some(cipher) });
         }
-        if let Err(e) = sys::mknodat(parent.fd(), name, mode, rdev as libc::dev_t) {
+        if let Err(e) = sys::mknodat(pfd.as_fd(), name, mode, rdev as libc::dev_t) {
             self.forget_new_name(recorded);
             return Err(e.into());
         }
-        let fd = sys::openat(parent.fd(), name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+        let fd = sys::openat(pfd.as_fd(), name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
         self.set_owner(fd.as_fd(), &parent, who, mode, false)?;
         let st = sys::fstat(fd.as_fd())?;
         self.register(&parent, name, &st, preset)
@@ -144,8 +147,9 @@ impl Core {
     pub fn mkdir(&self, parent_id: u64, name: &OsStr, mode: u32, who: Caller) -> Result<(Arc<Inode>, Stat)> {
         let parent = self.inode(parent_id)?;
         self.check_new_name(&parent, name)?;
-        sys::mkdirat(parent.fd(), name, mode & 0o7777)?;
-        let fd = sys::openat(parent.fd(), name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+        let pfd = self.pfd(&parent)?;
+        sys::mkdirat(pfd.as_fd(), name, mode & 0o7777)?;
+        let fd = sys::openat(pfd.as_fd(), name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
         self.set_owner(fd.as_fd(), &parent, who, mode, true)?;
         let st = sys::fstat(fd.as_fd())?;
         self.register(&parent, name, &st, None)
@@ -154,8 +158,9 @@ impl Core {
     pub fn symlink(&self, parent_id: u64, name: &OsStr, target: &OsStr, who: Caller) -> Result<(Arc<Inode>, Stat)> {
         let parent = self.inode(parent_id)?;
         self.check_new_name(&parent, name)?;
-        sys::symlinkat(target, parent.fd(), name)?;
-        let fd = sys::openat(parent.fd(), name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+        let pfd = self.pfd(&parent)?;
+        sys::symlinkat(target, pfd.as_fd(), name)?;
+        let fd = sys::openat(pfd.as_fd(), name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
         self.set_owner(fd.as_fd(), &parent, who, 0, true)?;
         let st = sys::fstat(fd.as_fd())?;
         self.register(&parent, name, &st, None)
@@ -165,28 +170,31 @@ impl Core {
         let inode = self.inode(nodeid)?;
         let newparent = self.inode(newparent_id)?;
         self.check_new_name(&newparent, newname)?;
-        if exists(newparent.fd(), newname)?.is_some() {
+        let npfd = self.pfd(&newparent)?;
+        if exists(npfd.as_fd(), newname)?.is_some() {
             return err(libc::EEXIST);
         }
         let entry = if inode.kind == FileType::RegularFile { inode.data.read().entry } else { None };
         let recorded = self.record_new_name(&newparent, newname, entry)?;
-        if let Err(e) = sys::link_fd(inode.fd(), newparent.fd(), newname) {
+        let ifd = self.pfd(&inode)?;
+        if let Err(e) = sys::link_fd(ifd.as_fd(), npfd.as_fd(), newname) {
             self.forget_new_name(recorded);
             return Err(e.into());
         }
-        let st = sys::fstat(inode.fd())?;
+        let st = sys::fstat(ifd.as_fd())?;
         self.register(&newparent, newname, &st, None)
     }
 
     pub fn unlink(&self, parent_id: u64, name: &OsStr) -> Result<()> {
         let parent = self.inode(parent_id)?;
-        let st = sys::fstatat(parent.fd(), name, libc::AT_SYMLINK_NOFOLLOW)?;
-        sys::unlinkat(parent.fd(), name, 0)?;
+        let pfd = self.pfd(&parent)?;
+        let st = sys::fstatat(pfd.as_fd(), name, libc::AT_SYMLINK_NOFOLLOW)?;
+        sys::unlinkat(pfd.as_fd(), name, 0)?;
         if let Some(i) = self.inodes.get(self.nodeid(st.st_dev, st.st_ino)) {
             i.clear_loc_if(&parent, name);
         }
         if st.st_mode & libc::S_IFMT == libc::S_IFREG {
-            let barriers = dir_barriers(&[&parent]);
+            let barriers = self.dir_barriers(&[&parent]);
             let _ns = self.ns.read();
             if let Some(path) = parent.child_path(name).filter(|p| self.dict.get(p).is_some()) {
                 // The name is gone; a stale entry would be harmless, so a failure here is
@@ -201,8 +209,9 @@ impl Core {
 
     pub fn rmdir(&self, parent_id: u64, name: &OsStr) -> Result<()> {
         let parent = self.inode(parent_id)?;
-        let st = sys::fstatat(parent.fd(), name, libc::AT_SYMLINK_NOFOLLOW)?;
-        sys::unlinkat(parent.fd(), name, libc::AT_REMOVEDIR)?;
+        let pfd = self.pfd(&parent)?;
+        let st = sys::fstatat(pfd.as_fd(), name, libc::AT_SYMLINK_NOFOLLOW)?;
+        sys::unlinkat(pfd.as_fd(), name, libc::AT_REMOVEDIR)?;
         if let Some(i) = self.inodes.get(self.nodeid(st.st_dev, st.st_ino)) {
             i.clear_loc_if(&parent, name);
         }
@@ -214,9 +223,10 @@ impl Core {
         let newparent = self.inode(newparent_id)?;
         self.check_new_name(&parent, name)?;
         self.check_new_name(&newparent, newname)?;
-        let src = sys::fstatat(parent.fd(), name, libc::AT_SYMLINK_NOFOLLOW)?;
-        let dst = exists(newparent.fd(), newname)?;
-        let rename = || sys::renameat2(parent.fd(), name, newparent.fd(), newname, flags);
+        let (pfd, npfd) = (self.pfd(&parent)?, self.pfd(&newparent)?);
+        let src = sys::fstatat(pfd.as_fd(), name, libc::AT_SYMLINK_NOFOLLOW)?;
+        let dst = exists(npfd.as_fd(), newname)?;
+        let rename = || sys::renameat2(pfd.as_fd(), name, npfd.as_fd(), newname, flags);
         if dst.is_some_and(|d| d.st_ino == src.st_ino && d.st_dev == src.st_dev) {
             return Ok(rename()?); // two links to one file: the backing decides (a no-op)
         }
@@ -244,7 +254,7 @@ impl Core {
             }
         }
         let res = rename();
-        let barriers = if intent.is_some() && res.is_ok() { dir_barriers(&[&parent, &newparent]) } else { Vec::new() };
+        let barriers = if intent.is_some() && res.is_ok() { self.dir_barriers(&[&parent, &newparent]) } else { Vec::new() };
         {
             let _ns = self.ns.write();
             if let Some(seq) = intent {

@@ -89,9 +89,26 @@ impl Mount {
 
     /// Run `tdefs mount` in the foreground and wait until the mount is live.
     pub fn start_with(&mut self, extra_args: &[&str]) {
+        self.start_limited(extra_args, None)
+    }
+
+    /// Like `start_with`, with the daemon's open-file limit lowered to `nofile` (soft and
+    /// hard), as on hosts that cap descriptors.
+    pub fn start_limited(&mut self, extra_args: &[&str], nofile: Option<u64>) {
         assert!(self.child.is_none(), "already mounted");
         let log = fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let child = Command::new(TDEFS)
+        let mut cmd = Command::new(TDEFS);
+        if let Some(n) = nofile {
+            use std::os::unix::process::CommandExt;
+            unsafe {
+                cmd.pre_exec(move || {
+                    let rl = libc::rlimit { rlim_cur: n, rlim_max: n };
+                    libc::setrlimit(libc::RLIMIT_NOFILE, &rl);
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd
             .arg("mount")
             .arg("--config")
             .arg(&self.config)
