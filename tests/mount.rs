@@ -631,3 +631,29 @@ fn more_files_than_the_descriptor_limit() {
     m.start_limited(&[], Some(1024));
     check(&m);
 }
+
+/// As on ext4 (pjdfstest chown/00.t): chown(path, -1, -1) updates ctime, for every type.
+#[test]
+fn chown_to_no_change_updates_ctime() {
+    let m = Mount::new("aes256-ctr");
+    fs::write(m.path("file"), b"x").unwrap();
+    fs::create_dir(m.path("dir")).unwrap();
+    std::os::unix::fs::symlink("file", m.path("link")).unwrap();
+    let fifo = cpath(&m.path("fifo"));
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    let names = ["file", "dir", "link", "fifo"];
+    let before: Vec<i64> = names.iter().map(|n| fs::symlink_metadata(m.path(n)).unwrap().ctime_nsec() + 1_000_000_000 * fs::symlink_metadata(m.path(n)).unwrap().ctime()).collect();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    for n in names {
+        std::os::unix::fs::lchown(m.path(n), None, None).unwrap();
+    }
+    // Attributes may be cached for up to a second; read them fresh.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    for (n, b) in names.iter().zip(before) {
+        let md = fs::symlink_metadata(m.path(n)).unwrap();
+        let after = md.ctime_nsec() + 1_000_000_000 * md.ctime();
+        assert!(after > b, "{n}: ctime not updated by chown(-1, -1)");
+        let bmd = fs::symlink_metadata(m.bpath(n)).unwrap();
+        assert!(bmd.ctime() * 1_000_000_000 + bmd.ctime_nsec() > b, "{n}: backing ctime");
+    }
+}

@@ -257,6 +257,11 @@ impl Core {
                 sys::fchmod_path(self.pfd(&inode)?.as_fd(), mode & 0o7777)?;
             }
         }
+        if mode.is_none() && uid.is_none() && gid.is_none() && size.is_none() && atime.is_none() && mtime.is_none() {
+            // chown(f, -1, -1), or only a ctime from the kernel's writeback cache: ext4
+            // updates ctime, and an ownership "change" to the same owner does just that.
+            sys::fchown(self.pfd(&inode)?.as_fd(), u32::MAX, u32::MAX)?;
+        }
         if atime.is_some() || mtime.is_some() {
             let conv = |t: Option<TimeOrNow>| match t {
                 None => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
