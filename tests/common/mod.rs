@@ -258,3 +258,102 @@ pub fn errno_of(r: std::io::Result<impl Sized>) -> i32 {
 }
 
 pub const METHODS: [&str; 5] = ["aes128-ctr", "aes192-ctr", "aes256-ctr", "sm4-ctr", "plaintext"];
+
+pub const POWERCUT: &str = env!("CARGO_BIN_EXE_tdefs-powercut");
+
+/// The power-cut simulator mounted at `mnt` over `lower`.
+pub struct PowerCut {
+    pub lower: PathBuf,
+    pub mnt: PathBuf,
+    control: PathBuf,
+    child: Option<Child>,
+}
+
+impl PowerCut {
+    pub fn start(lower: &Path, mnt: &Path, control: &Path, log: &Path) -> PowerCut {
+        fs::create_dir_all(lower).unwrap();
+        fs::create_dir_all(mnt).unwrap();
+        let logf = fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let child = Command::new(POWERCUT)
+            .arg("--lower").arg(lower)
+            .arg("--mount").arg(mnt)
+            .arg("--control").arg(control)
+            .stdout(logf.try_clone().unwrap())
+            .stderr(logf)
+            .spawn()
+            .unwrap();
+        let t = Instant::now();
+        while !is_mounted(mnt) || !control.exists() {
+            assert!(t.elapsed() < Duration::from_secs(20), "powercut did not mount");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        PowerCut { lower: lower.to_path_buf(), mnt: mnt.to_path_buf(), control: control.to_path_buf(), child: Some(child) }
+    }
+
+    pub fn command(&self, cmd: &str) -> String {
+        use std::io::{BufRead, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&self.control).unwrap();
+        writeln!(s, "{cmd}").unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(s).read_line(&mut line).unwrap();
+        line.trim_end().to_string()
+    }
+
+    /// Drop everything not fsynced; returns how many files were rolled back.
+    pub fn cut(&self) -> usize {
+        let r = self.command("cut");
+        r.strip_prefix("ok ").and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("cut failed: {r}"))
+    }
+
+    /// How often the directory `rel` (relative to the lower root) was fsynced.
+    pub fn dir_syncs(&self, rel: &str) -> u64 {
+        let r = self.command(&format!("dirsyncs {rel}"));
+        r.strip_prefix("ok ").and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("dirsyncs: {r}"))
+    }
+}
+
+impl Drop for PowerCut {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("fusermount3").arg("-u").arg(&self.mnt).stderr(Stdio::null()).status();
+            let _ = wait_timeout_quiet(&mut c, Duration::from_secs(10));
+            let _ = c.kill();
+            let _ = c.wait();
+            lazy_unmount(&self.mnt);
+        }
+    }
+}
+
+fn wait_timeout_quiet(c: &mut Child, t: Duration) -> bool {
+    let deadline = Instant::now() + t;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = c.try_wait() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// A tdefs mount whose backing directory is the power-cut simulator (fields drop in order:
+/// tdefs is unmounted before the simulator under it).
+pub struct CutMount {
+    pub m: Mount,
+    pub pc: PowerCut,
+}
+
+impl CutMount {
+    pub fn prepare(method: &str) -> CutMount {
+        let m = Mount::prepare(method);
+        let lower = m.dir.path().join("lower");
+        let pc = PowerCut::start(&lower, &m.backing, &m.dir.path().join("powercut.sock"), &m.dir.path().join("powercut.log"));
+        CutMount { m, pc }
+    }
+
+    /// Power loss: the daemon dies, then everything not fsynced is lost.
+    pub fn power_cut(&mut self) -> usize {
+        self.m.kill();
+        self.pc.cut()
+    }
+}
+

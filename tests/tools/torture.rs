@@ -59,6 +59,10 @@ enum Cmd {
         /// Longest time a workload runs before the kill, in milliseconds.
         #[arg(long, default_value_t = 700)]
         max_run_ms: u64,
+        /// Put the power-cut simulator (this binary) under the backing directory and cut
+        /// power after every kill: only what was fsynced survives.
+        #[arg(long)]
+        powercut: Option<PathBuf>,
     },
     /// Mount a kept work directory and check one cycle's journal again.
     Verify {
@@ -89,6 +93,8 @@ enum Op {
     Mkdir(String),
     Create(String, u64, u64),             // path, len, seed
     Write(String, u64, u64, u64, bool),   // path, off, len, seed, datasync
+    /// A write with no fsync after it: may or may not survive until the file is next synced.
+    Scribble(String, u64, u64, u64),      // path, off, len, seed
     Truncate(String, u64),                // path, len
     Falloc(String, i32, u64, u64),        // path, mode, off, len
     Rename(String, String),
@@ -103,6 +109,7 @@ impl Op {
             Op::Mkdir(p) => format!("mkdir {p}"),
             Op::Create(p, l, s) => format!("create {p} {l} {s}"),
             Op::Write(p, o, l, s, d) => format!("write {p} {o} {l} {s} {}", *d as u8),
+            Op::Scribble(p, o, l, s) => format!("scribble {p} {o} {l} {s}"),
             Op::Truncate(p, l) => format!("truncate {p} {l}"),
             Op::Falloc(p, m, o, l) => format!("falloc {p} {m} {o} {l}"),
             Op::Rename(a, b) => format!("rename {a} {b}"),
@@ -120,6 +127,7 @@ impl Op {
             "mkdir" => Op::Mkdir(p(1)?),
             "create" => Op::Create(p(1)?, n(2)?, n(3)?),
             "write" => Op::Write(p(1)?, n(2)?, n(3)?, n(4)?, n(5)? == 1),
+            "scribble" => Op::Scribble(p(1)?, n(2)?, n(3)?, n(4)?),
             "truncate" => Op::Truncate(p(1)?, n(2)?),
             "falloc" => Op::Falloc(p(1)?, f.get(2)?.parse().ok()?, n(3)?, n(4)?),
             "rename" => Op::Rename(p(1)?, p(2)?),
@@ -131,7 +139,7 @@ impl Op {
     }
 
     fn is_data_op(&self) -> bool {
-        matches!(self, Op::Write(..) | Op::Truncate(..) | Op::Falloc(..))
+        matches!(self, Op::Write(..) | Op::Scribble(..) | Op::Truncate(..) | Op::Falloc(..))
     }
 }
 
@@ -148,11 +156,13 @@ fn data(seed: u64, len: u64) -> Vec<u8> {
         .collect()
 }
 
-/// Names -> file ids (hard links share an id), contents by id, directories.
+/// Names -> file ids (hard links share an id), contents by id (current, and as of the
+/// file's last fsync), directories.
 #[derive(Clone, Debug, Default, PartialEq)]
 struct Model {
     names: BTreeMap<String, usize>,
     contents: Vec<Vec<u8>>,
+    synced: Vec<Vec<u8>>,
     dirs: BTreeSet<String>,
 }
 
@@ -166,15 +176,21 @@ impl Model {
     }
 
     fn apply(&mut self, op: &Op) {
+        // Every op but a scribble ends with an fsync of the file it changed.
+        let touched = match op {
+            Op::Write(p, ..) | Op::Truncate(p, ..) | Op::Falloc(p, ..) => self.names.get(p).copied(),
+            _ => None,
+        };
         match op {
             Op::Mkdir(d) => {
                 self.dirs.insert(d.clone());
             }
             Op::Create(p, l, s) => {
                 self.contents.push(data(*s, *l));
+                self.synced.push(data(*s, *l));
                 self.names.insert(p.clone(), self.contents.len() - 1);
             }
-            Op::Write(p, o, l, s, _) => {
+            Op::Write(p, o, l, s, _) | Op::Scribble(p, o, l, s) => {
                 let c = &mut self.contents[self.names[p]];
                 let end = (*o + *l) as usize;
                 if c.len() < end {
@@ -226,6 +242,9 @@ impl Model {
                 self.dirs.remove(d);
             }
         }
+        if let Some(id) = touched {
+            self.synced[id] = self.contents[id].clone();
+        }
     }
 
     fn children_of(&self, d: &str) -> usize {
@@ -259,7 +278,7 @@ fn gen_op(m: &Model, root: &str, rng: &mut Rng, counter: &mut u64) -> Op {
     let files: Vec<String> = m.names.keys().cloned().collect();
     let fresh = |rng: &mut Rng, dirs: &[String], c: u64| format!("{}/f{c}", rng.pick(dirs).unwrap());
     loop {
-        let op = match rng.below(20) {
+        let op = match rng.below(22) {
             0 | 1 if dirs.len() < 12 => Op::Mkdir(format!("{}/d{counter}", rng.pick(&dirs).unwrap())),
             2..=4 => Op::Create(fresh(rng, &dirs, *counter), rng.below(150_000), rng.next()),
             5..=8 if !files.is_empty() => {
@@ -273,6 +292,11 @@ fn gen_op(m: &Model, root: &str, rng: &mut Rng, counter: &mut u64) -> Op {
                 let p = rng.pick(&files).unwrap().clone();
                 let l = if rng.below(3) == 0 { 0 } else { rng.below(200_000) };
                 Op::Truncate(p, l)
+            }
+            18 | 19 if !files.is_empty() => {
+                let p = rng.pick(&files).unwrap().clone();
+                let len = m.content(&p).map(|c| c.len() as u64).unwrap_or(0);
+                Op::Scribble(p, rng.below(len + 20_000), 1 + rng.below(30_000), rng.next())
             }
             10 if !files.is_empty() => {
                 let modes = [0, libc::FALLOC_FL_KEEP_SIZE, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, libc::FALLOC_FL_ZERO_RANGE];
@@ -326,6 +350,10 @@ fn execute(mnt: &Path, op: &Op) -> std::io::Result<()> {
             let file = OpenOptions::new().write(true).open(p(f))?;
             file.write_all_at(&data(*s, *l), *o)?;
             if *datasync { file.sync_data() } else { file.sync_all() }
+        }
+        Op::Scribble(f, o, l, s) => {
+            let file = OpenOptions::new().write(true).open(p(f))?;
+            file.write_all_at(&data(*s, *l), *o)
         }
         Op::Truncate(f, l) => {
             let file = OpenOptions::new().write(true).open(p(f))?;
@@ -440,9 +468,11 @@ fn read_actual(mnt: &Path, root: &str) -> std::io::Result<Actual> {
     Ok(a)
 }
 
-/// Compare `actual` with `model` (restricted to `root`); `blend` allows, for one path,
-/// any size between two models' and bytes from either.
-fn compare(actual: &Actual, model: &Model, root: &str, blend: Option<(&str, &Model)>) -> Result<(), String> {
+/// Compare `actual` with `model` (restricted to `root`). A file may show, at each byte,
+/// any of its candidate versions (size anywhere between theirs): its current contents, its
+/// contents at its last fsync if it has unsynced changes, and its contents in `alt` (the
+/// state after the op in flight). Anything else is noise.
+fn compare(actual: &Actual, model: &Model, root: &str, alt: Option<&Model>) -> Result<(), String> {
     let pre = format!("{root}/");
     let want_dirs: BTreeSet<String> = model.dirs.iter().filter(|d| *d == root || d.starts_with(&pre)).cloned().collect();
     if actual.dirs != want_dirs {
@@ -455,28 +485,29 @@ fn compare(actual: &Actual, model: &Model, root: &str, blend: Option<(&str, &Mod
     }
     for name in want {
         let (got, _) = &actual.files[name];
-        let exp = model.content(name).unwrap();
-        // The op in flight may have changed every name of its file (hard links).
-        let blended = blend.filter(|(bp, _)| model.names.get(*bp).is_some() && model.names.get(*bp) == model.names.get(name));
-        match blended {
-            Some((_, other)) => {
-                let alt = other.content(name).unwrap();
-                let (lo, hi) = (exp.len().min(alt.len()), exp.len().max(alt.len()));
-                if got.len() < lo || got.len() > hi {
-                    return Err(format!("{name}: size {} outside [{lo}, {hi}]", got.len()));
-                }
-                for (i, b) in got.iter().enumerate() {
-                    let (x, y) = (exp.get(i).copied().unwrap_or(0), alt.get(i).copied().unwrap_or(0));
-                    if *b != x && *b != y {
-                        return Err(format!("{name}: byte {i} is {b:#04x}, neither old {x:#04x} nor new {y:#04x} (noise)"));
-                    }
-                }
+        let id = model.names[name];
+        let mut cands: Vec<&Vec<u8>> = vec![&model.contents[id]];
+        for c in [Some(&model.synced[id]), alt.and_then(|a| a.content(name))].into_iter().flatten() {
+            if !cands.contains(&c) {
+                cands.push(c);
             }
-            _ => {
-                if got != exp {
-                    let at = got.iter().zip(exp.iter()).position(|(a, b)| a != b).unwrap_or(got.len().min(exp.len()));
-                    return Err(format!("{name}: contents differ at byte {at} (size {} vs {})", got.len(), exp.len()));
-                }
+        }
+        if cands.len() == 1 {
+            if got != cands[0] {
+                let exp = cands[0];
+                let at = got.iter().zip(exp.iter()).position(|(a, b)| a != b).unwrap_or(got.len().min(exp.len()));
+                return Err(format!("{name}: contents differ at byte {at} (size {} vs {})", got.len(), exp.len()));
+            }
+            continue;
+        }
+        let lo = cands.iter().map(|c| c.len()).min().unwrap();
+        let hi = cands.iter().map(|c| c.len()).max().unwrap();
+        if got.len() < lo || got.len() > hi {
+            return Err(format!("{name}: size {} outside [{lo}, {hi}]", got.len()));
+        }
+        for (i, b) in got.iter().enumerate() {
+            if !cands.iter().any(|c| c.get(i).copied().unwrap_or(0) == *b) {
+                return Err(format!("{name}: byte {i} is {b:#04x}, matching no version of the file (noise)"));
             }
         }
     }
@@ -502,14 +533,13 @@ fn verify_cycle(mnt: &Path, root: &str, journal: &Path) -> Result<(Actual, u64, 
     let mut after = before.clone();
     after.apply(&op);
     let r = if op.is_data_op() {
-        let path = match &op { Op::Write(p, ..) | Op::Truncate(p, ..) | Op::Falloc(p, ..) => p.clone(), _ => unreachable!() };
-        compare(&actual, &before, root, Some((&path, &after)))
+        compare(&actual, &before, root, Some(&after))
     } else if let Op::Create(path, ..) = &op {
         // Created but not yet fully written: absent, or a prefix of its data in any pages.
         compare(&actual, &before, root, None).or_else(|e1| {
             let mut empty = before.clone();
             empty.apply(&Op::Create(path.clone(), 0, 0));
-            compare(&actual, &empty, root, Some((path, &after))).map_err(|e2| format!("neither absent ({e1}) nor partly written ({e2})"))
+            compare(&actual, &empty, root, Some(&after)).map_err(|e2| format!("neither absent ({e1}) nor partly written ({e2})"))
         })
     } else {
         compare(&actual, &before, root, None).or_else(|e1| compare(&actual, &after, root, None).map_err(|e2| format!("neither before ({e1}) nor after ({e2}) the op in flight: {}", op.encode())))
@@ -593,7 +623,60 @@ impl Drop for Rig {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn run(tdefs: PathBuf, cycles: u32, seed: u64, mode: Mode, method: &str, workdir: Option<PathBuf>, max_run_ms: u64) -> ExitCode {
+/// The power-cut simulator under the backing directory.
+struct Sim {
+    child: Child,
+    mnt: PathBuf,
+    control: PathBuf,
+}
+
+impl Sim {
+    fn start(bin: &Path, work: &Path, backing: &Path) -> Result<Sim, String> {
+        let lower = work.join("lower");
+        fs::create_dir_all(&lower).unwrap();
+        let control = work.join("powercut.sock");
+        let log = OpenOptions::new().create(true).append(true).open(work.join("powercut.log")).unwrap();
+        let child = Command::new(bin)
+            .arg("--lower").arg(&lower)
+            .arg("--mount").arg(backing)
+            .arg("--control").arg(&control)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let t = Instant::now();
+        while !is_mounted(backing) || !control.exists() {
+            if t.elapsed() > Duration::from_secs(20) {
+                return Err("the power-cut simulator did not mount".into());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(Sim { child, mnt: backing.to_path_buf(), control })
+    }
+
+    fn cut(&self) -> Result<u64, String> {
+        use std::io::Read;
+        let mut s = std::os::unix::net::UnixStream::connect(&self.control).map_err(|e| e.to_string())?;
+        writeln!(s, "cut").map_err(|e| e.to_string())?;
+        s.shutdown(std::net::Shutdown::Write).ok();
+        let mut out = String::new();
+        s.read_to_string(&mut out).map_err(|e| e.to_string())?;
+        out.trim().strip_prefix("ok ").and_then(|n| n.parse().ok()).ok_or(format!("cut failed: {out}"))
+    }
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        let _ = Command::new("fusermount3").arg("-u").arg(&self.mnt).stderr(Stdio::null()).status();
+        std::thread::sleep(Duration::from_millis(50));
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        lazy_unmount(&self.mnt);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(tdefs: PathBuf, cycles: u32, seed: u64, mode: Mode, method: &str, workdir: Option<PathBuf>, max_run_ms: u64, powercut: Option<PathBuf>) -> ExitCode {
     let keep = workdir.is_some();
     let work = workdir.unwrap_or_else(|| std::env::temp_dir().join(format!("tdefs-torture-{}-{seed}", std::process::id())));
     let _ = fs::remove_dir_all(&work);
@@ -613,11 +696,19 @@ fn run(tdefs: PathBuf, cycles: u32, seed: u64, mode: Mode, method: &str, workdir
         ),
     )
     .unwrap();
+    let sim = match powercut.as_deref().map(|b| Sim::start(b, &work, &backing)) {
+        Some(Ok(s)) => Some(s),
+        Some(Err(e)) => {
+            eprintln!("FAIL: {e}");
+            return ExitCode::FAILURE;
+        }
+        None => None,
+    };
     let mut rig = Rig { tdefs, mnt: mnt.clone(), config, log: work.join("tdefs.log"), fs: None };
     let exe = std::env::current_exe().unwrap();
     let mut rng = Rng(seed ^ 0xDEAD_BEEF);
     let mut history: Vec<(String, Actual)> = Vec::new();
-    let (mut failures, mut durable_ops, mut inflight_ops) = (0u32, 0u64, 0u32);
+    let (mut failures, mut durable_ops, mut inflight_ops, mut rolled_back) = (0u32, 0u64, 0u32, 0u64);
     let started = Instant::now();
     if let Err(e) = rig.mount() {
         eprintln!("FAIL: {e}");
@@ -646,6 +737,16 @@ fn run(tdefs: PathBuf, cycles: u32, seed: u64, mode: Mode, method: &str, workdir
                 let _ = w.kill();
             }
             std::thread::sleep(Duration::from_millis(5));
+        }
+        if let Some(sim) = &sim {
+            match sim.cut() {
+                Ok(n) => rolled_back += n,
+                Err(e) => {
+                    eprintln!("cycle {cycle}: FAIL: power cut: {e}");
+                    failures += 1;
+                    break;
+                }
+            }
         }
         if let Err(e) = rig.mount() {
             eprintln!("cycle {cycle}: FAIL: remount after the crash: {e}");
@@ -693,13 +794,15 @@ fn run(tdefs: PathBuf, cycles: u32, seed: u64, mode: Mode, method: &str, workdir
         }
     }
     let secs = started.elapsed().as_secs_f64();
+    let cut = if sim.is_some() { format!(", power cut after each kill ({rolled_back} files rolled back)") } else { String::new() };
     println!(
-        "torture ({mode:?}, {method}): {} cycles, {durable_ops} durable ops verified, {inflight_ops} ops in flight at a kill, {:.0} s",
+        "torture ({mode:?}, {method}{cut}): {} cycles, {durable_ops} durable ops verified, {inflight_ops} ops in flight at a kill, {:.0} s",
         history.len(), secs
     );
     println!("torture: {} passed, {} failed", history.len() as u32 + check_ok as u32 - failures.min(history.len() as u32 + 1), failures);
     if failures == 0 && !keep {
         drop(rig);
+        drop(sim);
         let _ = fs::remove_dir_all(&work);
     } else if failures > 0 {
         eprintln!("kept {} for inspection (tdefs log: {})", work.display(), work.join("tdefs.log").display());
@@ -709,7 +812,7 @@ fn run(tdefs: PathBuf, cycles: u32, seed: u64, mode: Mode, method: &str, workdir
 
 fn main() -> ExitCode {
     match Cli::parse().cmd {
-        Cmd::Run { tdefs, cycles, seed, mode, method, workdir, max_run_ms } => run(tdefs, cycles, seed, mode, &method, workdir, max_run_ms),
+        Cmd::Run { tdefs, cycles, seed, mode, method, workdir, max_run_ms, powercut } => run(tdefs, cycles, seed, mode, &method, workdir, max_run_ms, powercut),
         Cmd::Work { mnt, dir, journal, seed } => work(&mnt, &dir, &journal, seed),
         Cmd::Verify { tdefs, workdir, cycle } => {
             let mnt = workdir.join("mnt");
