@@ -181,12 +181,24 @@ impl Core {
         self.register(parent, name, &st, None)
     }
 
+    /// The handle of `dir/name` (stat `st`) when inodes are named by handles.
+    pub(super) fn handle_of(&self, dir: std::os::fd::BorrowedFd<'_>, name: &OsStr, st: &Stat) -> Result<Option<sys::Handle>> {
+        Ok(if self.handles && st.st_dev == self.root_dev { Some(sys::handle_at(dir, name)?) } else { None })
+    }
+
+    /// The inode the kernel knows for `dir/name` (stat `st`), if any. Matching by handle:
+    /// the inode number alone may belong to another, still remembered, file.
+    pub(super) fn known_inode(&self, dir: std::os::fd::BorrowedFd<'_>, name: &OsStr, st: &Stat) -> Option<Arc<Inode>> {
+        let handle = self.handle_of(dir, name, st).ok()?;
+        self.inodes.find(self.nodeid(st.st_dev, st.st_ino), handle.as_ref())
+    }
+
     /// The inode for `parent/name` (whose stat is `st`), counting one kernel reference.
     /// `preset` is the encryption state of a file just created.
     pub(super) fn register(&self, parent: &Arc<Inode>, name: &OsStr, st: &Stat, preset: Option<FileState>) -> Result<(Arc<Inode>, Stat)> {
         let loc = || Some(Loc { parent: parent.clone(), name: name.to_os_string() });
         let pfd = self.pfd(parent)?;
-        let handle = if self.handles && st.st_dev == self.root_dev { Some(sys::handle_at(pfd.as_fd(), name)?) } else { None };
+        let handle = self.handle_of(pfd.as_fd(), name, st)?;
         let primary = self.nodeid(st.st_dev, st.st_ino);
         let nodeid = match self.inodes.find_and_ref(primary, handle.as_ref()) {
             Ok(i) => {

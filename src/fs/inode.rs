@@ -220,6 +220,17 @@ impl InodeTable {
         }
     }
 
+    /// The known inode for backing file `handle` (primary node id `nodeid`), if any; no
+    /// reference is counted.
+    pub fn find(&self, nodeid: u64, handle: Option<&Handle>) -> Option<Arc<Inode>> {
+        if let Some(h) = handle {
+            if let Some(&a) = self.alt.read().get(h) {
+                return self.get(a);
+            }
+        }
+        self.get(nodeid).filter(|i| handle.is_none() || i.handle.as_ref() == handle)
+    }
+
     /// A node id of its own for a file whose inode number is remembered for another file.
     pub fn alt_nodeid(&self, handle: &Handle) -> u64 {
         let id = ALT_BASE | self.next_alt.fetch_add(1, Ordering::Relaxed);

@@ -189,8 +189,9 @@ impl Core {
         let parent = self.inode(parent_id)?;
         let pfd = self.pfd(&parent)?;
         let st = sys::fstatat(pfd.as_fd(), name, libc::AT_SYMLINK_NOFOLLOW)?;
+        let known = self.known_inode(pfd.as_fd(), name, &st);
         sys::unlinkat(pfd.as_fd(), name, 0)?;
-        if let Some(i) = self.inodes.get(self.nodeid(st.st_dev, st.st_ino)) {
+        if let Some(i) = known {
             i.clear_loc_if(&parent, name);
         }
         if st.st_mode & libc::S_IFMT == libc::S_IFREG {
@@ -211,8 +212,9 @@ impl Core {
         let parent = self.inode(parent_id)?;
         let pfd = self.pfd(&parent)?;
         let st = sys::fstatat(pfd.as_fd(), name, libc::AT_SYMLINK_NOFOLLOW)?;
+        let known = self.known_inode(pfd.as_fd(), name, &st);
         sys::unlinkat(pfd.as_fd(), name, libc::AT_REMOVEDIR)?;
-        if let Some(i) = self.inodes.get(self.nodeid(st.st_dev, st.st_ino)) {
+        if let Some(i) = known {
             i.clear_loc_if(&parent, name);
         }
         Ok(())
@@ -226,6 +228,8 @@ impl Core {
         let (pfd, npfd) = (self.pfd(&parent)?, self.pfd(&newparent)?);
         let src = sys::fstatat(pfd.as_fd(), name, libc::AT_SYMLINK_NOFOLLOW)?;
         let dst = exists(npfd.as_fd(), newname)?;
+        let src_inode = self.known_inode(pfd.as_fd(), name, &src);
+        let dst_inode = dst.as_ref().and_then(|d| self.known_inode(npfd.as_fd(), newname, d));
         let rename = || sys::renameat2(pfd.as_fd(), name, npfd.as_fd(), newname, flags);
         if dst.is_some_and(|d| d.st_ino == src.st_ino && d.st_dev == src.st_dev) {
             return Ok(rename()?); // two links to one file: the backing decides (a no-op)
@@ -264,10 +268,10 @@ impl Core {
                 }
             }
             if res.is_ok() {
-                if let Some(i) = self.inodes.get(self.nodeid(src.st_dev, src.st_ino)) {
+                if let Some(i) = &src_inode {
                     i.set_loc(Some(Loc { parent: newparent.clone(), name: newname.to_os_string() }));
                 }
-                if let Some(d) = dst.and_then(|d| self.inodes.get(self.nodeid(d.st_dev, d.st_ino))) {
+                if let Some(d) = &dst_inode {
                     if exchange {
                         d.set_loc(Some(Loc { parent: parent.clone(), name: name.to_os_string() }));
                     } else {

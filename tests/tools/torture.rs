@@ -83,6 +83,24 @@ enum Cmd {
         journal: PathBuf,
         #[arg(long)]
         seed: u64,
+        /// Stop after this many operations (default: run until killed).
+        #[arg(long)]
+        ops: Option<u64>,
+    },
+    /// Concurrent stress: several workload processes on one mounted tdefs, each in its own
+    /// directory, then every tree checked exactly against its journal.
+    Stress {
+        #[arg(long)]
+        mnt: PathBuf,
+        #[arg(long, default_value_t = 4)]
+        workers: u32,
+        #[arg(long, default_value_t = 2000)]
+        ops: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Where the journals go (outside the mount).
+        #[arg(long)]
+        journals: PathBuf,
     },
 }
 
@@ -387,7 +405,7 @@ fn execute(mnt: &Path, op: &Op) -> std::io::Result<()> {
     }
 }
 
-fn work(mnt: &Path, dir: &str, journal: &Path, seed: u64) -> ExitCode {
+fn work(mnt: &Path, dir: &str, journal: &Path, seed: u64, limit: Option<u64>) -> ExitCode {
     let mut j = OpenOptions::new().create(true).append(true).open(journal).expect("journal");
     let mut m = Model::default();
     let mut rng = Rng(seed);
@@ -395,6 +413,9 @@ fn work(mnt: &Path, dir: &str, journal: &Path, seed: u64) -> ExitCode {
     let mut seq = 0u64;
     let mut ops = vec![Op::Mkdir(dir.to_string())];
     loop {
+        if limit.is_some_and(|l| seq >= l) {
+            return ExitCode::SUCCESS;
+        }
         let op = ops.pop().unwrap_or_else(|| gen_op(&m, dir, &mut rng, &mut counter));
         seq += 1;
         writeln!(j, "B {seq} {}", op.encode()).unwrap();
@@ -810,10 +831,60 @@ fn run(tdefs: PathBuf, cycles: u32, seed: u64, mode: Mode, method: &str, workdir
     if failures == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }
 
+fn stress(mnt: &Path, workers: u32, ops: u64, seed: u64, journals: &Path) -> ExitCode {
+    let exe = std::env::current_exe().unwrap();
+    fs::create_dir_all(journals).unwrap();
+    let started = Instant::now();
+    let children: Vec<(String, PathBuf, Child)> = (0..workers)
+        .map(|w| {
+            let dir = format!("stress-{w}");
+            let journal = journals.join(format!("stress-{w}.journal"));
+            let _ = fs::remove_file(&journal);
+            let c = Command::new(&exe)
+                .args(["work", "--dir", &dir, "--seed", &(seed * 7919 + w as u64).to_string(), "--ops", &ops.to_string()])
+                .arg("--mnt").arg(mnt)
+                .arg("--journal").arg(&journal)
+                .spawn()
+                .unwrap();
+            (dir, journal, c)
+        })
+        .collect();
+    let mut failed = 0;
+    let mut total = 0;
+    for (dir, journal, mut c) in children {
+        let st = c.wait().unwrap();
+        if !st.success() {
+            eprintln!("stress: worker {dir} exited with {st}");
+            failed += 1;
+            continue;
+        }
+        match verify_cycle(mnt, &dir, &journal) {
+            Ok((_, done, false)) => total += done,
+            Ok((_, _, true)) => {
+                eprintln!("stress: worker {dir} left an operation in flight");
+                failed += 1;
+            }
+            Err(e) => {
+                eprintln!("stress: {dir}: {e}");
+                failed += 1;
+            }
+        }
+    }
+    eprintln!("stress: {total} operations in {:.1} s", started.elapsed().as_secs_f64());
+    if failed == 0 {
+        println!("stress: {workers} workers x {ops} operations: every tree matches its journal");
+        ExitCode::SUCCESS
+    } else {
+        println!("stress: {failed} of {workers} workers failed");
+        ExitCode::FAILURE
+    }
+}
+
 fn main() -> ExitCode {
     match Cli::parse().cmd {
         Cmd::Run { tdefs, cycles, seed, mode, method, workdir, max_run_ms, powercut } => run(tdefs, cycles, seed, mode, &method, workdir, max_run_ms, powercut),
-        Cmd::Work { mnt, dir, journal, seed } => work(&mnt, &dir, &journal, seed),
+        Cmd::Work { mnt, dir, journal, seed, ops } => work(&mnt, &dir, &journal, seed, ops),
+        Cmd::Stress { mnt, workers, ops, seed, journals } => stress(&mnt, workers, ops, seed, &journals),
         Cmd::Verify { tdefs, workdir, cycle } => {
             let mnt = workdir.join("mnt");
             let mut rig = Rig { tdefs, mnt: mnt.clone(), config: workdir.join("tdefs.toml"), log: workdir.join("tdefs.log"), fs: None };
