@@ -6,7 +6,7 @@ set -euo pipefail
 want=(fuse3)
 case "${1:-base}" in
     base) ;;
-    test) want+=(attr xfsprogs) ;;
+    test) want+=(attr xfsprogs python3 sqlite3 postgresql postgresql-contrib mariadb-server psmisc util-linux) ;;
     *) echo "usage: $0 base|test" >&2; exit 2 ;;
 esac
 missing=()

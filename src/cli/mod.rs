@@ -37,12 +37,14 @@ enum Command {
     },
 }
 
-/// Logs go to stderr; RUST_LOG filters them (default: info for tdefs, warnings elsewhere;
-/// fuser warns when its own unmount finds the mount already gone, which is normal).
+/// Logs go to stderr; RUST_LOG filters them (default: info for tdefs, warnings elsewhere).
+/// fuser's own noise is filtered: it warns when its unmount finds the mount already gone,
+/// and it logs an error whenever the kernel drops its (ENOSYS) answer to a FUSE_INTERRUPT
+/// for a request already answered, which databases that signal their workers cause often.
 fn init_logging() {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,fuser=error,tdefs=info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,fuser=error,fuser::reply=off,tdefs=info"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
