@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "run as root: the tests mount FUSE filesystems and act as other users" >&2; exit 1; }
 scripts/install-deps.sh test || exit 1
 
-passed=0; failed=0; failures=()
+passed=0; failed=0; skipped=0; failures=()
 # stage NAME COMMAND...: runs it, adds its counts (cargo's "test result:" lines or the
 # "N passed, N failed" line of our own runners) to the totals.
 stage() {
@@ -18,16 +18,19 @@ stage() {
     local p f
     p=$(grep -E '^test result:|^[a-z]+: [0-9]+ passed, [0-9]+ failed' "$log" | grep -oE '[0-9]+ passed' | awk '{s+=$1} END {print s+0}')
     f=$(grep -E '^test result:|^[a-z]+: [0-9]+ passed, [0-9]+ failed' "$log" | grep -oE '[0-9]+ failed' | awk '{s+=$1} END {print s+0}')
+    s=$(grep -E '^[a-z]+: [0-9]+ passed, [0-9]+ failed, [0-9]+ skipped' "$log" | grep -oE '[0-9]+ skipped' | awk '{s+=$1} END {print s+0}')
     if [ "$rc" != 0 ] && [ "$f" = 0 ]; then f=1; fi  # a stage that broke without counting
-    passed=$((passed + p)); failed=$((failed + f))
+    passed=$((passed + p)); failed=$((failed + f)); skipped=$((skipped + s))
     [ "$f" = 0 ] || failures+=("$name")
     rm -f "$log"
 }
 
 stage "build" cargo build --release --all-targets --quiet
 stage "unit and integration tests" cargo test --release --no-fail-fast -- --test-threads=4
+# The xfstests-style suite with the real databases; its results table goes to target/.
+stage "suite (scripts/check -g auto)" scripts/check -g auto --results target/check-results.md
 
 echo
 [ ${#failures[@]} -eq 0 ] || echo "failed stages: ${failures[*]}"
-echo "summary: $passed passed, $failed failed"
+echo "summary: $passed passed, $failed failed, $skipped skipped"
 [ "$failed" = 0 ]
