@@ -307,8 +307,20 @@ pub fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
     f.write_all(bytes)?;
     f.sync_all()?;
     drop(f);
+    fault_point(&format!("{name}:before-rename"));
     std::fs::rename(&tmp, dir.join(name))?;
+    fault_point(&format!("{name}:after-rename"));
     fsync_dir(dir)
+}
+
+/// Crash tests: when the environment variable TDEFS_FAULT names this point, the process
+/// aborts here, as a crash at that instant would stop it. Unset, it costs one comparison.
+pub fn fault_point(name: &str) {
+    static WANT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    if WANT.get_or_init(|| std::env::var("TDEFS_FAULT").ok()).as_deref() == Some(name) {
+        eprintln!("tdefs: TDEFS_FAULT: crashing at {name}");
+        std::process::abort();
+    }
 }
 
 /// Open options with mode 0600: metadata is nobody else's business.

@@ -8,7 +8,7 @@ use clap::Args;
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
 use crate::dictionary::{FileDict, Record};
 use crate::meta::check::{check, CheckReport};
-use crate::meta::{OpenOptions, OpenReport, Offline};
+use crate::meta::{MasterKeys, OpenOptions, OpenReport, Offline};
 
 /// Check an unmounted backing directory against its dictionaries, with the master key.
 #[derive(Args, Debug)]
@@ -84,7 +84,7 @@ fn run_inner(args: CheckArgs) -> anyhow::Result<bool> {
         anyhow::anyhow!("no backing directory: give it on the command line or set `backing-dir` in the config")
     })?;
     let enc = &cfg.security.encryption;
-    let off = Offline::open(&backing, &enc.master_key)?;
+    let off = Offline::open(&backing, &MasterKeys::from_config(enc))?;
     let loaded = match off.load() {
         Ok(l) => l,
         Err(e) if args.repair => {
@@ -128,7 +128,7 @@ fn run_inner(args: CheckArgs) -> anyhow::Result<bool> {
     meta.dict.compact()?;
     let backing = meta.backing().to_path_buf();
     drop(meta);
-    let off = Offline::open(&backing, &enc.master_key)?;
+    let off = Offline::open(&backing, &MasterKeys::from_config(enc))?;
     let after = check(&off, &off.load()?)?;
     println!("after repair: {} problems", after.problems());
     Ok(after.problems() == 0)

@@ -1,7 +1,8 @@
-//! Command line: `tdefs mount`, `tdefs check`, `tdefs genkey`.
+//! Command line: `tdefs mount`, `tdefs check`, `tdefs dump`, `tdefs genkey`.
 
 mod check;
 mod daemon;
+mod dump;
 mod mount;
 
 use std::path::PathBuf;
@@ -29,6 +30,7 @@ struct Cli {
 enum Command {
     Mount(mount::MountArgs),
     Check(check::CheckArgs),
+    Dump(dump::DumpArgs),
     /// Write a new random 256-bit master key (64 hex characters + newline, mode 0600).
     #[command(after_help = "Example:\n  tdefs genkey /run/keys/tdefs.key   # keep it on tmpfs or in a secrets manager")]
     Genkey {
@@ -58,6 +60,7 @@ pub fn main() -> ExitCode {
     let r = match cli.cmd {
         Command::Check(args) => return check::run(args),
         Command::Mount(args) => mount::run(args),
+        Command::Dump(args) => dump::run(args),
         Command::Genkey { path } => crate::keys::generate_key_file(&path)
             .map(|()| eprintln!("wrote a new master key to {} (mode 0600)", path.display()))
             .map_err(anyhow::Error::from),

@@ -8,9 +8,8 @@ use clap::Args;
 
 use super::daemon;
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
-use crate::dictionary::Maintenance;
-use crate::fs::{fuser_config, Core, FsOptions, MountSpec, TdeFs};
-use crate::meta::{Metadata, OpenOptions};
+use crate::fs::{fuser_config, Core, FsOptions, Housekeeping, MountSpec, TdeFs};
+use crate::meta::{MasterKeys, Metadata, OpenOptions};
 
 /// Mount a backing directory (ciphertext) at a mountpoint (plaintext view).
 #[derive(Args, Debug)]
@@ -70,7 +69,7 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
     harden_process();
     let enc = &cfg.security.encryption;
     let opts = OpenOptions { adopt: args.init, rewrite_threshold: enc.file_dictionary_rewrite_threshold };
-    let meta = Metadata::open_or_init(&backing, &enc.master_key, &opts)
+    let meta = Metadata::open_or_init(&backing, &MasterKeys::from_config(enc), &opts)
         .with_context(|| format!("cannot open backing directory {}", backing.display()))?;
     let r = &meta.report;
     tracing::info!(
@@ -95,8 +94,11 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
         threads: cfg.mount.threads,
         writeback_cache: cfg.mount.writeback_cache,
     };
-    let maintenance = Maintenance::start(meta.dict.clone());
-    let fs = TdeFs::new(core, spec.writeback_cache);
+    // Rotate a data key that expired while unmounted; drop keys no file uses any more.
+    core.rotate_data_key_if_due().context("data key rotation")?;
+    core.collect_unused_keys().context("deleting unused data keys")?;
+    let maintenance = Housekeeping::start(core.clone());
+    let fs = TdeFs::new(core.clone(), spec.writeback_cache);
     let mut session = fuser::Session::new(fs, &mountpoint, &fuser_config(&spec))
         .with_context(|| format!("cannot mount at {}", mountpoint.display()))?;
     let mut unmounter = session.unmount_callable();

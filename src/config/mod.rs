@@ -91,14 +91,30 @@ pub struct Encryption {
 pub enum MasterKeyConfig {
     /// A file holding the key as 64 hex characters and a newline, mode 0600 or stricter.
     File { path: PathBuf },
+    /// An AWS KMS key (or a KMS-compatible service at `endpoint`). Credentials come from the
+    /// standard AWS chain: environment, profile, instance role.
+    #[serde(rename_all = "kebab-case")]
+    Kms {
+        key_id: String,
+        region: String,
+        endpoint: Option<String>,
+        /// Accepted for TiKV compatibility; only "aws".
+        #[serde(default = "aws")]
+        vendor: String,
+    },
     /// No master key: metadata keys are stored unwrapped. For tests only.
     Plaintext,
+}
+
+fn aws() -> String {
+    "aws".into()
 }
 
 impl MasterKeyConfig {
     pub fn kind(&self) -> &'static str {
         match self {
             MasterKeyConfig::File { .. } => "file",
+            MasterKeyConfig::Kms { .. } => "kms",
             MasterKeyConfig::Plaintext => "plaintext",
         }
     }
@@ -108,6 +124,13 @@ impl fmt::Debug for MasterKeyConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             MasterKeyConfig::File { path } => write!(f, "file:{}", path.display()),
+            MasterKeyConfig::Kms { key_id, region, endpoint, .. } => {
+                write!(f, "kms:{key_id}@{region}")?;
+                if let Some(e) = endpoint {
+                    write!(f, " ({e})")?;
+                }
+                Ok(())
+            }
             MasterKeyConfig::Plaintext => f.write_str("plaintext"),
         }
     }
@@ -142,6 +165,19 @@ impl Config {
         }
         if enc.file_dictionary_rewrite_threshold == 0 {
             return Err("security.encryption.file-dictionary-rewrite-threshold must be at least 1".into());
+        }
+        for (name, mk) in [("master-key", Some(&enc.master_key)), ("previous-master-key", enc.previous_master_key.as_ref())] {
+            if let Some(MasterKeyConfig::Kms { vendor, key_id, region, .. }) = mk {
+                if vendor != "aws" {
+                    return Err(format!("security.encryption.{name}.vendor = {vendor:?} is not supported; allowed: \"aws\" (or any KMS-compatible service through `endpoint`)"));
+                }
+                if key_id.is_empty() || region.is_empty() {
+                    return Err(format!("security.encryption.{name}: type \"kms\" needs key-id and region"));
+                }
+            }
+        }
+        if enc.previous_master_key.as_ref() == Some(&enc.master_key) {
+            return Err("security.encryption.previous-master-key is the same as master-key".into());
         }
         if !enc.enable_file_dictionary_log {
             return Err("security.encryption.enable-file-dictionary-log = false is not supported: \
@@ -250,9 +286,26 @@ path = "/run/keys/tdefs.key"
     #[test]
     fn bad_master_key_type_lists_allowed() {
         let e = err(&GOOD.replace("type = \"file\"", "type = \"hsm\""));
-        assert!(e.contains("hsm") && e.contains("file") && e.contains("plaintext"), "{e}");
+        assert!(e.contains("hsm") && e.contains("file") && e.contains("plaintext") && e.contains("kms"), "{e}");
         let e = err(&GOOD.replace("[security.encryption.master-key]\ntype = \"file\"\npath = \"/run/keys/tdefs.key\"\n", ""));
         assert!(e.contains("master-key"), "{e}");
+    }
+
+    #[test]
+    fn kms_and_previous_master_key() {
+        let text = GOOD.replace(
+            "type = \"file\"\npath = \"/run/keys/tdefs.key\"",
+            "type = \"kms\"\nkey-id = \"alias/tdefs\"\nregion = \"us-west-2\"\nendpoint = \"http://127.0.0.1:5000\"\n\
+             [security.encryption.previous-master-key]\ntype = \"file\"\npath = \"/old.key\"",
+        );
+        let c = Config::parse(&text).unwrap();
+        let e = &c.security.encryption;
+        assert_eq!(format!("{:?}", e.master_key), "kms:alias/tdefs@us-west-2 (http://127.0.0.1:5000)");
+        assert_eq!(e.previous_master_key, Some(MasterKeyConfig::File { path: "/old.key".into() }));
+        let e = err(&text.replace("region = \"us-west-2\"", "region = \"us-west-2\"\nvendor = \"gcp\""));
+        assert!(e.contains("vendor") && e.contains("aws"), "{e}");
+        let e = err(&text.replace("key-id = \"alias/tdefs\"\n", ""));
+        assert!(e.contains("key-id"), "{e}");
     }
 
     #[test]

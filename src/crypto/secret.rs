@@ -1,13 +1,31 @@
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use zeroize::{Zeroize, ZeroizeOnDrop};
+use zeroize::Zeroize;
 
-/// Key material: zeroized on drop and never printed.
-#[derive(Clone, Zeroize, ZeroizeOnDrop, PartialEq, Eq)]
+/// Key material: locked in RAM where the system allows it (never swapped out), zeroized and
+/// unlocked on drop, never printed.
+#[derive(PartialEq, Eq)]
 pub struct Secret(Vec<u8>);
 
+static MLOCK_WARNED: AtomicBool = AtomicBool::new(false);
+
+fn lock(v: &[u8]) {
+    if v.is_empty() {
+        return;
+    }
+    if unsafe { libc::mlock(v.as_ptr().cast(), v.len()) } != 0 && !MLOCK_WARNED.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            error = %std::io::Error::last_os_error(),
+            "cannot lock key material in memory (mlock); it may be swapped out. Raise RLIMIT_MEMLOCK (LimitMEMLOCK=) to avoid this"
+        );
+    }
+}
+
 impl Secret {
-    pub fn new(bytes: Vec<u8>) -> Secret {
+    pub fn new(mut bytes: Vec<u8>) -> Secret {
+        bytes.shrink_to_fit();
+        lock(&bytes);
         Secret(bytes)
     }
 
@@ -15,7 +33,7 @@ impl Secret {
     pub fn random(len: usize) -> Secret {
         let mut v = vec![0u8; len];
         random_bytes(&mut v);
-        Secret(v)
+        Secret::new(v)
     }
 
     pub fn expose(&self) -> &[u8] {
@@ -28,6 +46,21 @@ impl Secret {
 
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+}
+
+impl Clone for Secret {
+    fn clone(&self) -> Secret {
+        Secret::new(self.0.clone())
+    }
+}
+
+impl Drop for Secret {
+    fn drop(&mut self) {
+        self.0.zeroize();
+        if !self.0.is_empty() || self.0.capacity() > 0 {
+            unsafe { libc::munlock(self.0.as_ptr().cast(), self.0.capacity().max(1)) };
+        }
     }
 }
 
@@ -47,4 +80,16 @@ pub fn random_u64() -> u64 {
     let mut b = [0u8; 8];
     random_bytes(&mut b);
     u64::from_le_bytes(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_is_redacted_and_clone_equal() {
+        let s = Secret::new(vec![0xAB; 32]);
+        assert_eq!(format!("{s:?}"), "Secret([REDACTED; 32])");
+        assert_eq!(s.clone(), s);
+    }
 }

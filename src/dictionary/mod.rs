@@ -19,7 +19,7 @@ use std::os::fd::AsFd;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use parking_lot::{Condvar, Mutex, MutexGuard, RwLock};
 
@@ -571,55 +571,6 @@ impl FileDict {
                     .sum()
             })
             .unwrap_or(0)
-    }
-}
-
-/// Background upkeep: writes lazily-queued records within a second, compacts when due.
-pub struct Maintenance {
-    stop: Arc<(Mutex<bool>, Condvar)>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Maintenance {
-    pub fn start(dict: Arc<FileDict>) -> Maintenance {
-        let stop = Arc::new((Mutex::new(false), Condvar::new()));
-        let s = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("tdefs-dict".into())
-            .spawn(move || {
-                let (lock, cv) = &*s;
-                let mut stopped = lock.lock();
-                while !*stopped {
-                    cv.wait_for(&mut stopped, Duration::from_secs(1));
-                    if *stopped {
-                        break;
-                    }
-                    drop(stopped);
-                    if dict.has_pending() {
-                        if let Err(e) = dict.flush() {
-                            tracing::warn!(error = %e, "background dictionary flush failed");
-                        }
-                    }
-                    if dict.compaction_due() {
-                        if let Err(e) = dict.compact() {
-                            tracing::warn!(error = %e, "dictionary compaction failed; will retry");
-                        }
-                    }
-                    stopped = lock.lock();
-                }
-            })
-            .expect("spawn dictionary maintenance thread");
-        Maintenance { stop, thread: Some(thread) }
-    }
-}
-
-impl Drop for Maintenance {
-    fn drop(&mut self) {
-        *self.stop.0.lock() = true;
-        self.stop.1.notify_all();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 

@@ -113,6 +113,43 @@ impl Core {
         &self.dict
     }
 
+    pub fn keys(&self) -> &Arc<KeyStore> {
+        &self.keys
+    }
+
+    /// Make a new data key if the current one is older than the rotation period or has
+    /// another method than the configured one (no-op for the plaintext method).
+    pub fn rotate_data_key_if_due(&self) -> Result<()> {
+        self.keys.key_for_new_file(self.opts.method, self.opts.rotation)?;
+        Ok(())
+    }
+
+    /// Delete data keys that no dictionary entry and no file in use references (never the
+    /// current key). Returns how many were deleted.
+    pub fn collect_unused_keys(&self) -> Result<usize> {
+        // Keys of files in memory first, without the namespace lock (it is taken after an
+        // inode's data lock elsewhere). A file's key changes only to the current key, which
+        // is never deleted, so this set cannot miss a key that becomes used meanwhile.
+        let mut used = std::collections::HashSet::new();
+        self.inodes.for_each(|i| {
+            if let Some(e) = i.data.read().entry {
+                used.insert(e.key_id);
+            }
+        });
+        // No dictionary record can be queued while the entries are counted and keys go.
+        let _ns = self.ns.write();
+        used.extend(self.dict.with_tree(|t| t.key_refs().keys().copied().collect::<Vec<_>>()));
+        let unused: Vec<u64> = self.keys.keys().iter().map(|k| k.id).filter(|id| !used.contains(id)).collect();
+        if unused.is_empty() {
+            return Ok(0);
+        }
+        let n = self.keys.remove_keys(&unused)?;
+        if n > 0 {
+            tracing::info!(removed = n, "deleted data keys that no file uses any more");
+        }
+        Ok(n)
+    }
+
     /// Node id of a backing inode: its inode number on the backing filesystem (1 is FUSE's
     /// root id, so a backing inode 1 and inodes on other filesystems mounted inside the
     /// backing directory get ids with the top bit set).

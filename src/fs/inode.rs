@@ -231,6 +231,16 @@ impl InodeTable {
         self.get(nodeid).filter(|i| handle.is_none() || i.handle.as_ref() == handle)
     }
 
+    /// Run `f` on every inode (no kernel reference is counted).
+    pub fn for_each(&self, mut f: impl FnMut(&Arc<Inode>)) {
+        for shard in &self.shards {
+            let inodes: Vec<Arc<Inode>> = shard.read().values().cloned().collect();
+            for i in &inodes {
+                f(i);
+            }
+        }
+    }
+
     /// A node id of its own for a file whose inode number is remembered for another file.
     pub fn alt_nodeid(&self, handle: &Handle) -> u64 {
         let id = ALT_BASE | self.next_alt.fetch_add(1, Ordering::Relaxed);

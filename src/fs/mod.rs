@@ -7,6 +7,7 @@ mod core;
 mod data;
 mod errno;
 mod handle;
+mod housekeeping;
 mod inode;
 mod io;
 mod namespace;
@@ -25,6 +26,7 @@ use fuser::{
 
 pub use self::core::{Core, FsOptions};
 pub use self::data::BLOCK;
+pub use self::housekeeping::Housekeeping;
 use self::errno::errno;
 pub use self::namespace::Caller;
 

@@ -31,6 +31,17 @@ pub enum KeyError {
 
     #[error("data key {0:#018x} is referenced by the file dictionary but missing from the key dictionary")]
     MissingDataKey(u64),
+
+    #[error(
+        "AWS KMS key {key_id} in {region}{}: {message}. Nothing was modified; tdefs does not mount \
+         without its master key (check the network, the endpoint, the credentials and the key policy: \
+         the daemon needs kms:GenerateDataKey, kms:Encrypt and kms:Decrypt)",
+        .endpoint.as_deref().map(|e| format!(" at {e}")).unwrap_or_default()
+    )]
+    Kms { key_id: String, region: String, endpoint: Option<String>, message: String },
+
+    #[error("neither master key opens {path}: the configured master key: {new}; the previous master key: {previous}")]
+    NeitherKey { path: PathBuf, new: String, previous: String },
 }
 
 impl std::error::Error for HeaderError {}

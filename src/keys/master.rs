@@ -16,13 +16,21 @@ use crate::crypto::{SealKey, Secret};
 const WRAP_AAD: &[u8] = b"tdefs dictionary key v1";
 
 pub trait MasterKeyBackend: Send + Sync + fmt::Debug {
-    /// Backend type as written in the config (`file`, `plaintext`).
+    /// Backend type as written in the config (`file`, `kms`, `plaintext`).
     fn kind(&self) -> &'static str;
     /// Human description for messages; never contains key material.
     fn describe(&self) -> String;
-    /// Wrap a dictionary key into a blob that only this backend can unwrap.
+    /// A new 256-bit dictionary key and its wrapped form.
+    fn generate(&self) -> Result<(Secret, Vec<u8>), KeyError> {
+        let key = Secret::random(32);
+        let blob = self.wrap(&key)?;
+        Ok((key, blob))
+    }
+    /// Wrap an existing dictionary key (master-key rotation) into a blob that only this
+    /// backend can unwrap.
     fn wrap(&self, key: &Secret) -> Result<Vec<u8>, KeyError>;
-    /// Unwrap a blob made by `wrap`; `None` when this key cannot open it.
+    /// Unwrap a blob made by this backend; `Ok(None)` when this key cannot open it (another
+    /// key), an error when the backend cannot be asked (KMS unreachable, access denied).
     fn unwrap(&self, blob: &[u8]) -> Result<Option<Secret>, KeyError>;
 }
 
@@ -31,6 +39,9 @@ pub trait MasterKeyBackend: Send + Sync + fmt::Debug {
 pub fn backend_for(cfg: &MasterKeyConfig) -> Result<Box<dyn MasterKeyBackend>, KeyError> {
     Ok(match cfg {
         MasterKeyConfig::File { path } => Box::new(FileBackend::load(path)?),
+        MasterKeyConfig::Kms { key_id, region, endpoint, .. } => {
+            Box::new(super::kms::KmsBackend::new(key_id, region, endpoint.as_deref())?)
+        }
         MasterKeyConfig::Plaintext => Box::new(PlaintextBackend::new()),
     })
 }

@@ -1,6 +1,6 @@
 //! Key hierarchy (envelope encryption, as in TiKV):
 //!
-//! master key (file / plaintext backend)
+//! master key (file / AWS KMS / plaintext backend)
 //!   └─ wraps the *dictionary key* (AES-256), stored in `.tdefs/keys`
 //!        ├─ seals the data keys (in the same file)
 //!        └─ seals every file-dictionary record and snapshot chunk
@@ -8,6 +8,7 @@
 //! Rotating the master key therefore rewrites one small file; rotating data keys adds a key.
 
 mod error;
+mod kms;
 mod master;
 mod store;
 

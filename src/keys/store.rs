@@ -54,10 +54,17 @@ struct State {
     keys: BTreeMap<u64, Arc<DataKey>>,
 }
 
+/// How the dictionary key is wrapped: master-key backend and blob. Changes on rotation.
+struct Wrapping {
+    kind: String,
+    blob: Vec<u8>,
+}
+
 pub struct KeyStore {
     dir: PathBuf,
-    backend_kind: String,
-    wrapped: Vec<u8>,
+    wrapping: Mutex<Wrapping>,
+    /// The dictionary key itself, kept (locked in memory) so it can be re-wrapped.
+    dict_key: Secret,
     seal: SealKey,
     instance: [u8; 16],
     state: RwLock<State>,
@@ -78,8 +85,7 @@ fn now_secs() -> u64 {
 impl KeyStore {
     /// Create a new key dictionary in `dir` (which must not hold one), durably.
     pub fn create(dir: &Path, backend: &dyn MasterKeyBackend) -> Result<KeyStore, KeyError> {
-        let dict_key = Secret::random(32);
-        let wrapped = backend.wrap(&dict_key)?;
+        let (dict_key, wrapped) = backend.generate()?;
         // Prove the backend can open what it just wrapped before anything depends on it.
         if backend.unwrap(&wrapped)?.as_ref() != Some(&dict_key) {
             return Err(KeyError::WrongMasterKey { path: dir.join(KEYS_FILE), configured: backend.describe() });
@@ -88,9 +94,9 @@ impl KeyStore {
         random_bytes(&mut instance);
         let store = KeyStore {
             dir: dir.to_path_buf(),
-            backend_kind: backend.kind().to_string(),
-            wrapped,
+            wrapping: Mutex::new(Wrapping { kind: backend.kind().to_string(), blob: wrapped }),
             seal: SealKey::new(&dict_key),
+            dict_key,
             instance,
             state: RwLock::new(State::default()),
             write_lock: Mutex::new(()),
@@ -135,8 +141,8 @@ impl KeyStore {
         let state = decode_body(body.expose()).ok_or_else(|| corrupt("body is malformed"))?;
         Ok(KeyStore {
             dir: dir.to_path_buf(),
-            backend_kind: kind,
-            wrapped,
+            wrapping: Mutex::new(Wrapping { kind, blob: wrapped }),
+            dict_key,
             seal,
             instance,
             state: RwLock::new(state),
@@ -158,8 +164,46 @@ impl KeyStore {
         self.instance
     }
 
-    pub fn backend_kind(&self) -> &str {
-        &self.backend_kind
+    /// Type of the master key the dictionary key is wrapped with.
+    pub fn backend_kind(&self) -> String {
+        self.wrapping.lock().kind.clone()
+    }
+
+    /// Wrap the dictionary key under another master key and replace the key dictionary
+    /// atomically and durably: a crash at any instant leaves it openable by the old or by
+    /// the new master key. Nothing else is rewritten.
+    pub fn rewrap(&self, backend: &dyn MasterKeyBackend) -> Result<(), KeyError> {
+        let blob = backend.wrap(&self.dict_key)?;
+        if backend.unwrap(&blob)?.as_ref() != Some(&self.dict_key) {
+            return Err(KeyError::WrongMasterKey { path: self.path(), configured: backend.describe() });
+        }
+        let _w = self.write_lock.lock();
+        let st = self.state.read().clone();
+        let old = std::mem::replace(&mut *self.wrapping.lock(), Wrapping { kind: backend.kind().to_string(), blob });
+        if let Err(e) = self.persist(&st) {
+            *self.wrapping.lock() = old;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Delete data keys `ids` (never the current one), durably. Returns how many went.
+    pub fn remove_keys(&self, ids: &[u64]) -> Result<usize, KeyError> {
+        let _w = self.write_lock.lock();
+        let mut next = self.state.read().clone();
+        let before = next.keys.len();
+        for id in ids {
+            if *id != next.current {
+                next.keys.remove(id);
+            }
+        }
+        let removed = before - next.keys.len();
+        if removed > 0 {
+            next.generation += 1;
+            self.persist(&next)?;
+            *self.state.write() = next;
+        }
+        Ok(removed)
     }
 
     pub fn get(&self, id: u64) -> Option<Arc<DataKey>> {
@@ -168,6 +212,11 @@ impl KeyStore {
 
     pub fn keys(&self) -> Vec<Arc<DataKey>> {
         self.state.read().keys.values().cloned().collect()
+    }
+
+    /// Raw key material of data key `id` (for `tdefs dump keys --show-secrets` only).
+    pub fn expose_key(&self, id: u64) -> Option<Vec<u8>> {
+        self.get(id).map(|k| k.key.expose().to_vec())
     }
 
     pub fn current(&self) -> Option<Arc<DataKey>> {
@@ -214,8 +263,11 @@ impl KeyStore {
         let mut out = Vec::new();
         write_header(&mut out, FileKind::Keys);
         let mut e = Enc(out);
-        e.u8(self.backend_kind.len() as u8).raw(self.backend_kind.as_bytes());
-        e.bytes(&self.wrapped).raw(&self.instance);
+        {
+            let w = self.wrapping.lock();
+            e.u8(w.kind.len() as u8).raw(w.kind.as_bytes());
+            e.bytes(&w.blob).raw(&self.instance);
+        }
         let aad = [BODY_AAD, &e.0].concat();
         let body = encode_body(st);
         let sealed = self.seal.seal(&aad, body.expose());

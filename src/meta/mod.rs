@@ -101,7 +101,7 @@ impl Metadata {
     /// Open the metadata of `backing`, initialising it first if the directory is empty
     /// (or `adopt` is set). Every check that can fail (key file, master key, dictionary
     /// integrity) happens before anything on disk is changed.
-    pub fn open_or_init(backing: &Path, master: &MasterKeyConfig, opts: &OpenOptions) -> Result<Metadata, MetaError> {
+    pub fn open_or_init(backing: &Path, master: &MasterKeys<'_>, opts: &OpenOptions) -> Result<Metadata, MetaError> {
         let backing = check_backing(backing)?;
         let meta_dir = backing.join(META_DIR);
         let mut report = OpenReport::default();
@@ -114,13 +114,13 @@ impl Metadata {
                 })
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let backend = backend_for(master)?;
+                let backend = backend_for(master.current)?;
                 report.adopted_entries = initialize(&backing, backend.as_ref(), opts.adopt)?;
                 report.initialized = true;
             }
             Err(e) => return Err(io_err("stat", &meta_dir)(e)),
         }
-        let off = Offline::open_existing(&backing, master)?;
+        let off = Offline::open_existing(&backing, master, true)?;
         let loaded = off.load()?;
         off.into_metadata(loaded, opts, report)
     }
@@ -136,23 +136,23 @@ pub struct Offline {
 }
 
 impl Offline {
-    /// Open the existing metadata of `backing` (never initialises).
-    pub fn open(backing: &Path, master: &MasterKeyConfig) -> Result<Offline, MetaError> {
+    /// Open the existing metadata of `backing` (never initialises, never rewrites: with a
+    /// previous master key it opens, but re-wrapping is left to the next mount).
+    pub fn open(backing: &Path, master: &MasterKeys<'_>) -> Result<Offline, MetaError> {
         let backing = check_backing(backing)?;
         if !backing.join(META_DIR).is_dir() {
             return Err(MetaError::Backing { path: backing, problem: format!("has no {META_DIR} directory (not a tdefs backing directory)") });
         }
-        Self::open_existing(&backing, master)
+        Self::open_existing(&backing, master, false)
     }
 
-    fn open_existing(backing: &Path, master: &MasterKeyConfig) -> Result<Offline, MetaError> {
+    fn open_existing(backing: &Path, master: &MasterKeys<'_>, rotate: bool) -> Result<Offline, MetaError> {
         let meta_dir = backing.join(META_DIR);
         let lock = File::open(&meta_dir).map_err(io_err("open", &meta_dir))?;
         if !sys::try_lock_exclusive(lock.as_fd()).map_err(io_err("lock", &meta_dir))? {
             return Err(MetaError::Locked { path: meta_dir });
         }
-        let backend = backend_for(master)?;
-        let keys = KeyStore::open(&meta_dir, backend.as_ref())?;
+        let keys = open_keys(&meta_dir, master, rotate)?;
         Ok(Offline { backing: backing.to_path_buf(), meta_dir, keys, lock })
     }
 
@@ -167,6 +167,56 @@ impl Offline {
         let dict = recover(loaded, &self.keys, opts, &backing_fd, &mut report)?;
         report.entries = dict.with_tree(|t| t.len());
         Ok(Metadata { backing: self.backing, backing_fd, keys: Arc::new(self.keys), dict: Arc::new(dict), report, _lock: self.lock })
+    }
+}
+
+/// The configured master key and, during a rotation, the previous one.
+#[derive(Debug, Clone, Copy)]
+pub struct MasterKeys<'a> {
+    pub current: &'a MasterKeyConfig,
+    pub previous: Option<&'a MasterKeyConfig>,
+}
+
+impl<'a> MasterKeys<'a> {
+    pub fn from_config(enc: &'a crate::config::Encryption) -> MasterKeys<'a> {
+        MasterKeys { current: &enc.master_key, previous: enc.previous_master_key.as_ref() }
+    }
+}
+
+/// Open the key dictionary with the configured master key or, failing that, with the
+/// previous one; `rotate` then re-wraps it under the configured key (durably: a crash at
+/// any instant leaves it openable by one of the two).
+fn open_keys(meta_dir: &Path, master: &MasterKeys<'_>, rotate: bool) -> Result<KeyStore, MetaError> {
+    let backend = backend_for(master.current)?;
+    match KeyStore::open(meta_dir, backend.as_ref()) {
+        Ok(keys) => {
+            if master.previous.is_some() {
+                tracing::info!(
+                    "the key dictionary opens with master-key: the rotation is complete and \
+                     previous-master-key can be removed from the config"
+                );
+            }
+            Ok(keys)
+        }
+        Err(e @ (KeyError::WrongMasterKey { .. } | KeyError::BackendMismatch { .. })) => {
+            let Some(prev) = master.previous else { return Err(e.into()) };
+            let prev_backend = backend_for(prev)?;
+            let keys = KeyStore::open(meta_dir, prev_backend.as_ref()).map_err(|e2| KeyError::NeitherKey {
+                path: meta_dir.join(crate::keys::KEYS_FILE),
+                new: e.to_string(),
+                previous: e2.to_string(),
+            })?;
+            if rotate {
+                keys.rewrap(backend.as_ref())?;
+                tracing::warn!(
+                    from = %prev_backend.describe(), to = %backend.describe(),
+                    "master key rotated: the key dictionary is now wrapped by master-key; \
+                     previous-master-key is no longer needed and can be removed from the config"
+                );
+            }
+            Ok(keys)
+        }
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -14,7 +14,7 @@ use clap::{Parser, Subcommand};
 use tdefs::config::MasterKeyConfig;
 use tdefs::crypto::{random_iv, Method};
 use tdefs::dictionary::{FileEntry, Record};
-use tdefs::meta::{Metadata, OpenOptions};
+use tdefs::meta::{MasterKeys, Metadata, OpenOptions};
 
 #[derive(Parser)]
 struct Cli {
@@ -67,7 +67,7 @@ fn dict_load(entries: u64, work: &Path, tdefs: &Path) -> ExitCode {
     let master = MasterKeyConfig::File { path: key.clone() };
     let t = Instant::now();
     {
-        let meta = Metadata::open_or_init(&backing, &master, &OpenOptions { adopt: false, rewrite_threshold: u64::MAX }).unwrap();
+        let meta = Metadata::open_or_init(&backing, &MasterKeys { current: &master, previous: None }, &OpenOptions { adopt: false, rewrite_threshold: u64::MAX }).unwrap();
         let k = meta.keys.key_for_new_file(Method::Aes256Ctr, Duration::from_secs(86400)).unwrap().unwrap();
         for i in 0..entries {
             // A database-like tree: 1000 directories, 40-byte paths.

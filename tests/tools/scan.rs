@@ -13,7 +13,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tdefs::config::Config;
-use tdefs::meta::{is_hidden_name, Offline};
+use tdefs::meta::{is_hidden_name, MasterKeys, Offline};
 
 #[derive(Parser)]
 struct Args {
@@ -55,7 +55,7 @@ fn walk(dir: &Path, rel: &[u8], root: bool, out: &mut Vec<(Vec<u8>, PathBuf)>) -
 fn run(a: Args) -> Result<bool, String> {
     let cfg = Config::load(&a.config).map_err(|e| e.to_string())?;
     let backing = cfg.backing_dir.clone().ok_or("no backing-dir in the config")?;
-    let off = Offline::open(&backing, &cfg.security.encryption.master_key).map_err(|e| e.to_string())?;
+    let off = Offline::open(&backing, &MasterKeys::from_config(&cfg.security.encryption)).map_err(|e| e.to_string())?;
     let loaded = off.load().map_err(|e| e.to_string())?;
     let mut patterns: Vec<Vec<u8>> = a.pattern.iter().map(|p| p.as_bytes().to_vec()).collect();
     if let Some(f) = &a.pattern_file {

@@ -1,0 +1,75 @@
+//! Background upkeep while mounted: dictionary records queued lazily reach the disk within
+//! a second, the dictionary is compacted when due, the data key rotates when its period is
+//! up (not only when a file is next created), and data keys no file uses are deleted.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex};
+
+use super::core::Core;
+
+pub struct Housekeeping {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Seconds between data-key rotation checks and between unused-key collections.
+const ROTATION_CHECK: u64 = 10;
+const KEY_GC: u64 = 60;
+
+impl Housekeeping {
+    pub fn start(core: Arc<Core>) -> Housekeeping {
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let s = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("tdefs-housekeeping".into())
+            .spawn(move || {
+                let (lock, cv) = &*s;
+                let mut tick: u64 = 0;
+                let mut stopped = lock.lock();
+                while !*stopped {
+                    cv.wait_for(&mut stopped, Duration::from_secs(1));
+                    if *stopped {
+                        break;
+                    }
+                    drop(stopped);
+                    tick += 1;
+                    let dict = core.dict();
+                    if dict.has_pending() {
+                        if let Err(e) = dict.flush() {
+                            tracing::warn!(error = %e, "background dictionary flush failed");
+                        }
+                    }
+                    if dict.compaction_due() {
+                        if let Err(e) = dict.compact() {
+                            tracing::warn!(error = %e, "dictionary compaction failed; will retry");
+                        }
+                    }
+                    if tick % ROTATION_CHECK == 0 {
+                        if let Err(e) = core.rotate_data_key_if_due() {
+                            tracing::warn!(error = %e, "data key rotation failed; will retry");
+                        }
+                    }
+                    if tick % KEY_GC == 0 {
+                        if let Err(e) = core.collect_unused_keys() {
+                            tracing::warn!(error = %e, "deleting unused data keys failed; will retry");
+                        }
+                    }
+                    stopped = lock.lock();
+                }
+            })
+            .expect("spawn the housekeeping thread");
+        Housekeeping { stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for Housekeeping {
+    fn drop(&mut self) {
+        *self.stop.0.lock() = true;
+        self.stop.1.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
