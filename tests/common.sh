@@ -9,6 +9,12 @@
 # A test prints its results on stdout (compared with NNN.out), exits 0 when it ran,
 # 77 (via _notrun) when it cannot run here.
 
+# _native: true when scripts/check --native runs the test on a plain host directory
+# (no tdefs; _mount, _unmount, _remount and _kill_tdefs do nothing).
+_native() {
+    [ "${TDEFS_NATIVE:-0}" = 1 ]
+}
+
 _notrun() {
     echo "$*" > "$SCRATCH/notrun"
     exit 77
@@ -38,6 +44,7 @@ _tdefs_pid() {
 
 # _mount [ARGS...]: start tdefs (foreground, in the background) and wait for the mount.
 _mount() {
+    _native && return 0
     "$TDEFS" mount --config "$TDEFS_CONFIG" "$@" >>"$SCRATCH/tdefs.log" 2>&1 &
     echo $! > "$SCRATCH/tdefs.pid"
     local i
@@ -61,6 +68,7 @@ _wait_gone() {
 
 # _unmount: clean unmount; fails if tdefs does not exit.
 _unmount() {
+    _native && return 0
     local pid; pid=$(_tdefs_pid)
     fusermount3 -u "$TEST_DIR" || return 1
     [ -z "$pid" ] || _wait_gone "$pid" || { echo "tdefs did not exit after unmount"; return 1; }
@@ -72,6 +80,7 @@ _remount() {
 
 # _kill_tdefs: SIGKILL the daemon (a crash) and clean up the dead mount.
 _kill_tdefs() {
+    _native && return 0
     local pid; pid=$(_tdefs_pid)
     [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null
     [ -n "$pid" ] && _wait_gone "$pid"
