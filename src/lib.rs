@@ -7,10 +7,12 @@
 //! - [`dictionary`]: the durable file dictionary (records, log, snapshot).
 //! - [`meta`]: the `.tdefs` metadata directory: initialisation, opening, locking.
 //! - [`fs`]: the FUSE adapter (inodes, handles, data path).
+//! - [`control`]: the control socket of a running mount.
 //! - [`cli`]: the command line.
 
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod crypto;
 pub mod dictionary;
 pub mod fs;

@@ -1,9 +1,10 @@
-//! Command line: `tdefs mount`, `tdefs check`, `tdefs dump`, `tdefs genkey`.
+//! Command line: `tdefs mount`, `tdefs check`, `tdefs dump`, `tdefs rotate-master-key`, `tdefs genkey`.
 
 mod check;
 mod daemon;
 mod dump;
 mod mount;
+mod rotate;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,6 +32,7 @@ enum Command {
     Mount(mount::MountArgs),
     Check(check::CheckArgs),
     Dump(dump::DumpArgs),
+    RotateMasterKey(rotate::RotateArgs),
     /// Write a new random 256-bit master key (64 hex characters + newline, mode 0600).
     #[command(after_help = "Example:\n  tdefs genkey /run/keys/tdefs.key   # keep it on tmpfs or in a secrets manager")]
     Genkey {
@@ -61,6 +63,7 @@ pub fn main() -> ExitCode {
         Command::Check(args) => return check::run(args),
         Command::Mount(args) => mount::run(args),
         Command::Dump(args) => dump::run(args),
+        Command::RotateMasterKey(args) => rotate::run(args),
         Command::Genkey { path } => crate::keys::generate_key_file(&path)
             .map(|()| eprintln!("wrote a new master key to {} (mode 0600)", path.display()))
             .map_err(anyhow::Error::from),

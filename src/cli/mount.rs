@@ -9,7 +9,9 @@ use clap::Args;
 use super::daemon;
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
 use crate::fs::{fuser_config, Core, FsOptions, Housekeeping, MountSpec, TdeFs};
-use crate::meta::{MasterKeys, Metadata, OpenOptions};
+use crate::control;
+use crate::keys::KeyStore;
+use crate::meta::{rotate_master_key, MasterKeys, Metadata, OpenOptions};
 
 /// Mount a backing directory (ciphertext) at a mountpoint (plaintext view).
 #[derive(Args, Debug)]
@@ -47,6 +49,44 @@ fn harden_process() {
         libc::setrlimit(libc::RLIMIT_CORE, &zero);
     }
     crate::sys::raise_nofile_limit();
+}
+
+/// The control socket (`tdefs rotate-master-key`). A mount without one still works, so a
+/// failure here is a warning.
+fn start_control(mountpoint: &Path, backing: &Path, keys: Arc<KeyStore>) -> Option<control::Server> {
+    let mp = match std::fs::canonicalize(mountpoint) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %e, "no control socket: cannot resolve the mountpoint");
+            return None;
+        }
+    };
+    let backing = backing.to_path_buf();
+    let handler = move |req: control::Request| -> Result<String, String> {
+        match req {
+            control::Request::Ping => Ok(format!("tdefs {} serving {}", env!("CARGO_PKG_VERSION"), backing.display())),
+            control::Request::RotateMasterKey { config } => {
+                let cfg = Config::load(&config).map_err(|e| format!("{e:#}"))?;
+                if let Some(b) = &cfg.backing_dir {
+                    if std::fs::canonicalize(b).ok().as_deref() != Some(backing.as_path()) {
+                        return Err(format!(
+                            "{} is for backing directory {}, but this mount serves {}",
+                            config.display(), b.display(), backing.display()
+                        ));
+                    }
+                }
+                let to = rotate_master_key(&keys, &cfg.security.encryption.master_key).map_err(|e| format!("{e:#}"))?;
+                Ok(format!("the key dictionary is now wrapped by {to}"))
+            }
+        }
+    };
+    match control::serve(&mp, Arc::new(handler)) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "no control socket: online master-key rotation is unavailable for this mount");
+            None
+        }
+    }
 }
 
 fn pick(arg: Option<PathBuf>, cfg: &Option<PathBuf>, what: &str, key: &str) -> anyhow::Result<PathBuf> {
@@ -101,6 +141,7 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
     let fs = TdeFs::new(core.clone(), spec.writeback_cache);
     let mut session = fuser::Session::new(fs, &mountpoint, &fuser_config(&spec))
         .with_context(|| format!("cannot mount at {}", mountpoint.display()))?;
+    let control = start_control(&mountpoint, meta.backing(), core.keys().clone());
     let mut unmounter = session.unmount_callable();
     let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])?;
     let signal_handle = signals.handle();
@@ -120,6 +161,7 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
     let result = session.run();
     signal_handle.close();
     let _ = sig_thread.join();
+    drop(control);
     drop(maintenance);
     meta.dict.flush().context("final dictionary flush")?;
     if meta.dict.compaction_due() {

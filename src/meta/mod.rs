@@ -220,6 +220,20 @@ fn open_keys(meta_dir: &Path, master: &MasterKeys<'_>, rotate: bool) -> Result<K
     }
 }
 
+/// Online master-key rotation: re-wrap the open key dictionary under `new` (durably; a
+/// crash leaves it openable by the old or the new key). Returns a description of `new`.
+pub fn rotate_master_key(keys: &KeyStore, new: &MasterKeyConfig) -> Result<String, MetaError> {
+    let backend = backend_for(new)?;
+    let from = keys.backend_kind();
+    keys.rewrap(backend.as_ref())?;
+    tracing::warn!(
+        from = %from, to = %backend.describe(),
+        "master key rotated online: the key dictionary is now wrapped by the new master key; \
+         mount with it from now on (the old one is no longer needed)"
+    );
+    Ok(backend.describe())
+}
+
 fn check_backing(backing: &Path) -> Result<PathBuf, MetaError> {
     let problem = |p: String| MetaError::Backing { path: backing.to_path_buf(), problem: p };
     let m = std::fs::metadata(backing).map_err(|e| problem(format!("cannot access it: {e}")))?;
