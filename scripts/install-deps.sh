@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Install the Debian packages a tdefs task needs, only those missing.
 #   install-deps.sh base    fuse3 (fusermount3) and a C toolchain
-#   install-deps.sh test    base + what the test suite drives
+#   install-deps.sh test    base + what the test suite drives, and moto's KMS server (PyPI)
+#                           in a venv at /opt/tdefs-test/venv for the AWS KMS tests
 set -euo pipefail
 want=(fuse3)
 case "${1:-base}" in
     base) ;;
-    test) want+=(attr xfsprogs python3 sqlite3 postgresql postgresql-contrib mariadb-server psmisc util-linux) ;;
+    test) want+=(attr xfsprogs python3 python3-venv sqlite3 postgresql postgresql-contrib mariadb-server psmisc util-linux) ;;
     *) echo "usage: $0 base|test" >&2; exit 2 ;;
 esac
 missing=()
@@ -24,3 +25,12 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 [ -e /dev/fuse ] || { echo "/dev/fuse is missing: load the fuse module (modprobe fuse)" >&2; exit 1; }
+
+if [ "${1:-base}" = test ]; then
+    venv=/opt/tdefs-test/venv
+    if [ ! -x "$venv/bin/moto_server" ]; then
+        echo "installing moto[server] into $venv"
+        /usr/bin/python3 -m venv "$venv"
+        "$venv/bin/pip" install -q --disable-pip-version-check 'moto[server]>=5,<6'
+    fi
+fi

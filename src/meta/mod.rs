@@ -198,7 +198,9 @@ fn open_keys(meta_dir: &Path, master: &MasterKeys<'_>, rotate: bool) -> Result<K
             }
             Ok(keys)
         }
-        Err(e @ (KeyError::WrongMasterKey { .. } | KeyError::BackendMismatch { .. })) => {
+        // KMS counts too: Decrypt of another key's blob is IncorrectKey on AWS but
+        // AccessDenied on some KMS-compatible services; the previous key then decides.
+        Err(e @ (KeyError::WrongMasterKey { .. } | KeyError::BackendMismatch { .. } | KeyError::Kms { .. })) => {
             let Some(prev) = master.previous else { return Err(e.into()) };
             let prev_backend = backend_for(prev)?;
             let keys = KeyStore::open(meta_dir, prev_backend.as_ref()).map_err(|e2| KeyError::NeitherKey {

@@ -17,6 +17,8 @@ pub struct Mount {
     pub key: PathBuf,
     pub config: PathBuf,
     pub log: PathBuf,
+    /// Extra environment for the daemon (AWS credentials, TDEFS_FAULT, ...).
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -53,7 +55,7 @@ impl Mount {
         let config = dir.path().join("tdefs.toml");
         fs::write(&config, config_text(&backing, &mnt, &key, method, extra)).unwrap();
         let log = dir.path().join("tdefs.log");
-        Mount { dir, backing, mnt, key, config, log, child: None }
+        Mount { dir, backing, mnt, key, config, log, env: Vec::new(), child: None }
     }
 
     /// Prepared and mounted.
@@ -109,6 +111,7 @@ impl Mount {
             }
         }
         let child = cmd
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .arg("mount")
             .arg("--config")
             .arg(&self.config)
@@ -166,6 +169,7 @@ impl Mount {
     /// `tdefs mount` expected to fail: its output.
     pub fn mount_fails(&self, extra_args: &[&str]) -> Output {
         let out = Command::new(TDEFS)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .arg("mount")
             .arg("--config")
             .arg(&self.config)
