@@ -374,8 +374,12 @@ fn metadata_directory_is_invisible_and_untouchable() {
     fs::write(m.path("f"), b"x").unwrap();
     assert_eq!(errno_of(fs::rename(m.path("f"), m.path(".tdefs"))), libc::EPERM);
     assert_eq!(errno_of(std::os::unix::fs::symlink("x", m.path(".tdefs"))), libc::EPERM);
+    // The root's link count is that of a directory without it (2 + subdirectories).
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(fs::metadata(&m.mnt).unwrap().nlink(), 2);
     fs::create_dir(m.path("sub")).unwrap();
     fs::create_dir(m.path("sub/.tdefs")).unwrap(); // reserved only in the root
+    assert_eq!(fs::metadata(&m.mnt).unwrap().nlink(), 3);
 }
 
 #[test]

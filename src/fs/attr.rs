@@ -43,6 +43,8 @@ pub fn timespec(t: SystemTime) -> libc::timespec {
 
 /// FUSE attributes; `nodeid` doubles as st_ino (fuser sends attr.ino as the node id).
 pub fn to_attr(nodeid: u64, st: &Stat) -> FileAttr {
+    // The root's link count includes the hidden metadata directory's "..": not shown.
+    let nlink = if nodeid == INodeNo::ROOT.0 { st.st_nlink.saturating_sub(1) } else { st.st_nlink };
     FileAttr {
         ino: INodeNo(nodeid),
         size: st.st_size as u64,
@@ -53,7 +55,7 @@ pub fn to_attr(nodeid: u64, st: &Stat) -> FileAttr {
         crtime: UNIX_EPOCH,
         kind: kind_of(st.st_mode),
         perm: (st.st_mode & 0o7777) as u16,
-        nlink: st.st_nlink as u32,
+        nlink: nlink as u32,
         uid: st.st_uid,
         gid: st.st_gid,
         rdev: st.st_rdev as u32,
