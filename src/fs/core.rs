@@ -298,18 +298,42 @@ impl Core {
             }
             self.truncate(&inode, fh.and_then(|fh| self.files.get(fh)), size)?;
         }
+        // Through the open file when the kernel names one (it may be unlinked), else by the
+        // inode's own descriptor.
+        let handle = fh.and_then(|fh| self.files.get(fh));
+        let pfd = match &handle {
+            Some(_) => None,
+            None => match self.pfd(&inode) {
+                Ok(fd) => Some(fd),
+                // The kernel flushing cached times (writeback cache) of a file whose last
+                // name was removed and that nobody has open: the backing inode is gone,
+                // as it would be on ext4 by now, so there is nothing left to change.
+                // (open_by_handle_at says ESTALE, or ENOMEM while the inode is being freed.)
+                Err(Error::Io(e))
+                    if matches!(e.raw_os_error(), Some(libc::ESTALE | libc::ENOMEM)) && inode.loc().is_none() =>
+                {
+                    return Ok(gone_stat(&inode));
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        let fd = match (&handle, &pfd) {
+            (Some(h), _) => h.fd(),
+            (None, Some(p)) => p.as_fd(),
+            (None, None) => unreachable!("one of them is set"),
+        };
         if uid.is_some() || gid.is_some() {
-            sys::fchown(self.pfd(&inode)?.as_fd(), uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX))?;
+            sys::fchown(fd, uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX))?;
         }
         if let Some(mode) = mode {
             if inode.kind != FileType::Symlink {
-                sys::fchmod_path(self.pfd(&inode)?.as_fd(), mode & 0o7777)?;
+                sys::fchmod_path(fd, mode & 0o7777)?;
             }
         }
         if mode.is_none() && uid.is_none() && gid.is_none() && size.is_none() && atime.is_none() && mtime.is_none() {
             // chown(f, -1, -1), or only a ctime from the kernel's writeback cache: ext4
             // updates ctime, and an ownership "change" to the same owner does just that.
-            sys::fchown(self.pfd(&inode)?.as_fd(), u32::MAX, u32::MAX)?;
+            sys::fchown(fd, u32::MAX, u32::MAX)?;
         }
         if atime.is_some() || mtime.is_some() {
             let conv = |t: Option<TimeOrNow>| match t {
@@ -322,10 +346,10 @@ impl Core {
                 let loc = inode.loc().ok_or(Error::Os(libc::ENOENT))?;
                 sys::utimens(self.pfd(&loc.parent)?.as_fd(), Some(&loc.name), &times, libc::AT_SYMLINK_NOFOLLOW)?;
             } else {
-                sys::utimens(self.pfd(&inode)?.as_fd(), None, &times, 0)?;
+                sys::utimens(fd, None, &times, 0)?;
             }
         }
-        self.getattr(nodeid, fh)
+        Ok(sys::fstat(fd)?)
     }
 
     pub fn readlink(&self, nodeid: u64) -> Result<OsString> {
@@ -467,4 +491,16 @@ impl Core {
     pub fn release(&self, fh: u64) {
         self.files.remove(fh);
     }
+}
+
+/// Attributes of a file that no longer exists anywhere (no name, nobody has it open).
+fn gone_stat(inode: &Inode) -> Stat {
+    let mut st: Stat = unsafe { std::mem::zeroed() };
+    st.st_mode = match inode.kind {
+        FileType::Directory => libc::S_IFDIR,
+        FileType::Symlink => libc::S_IFLNK,
+        _ => libc::S_IFREG,
+    };
+    st.st_nlink = 0;
+    st
 }

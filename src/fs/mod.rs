@@ -47,8 +47,13 @@ pub struct TdeFs {
 
 const GEN: Generation = Generation(0);
 
+/// The errno for a failed request; `RUST_LOG=tdefs=debug` shows each one and where it
+/// was answered.
+#[track_caller]
 fn fail(e: &errno::Error) -> Errno {
-    Errno::from_i32(errno(e))
+    let n = errno(e);
+    tracing::debug!(errno = n, error = %e, at = %std::panic::Location::caller(), "request failed");
+    Errno::from_i32(n)
 }
 
 impl TdeFs {
