@@ -684,3 +684,37 @@ fn deleted_files_with_cached_times_do_not_fail_syncfs() {
             m.log_text().lines().filter(|l| l.contains("request failed") && !l.contains("errno=2 ") && !l.contains("errno=61 ")).take(5).collect::<Vec<_>>().join("\n"));
     }
 }
+
+#[test]
+fn writes_and_truncates_by_other_users_drop_set_id_bits_as_on_ext4() {
+    // tdefs takes over this job from the kernel (FUSE_HANDLE_KILLPRIV_V2, so that the kernel
+    // stops asking for security.capability before every write); the results must stay
+    // those of ext4: set-uid always dropped, set-gid only with group execute, only for
+    // callers without CAP_FSETID; root keeps them.
+    let m = Mount::new("aes256-ctr");
+    fs::set_permissions(&m.mnt, fs::Permissions::from_mode(0o777)).unwrap();
+    let cases = [(0o6777, 0o777), (0o6767, 0o2767), (0o4755, 0o755), (0o2775, 0o775)];
+    let as_nobody = |cmd: &str| {
+        let st = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--", "sh", "-c", cmd])
+            .status()
+            .unwrap();
+        assert!(st.success(), "{cmd}");
+    };
+    let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    for (before, after) in cases {
+        for (what, cmd) in [("write", "echo data >> {}"), ("truncate", "truncate -s 1 {}"), ("O_TRUNC", ": > {}")] {
+            let p = m.path(&format!("{what}-{before:o}"));
+            fs::write(&p, b"abc").unwrap();
+            std::os::unix::fs::chown(&p, Some(65534), Some(65534)).unwrap();
+            fs::set_permissions(&p, fs::Permissions::from_mode(before)).unwrap();
+            as_nobody(&cmd.replace("{}", p.to_str().unwrap()));
+            assert_eq!(mode(&p), after, "{what} by the owner (not root) of a {before:o} file");
+        }
+        let p = m.path(&format!("root-{before:o}"));
+        fs::write(&p, b"abc").unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(before)).unwrap();
+        fs::OpenOptions::new().append(true).open(&p).unwrap().write_all(b"more").unwrap();
+        assert_eq!(mode(&p), before, "root keeps the set-id bits of a {before:o} file");
+    }
+}

@@ -139,8 +139,10 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
     core.collect_unused_keys().context("deleting unused data keys")?;
     let maintenance = Housekeeping::start(core.clone());
     let fs = TdeFs::new(core.clone(), spec.writeback_cache);
+    let notifier = fs.notifier_slot();
     let mut session = fuser::Session::new(fs, &mountpoint, &fuser_config(&spec))
         .with_context(|| format!("cannot mount at {}", mountpoint.display()))?;
+    let _ = notifier.set(session.notifier());
     let control = start_control(&mountpoint, meta.backing(), core.keys().clone());
     let mut unmounter = session.unmount_callable();
     let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])?;

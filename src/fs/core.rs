@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -290,6 +291,7 @@ impl Core {
         atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         fh: Option<u64>,
+        kill_privs: bool,
     ) -> Result<Stat> {
         let inode = self.inode(nodeid)?;
         if let Some(size) = size {
@@ -322,6 +324,10 @@ impl Core {
             (None, Some(p)) => p.as_fd(),
             (None, None) => unreachable!("one of them is set"),
         };
+        if size.is_some() && kill_privs {
+            kill_suidgid(fd)?;
+        }
+        // The backing chown drops set-id bits and capabilities itself, as on ext4.
         if uid.is_some() || gid.is_some() {
             sys::fchown(fd, uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX))?;
         }
@@ -430,13 +436,35 @@ impl Core {
     }
 
     pub fn getxattr(&self, nodeid: u64, name: &OsStr, buf: &mut [u8]) -> Result<usize> {
+        let caps = name.as_bytes() == CAPS_XATTR;
+        let inode = if caps { Some(self.inode(nodeid)?) } else { None };
+        if let Some(i) = &inode {
+            if i.no_caps.load(Ordering::Relaxed) {
+                return err(libc::ENODATA);
+            }
+        }
         let (t, _fd) = self.xattr_target(nodeid)?;
-        Ok(sys::getxattr(&t, name, buf)?)
+        let r = sys::getxattr(&t, name, buf);
+        if let (Some(i), Err(e)) = (&inode, &r) {
+            if e.raw_os_error() == Some(libc::ENODATA) {
+                i.no_caps.store(true, Ordering::Relaxed);
+            }
+        }
+        Ok(r?)
     }
 
     pub fn setxattr(&self, nodeid: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+        self.forget_no_caps(nodeid, name)?;
         let (t, _fd) = self.xattr_target(nodeid)?;
         Ok(sys::setxattr(&t, name, value, flags)?)
+    }
+
+    /// Before `name` may change: the cached absence of capabilities no longer holds.
+    fn forget_no_caps(&self, nodeid: u64, name: &OsStr) -> Result<()> {
+        if name.as_bytes() == CAPS_XATTR {
+            self.inode(nodeid)?.no_caps.store(false, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     pub fn listxattr(&self, nodeid: u64, buf: &mut [u8]) -> Result<usize> {
@@ -445,6 +473,7 @@ impl Core {
     }
 
     pub fn removexattr(&self, nodeid: u64, name: &OsStr) -> Result<()> {
+        self.forget_no_caps(nodeid, name)?;
         let (t, _fd) = self.xattr_target(nodeid)?;
         Ok(sys::removexattr(&t, name)?)
     }
@@ -472,25 +501,52 @@ impl Core {
         }
     }
 
-    pub fn open(&self, nodeid: u64, flags: i32) -> Result<u64> {
+    /// `kill_privs`: the opener lacks CAP_FSETID, so O_TRUNC drops set-id bits (as ext4).
+    /// Returns the handle and whether the mode changed (the kernel's cached one is stale).
+    pub fn open(&self, nodeid: u64, flags: i32, kill_privs: bool) -> Result<(u64, bool)> {
         let inode = self.inode(nodeid)?;
         if inode.kind != FileType::RegularFile {
             return err(if inode.kind == FileType::Directory { libc::EISDIR } else { libc::EINVAL });
         }
         let fd = self.open_backing(&inode, flags)?;
         let h = Arc::new(FileHandle::new(inode.clone(), fd));
+        let mut mode_changed = false;
         if flags & libc::O_TRUNC != 0 {
             self.truncate(&inode, Some(h.clone()), 0)?;
+            if kill_privs {
+                mode_changed = kill_suidgid(h.fd())?;
+            }
         } else if flags & libc::O_ACCMODE != libc::O_RDONLY {
             self.adopt_if_empty(&inode, &h)?;
         }
         let h = Arc::try_unwrap(h).map_err(|_| Error::Os(libc::EIO))?;
-        Ok(self.files.insert(h))
+        Ok((self.files.insert(h), mode_changed))
     }
 
     pub fn release(&self, fh: u64) {
         self.files.remove(fh);
     }
+}
+
+const CAPS_XATTR: &[u8] = b"security.capability";
+
+/// With FUSE_HANDLE_KILLPRIV_V2 the kernel leaves dropping set-id bits to us when a caller
+/// without CAP_FSETID writes or truncates (tdefs itself has it, so the backing filesystem
+/// would not). As the kernel does it: set-uid always, set-gid only with group execute.
+/// Capabilities need nothing here: the backing write/truncate/chown removes them.
+/// Returns whether the mode changed.
+pub(super) fn kill_suidgid(fd: std::os::fd::BorrowedFd<'_>) -> Result<bool> {
+    let st = sys::fstat(fd)?;
+    let mut mode = st.st_mode & 0o7777;
+    mode &= !libc::S_ISUID;
+    if mode & libc::S_IXGRP != 0 {
+        mode &= !libc::S_ISGID;
+    }
+    if mode == st.st_mode & 0o7777 {
+        return Ok(false);
+    }
+    sys::fchmod_path(fd, mode)?;
+    Ok(true)
 }
 
 /// Attributes of a file that no longer exists anywhere (no name, nobody has it open).

@@ -58,6 +58,11 @@ pub struct Inode {
     lookups: AtomicU64,
     loc: Mutex<Option<Loc>>,
     pub data: RwLock<FileState>,
+    /// Known to have no `security.capability` xattr. The kernel asks for it before every
+    /// write (to drop capabilities), a round trip per write; once the answer is known
+    /// absent it is given from memory. Only tdefs changes the backing files' xattrs, and
+    /// every setxattr/removexattr of that name through tdefs clears this.
+    pub no_caps: AtomicBool,
 }
 
 impl Inode {
@@ -71,6 +76,7 @@ impl Inode {
             lookups: AtomicU64::new(0),
             loc: Mutex::new(loc),
             data: RwLock::new(state),
+            no_caps: AtomicBool::new(false),
         }
     }
 

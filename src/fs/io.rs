@@ -68,8 +68,12 @@ impl Core {
         })
     }
 
-    pub fn write(&self, fh: u64, off: u64, bytes: &[u8]) -> Result<u32> {
+    /// `kill_privs`: the kernel asks to drop set-id bits (FUSE_WRITE_KILL_SUIDGID).
+    pub fn write(&self, fh: u64, off: u64, bytes: &[u8], kill_privs: bool) -> Result<u32> {
         let h = self.handle(fh)?;
+        if kill_privs {
+            super::core::kill_suidgid(h.fd())?;
+        }
         let store = Fd(h.fd());
         WRITE_BUF.with(|b| {
             let mut scratch = b.borrow_mut();
@@ -208,7 +212,7 @@ impl Core {
             if n == 0 {
                 break;
             }
-            self.write(fh_out, off_out + done, &buf[..n])?;
+            self.write(fh_out, off_out + done, &buf[..n], false)?;
             done += n as u64;
             if n < want as usize {
                 break;

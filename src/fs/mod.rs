@@ -43,6 +43,8 @@ pub struct MountSpec {
 pub struct TdeFs {
     core: Arc<Core>,
     writeback_cache: bool,
+    /// Set once the session exists: tells the kernel when its cached attributes went stale.
+    notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
 }
 
 const GEN: Generation = Generation(0);
@@ -58,7 +60,12 @@ fn fail(e: &errno::Error) -> Errno {
 
 impl TdeFs {
     pub fn new(core: Arc<Core>, writeback_cache: bool) -> TdeFs {
-        TdeFs { core, writeback_cache }
+        TdeFs { core, writeback_cache, notifier: Arc::default() }
+    }
+
+    /// Where the mount code puts the session's notifier.
+    pub fn notifier_slot(&self) -> Arc<std::sync::OnceLock<fuser::Notifier>> {
+        self.notifier.clone()
     }
 
     fn ttl(&self) -> Duration {
@@ -86,6 +93,12 @@ impl TdeFs {
     }
 }
 
+/// Whether the caller may keep set-id bits when it modifies a file (CAP_FSETID). FUSE
+/// does not pass capabilities; root stands for them, as in the kernel's default policy.
+fn lacks_fsetid(req: &Request) -> bool {
+    req.uid() != 0
+}
+
 fn caller(req: &Request) -> Caller {
     Caller { uid: req.uid(), gid: req.gid() }
 }
@@ -107,6 +120,10 @@ impl Filesystem for TdeFs {
         if self.writeback_cache {
             wanted.push(InitFlags::FUSE_WRITEBACK_CACHE);
         }
+        // We drop set-id bits on write/truncate ourselves (see core::kill_suidgid); in
+        // return the kernel marks the superblock SB_NOSEC and stops asking for
+        // security.capability before every write: one round trip less per write.
+        wanted.push(InitFlags::FUSE_HANDLE_KILLPRIV_V2);
         for cap in wanted {
             if cfg.add_capabilities(cap).is_err() {
                 tracing::debug!(?cap, "kernel lacks FUSE capability");
@@ -139,7 +156,7 @@ impl Filesystem for TdeFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -155,7 +172,8 @@ impl Filesystem for TdeFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        match self.core.setattr(ino.0, mode, uid, gid, size, atime, mtime, fh.map(|f| f.0)) {
+        let kill = size.is_some() && lacks_fsetid(req);
+        match self.core.setattr(ino.0, mode, uid, gid, size, atime, mtime, fh.map(|f| f.0), kill) {
             Ok(st) => reply.attr(&self.ttl(), &attr::to_attr(ino.0, &st)),
             Err(e) => reply.error(fail(&e)),
         }
@@ -205,9 +223,18 @@ impl Filesystem for TdeFs {
         self.entry(self.core.link(ino.0, newparent.0, newname), reply);
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.core.open(ino.0, flags.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), Self::open_flags()),
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.core.open(ino.0, flags.0, lacks_fsetid(req)) {
+            Ok((fh, mode_changed)) => {
+                reply.opened(FileHandle(fh), Self::open_flags());
+                // O_TRUNC dropped set-id bits: the kernel would show the old mode until
+                // the attribute timeout (with the writeback cache it does not refetch).
+                if mode_changed {
+                    if let Some(n) = self.notifier.get() {
+                        let _ = n.inval_inode(ino, -1, 0);
+                    }
+                }
+            }
             Err(e) => reply.error(fail(&e)),
         }
     }
@@ -236,12 +263,13 @@ impl Filesystem for TdeFs {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.core.write(fh.0, offset, data) {
+        let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
+        match self.core.write(fh.0, offset, data, kill) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(fail(&e)),
         }
