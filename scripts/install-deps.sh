@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Install the Debian packages a tdefs task needs, only those missing.
 #   install-deps.sh base    fuse3 (fusermount3) and a C toolchain
+#   install-deps.sh bench   base + fio, gocryptfs, gnuplot, PostgreSQL for scripts/bench/
 #   install-deps.sh test    base + what the test suite drives, and moto's KMS server (PyPI)
 #                           in a venv at /opt/tdefs-test/venv for the AWS KMS tests
 set -euo pipefail
 want=(fuse3)
 case "${1:-base}" in
     base) ;;
+    bench) want+=(fio gocryptfs gnuplot-nox bc python3 sqlite3 postgresql postgresql-contrib) ;;
     test) want+=(attr xfsprogs python3 python3-venv sqlite3 postgresql postgresql-contrib mariadb-server psmisc util-linux) ;;
-    *) echo "usage: $0 base|test" >&2; exit 2 ;;
+    *) echo "usage: $0 base|bench|test" >&2; exit 2 ;;
 esac
 missing=()
 for p in "${want[@]}"; do
