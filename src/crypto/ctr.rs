@@ -23,7 +23,7 @@ enum Inner {
     Aes128(aes::Aes128),
     Aes192(aes::Aes192),
     Aes256(aes::Aes256),
-    Sm4(sm4::Sm4),
+    Sm4(super::sm4::Sm4),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,7 +45,7 @@ impl FileCipher {
             Method::Aes128Ctr => Inner::Aes128(aes::Aes128::new_from_slice(key).map_err(|_| bad())?),
             Method::Aes192Ctr => Inner::Aes192(aes::Aes192::new_from_slice(key).map_err(|_| bad())?),
             Method::Aes256Ctr => Inner::Aes256(aes::Aes256::new_from_slice(key).map_err(|_| bad())?),
-            Method::Sm4Ctr => Inner::Sm4(sm4::Sm4::new_from_slice(key).map_err(|_| bad())?),
+            Method::Sm4Ctr => Inner::Sm4(super::sm4::Sm4::new(key.try_into().map_err(|_| bad())?)),
         };
         Ok(FileCipher { iv: *iv, inner })
     }
@@ -76,7 +76,7 @@ impl FileCipher {
             Inner::Aes128(c) => xor_keystream(c, &self.iv, offset, buf),
             Inner::Aes192(c) => xor_keystream(c, &self.iv, offset, buf),
             Inner::Aes256(c) => xor_keystream(c, &self.iv, offset, buf),
-            Inner::Sm4(c) => xor_keystream(c, &self.iv, offset, buf),
+            Inner::Sm4(c) => sm4_keystream(c, &self.iv, offset, buf),
         }
     }
 }
@@ -91,6 +91,24 @@ where
     let mut stream = ctr::Ctr128BE::<C>::from_core(core);
     stream.seek(offset);
     stream.apply_keystream(buf);
+}
+
+/// CTR over the table-driven SM4: the same counter layout as `xor_keystream`.
+fn sm4_keystream(c: &super::sm4::Sm4, iv: &Iv, offset: u64, buf: &mut [u8]) {
+    let base = u128::from_be_bytes(*iv);
+    let mut block = offset / 16;
+    let mut skip = (offset % 16) as usize;
+    let mut pos = 0;
+    while pos < buf.len() {
+        let ks = c.encrypt(base.wrapping_add(block as u128).to_be_bytes());
+        let n = (16 - skip).min(buf.len() - pos);
+        for (b, k) in buf[pos..pos + n].iter_mut().zip(&ks[skip..skip + n]) {
+            *b ^= k;
+        }
+        pos += n;
+        skip = 0;
+        block += 1;
+    }
 }
 
 impl fmt::Debug for FileCipher {

@@ -5,6 +5,7 @@ mod ctr;
 mod method;
 mod seal;
 mod secret;
+mod sm4;
 
 pub use self::ctr::FileCipher;
 pub use self::method::{Method, UnknownMethod};
