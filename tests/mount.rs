@@ -711,6 +711,15 @@ fn writes_and_truncates_by_other_users_drop_set_id_bits_as_on_ext4() {
             as_nobody(&cmd.replace("{}", p.to_str().unwrap()));
             assert_eq!(mode(&p), after, "{what} by the owner (not root) of a {before:o} file");
         }
+        // Not in the file's group: set-gid goes even without group execute (kernel >= 6.2).
+        for (what, cmd) in [("write", "echo data >> {}"), ("truncate", "truncate -s 1 {}"), ("O_TRUNC", ": > {}")] {
+            let p = m.path(&format!("{what}-othergroup-{before:o}"));
+            fs::write(&p, b"abc").unwrap();
+            std::os::unix::fs::chown(&p, Some(65534), Some(0)).unwrap();
+            fs::set_permissions(&p, fs::Permissions::from_mode(before)).unwrap();
+            as_nobody(&cmd.replace("{}", p.to_str().unwrap()));
+            assert_eq!(mode(&p), before & 0o777, "{what} by a non-member of the group of a {before:o} file");
+        }
         let p = m.path(&format!("root-{before:o}"));
         fs::write(&p, b"abc").unwrap();
         fs::set_permissions(&p, fs::Permissions::from_mode(before)).unwrap();

@@ -291,7 +291,7 @@ impl Core {
         atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         fh: Option<u64>,
-        kill_privs: bool,
+        kill_privs: Option<KillPrivs>,
     ) -> Result<Stat> {
         let inode = self.inode(nodeid)?;
         if let Some(size) = size {
@@ -324,8 +324,8 @@ impl Core {
             (None, Some(p)) => p.as_fd(),
             (None, None) => unreachable!("one of them is set"),
         };
-        if size.is_some() && kill_privs {
-            kill_suidgid(fd)?;
+        if let (Some(_), Some(who)) = (size, &kill_privs) {
+            kill_suidgid(fd, who)?;
         }
         // The backing chown drops set-id bits and capabilities itself, as on ext4.
         if uid.is_some() || gid.is_some() {
@@ -503,7 +503,7 @@ impl Core {
 
     /// `kill_privs`: the opener lacks CAP_FSETID, so O_TRUNC drops set-id bits (as ext4).
     /// Returns the handle and whether the mode changed (the kernel's cached one is stale).
-    pub fn open(&self, nodeid: u64, flags: i32, kill_privs: bool) -> Result<(u64, bool)> {
+    pub fn open(&self, nodeid: u64, flags: i32, kill_privs: Option<KillPrivs>) -> Result<(u64, bool)> {
         let inode = self.inode(nodeid)?;
         if inode.kind != FileType::RegularFile {
             return err(if inode.kind == FileType::Directory { libc::EISDIR } else { libc::EINVAL });
@@ -513,8 +513,8 @@ impl Core {
         let mut mode_changed = false;
         if flags & libc::O_TRUNC != 0 {
             self.truncate(&inode, Some(h.clone()), 0)?;
-            if kill_privs {
-                mode_changed = kill_suidgid(h.fd())?;
+            if let Some(who) = &kill_privs {
+                mode_changed = kill_suidgid(h.fd(), who)?;
             }
         } else if flags & libc::O_ACCMODE != libc::O_RDONLY {
             self.adopt_if_empty(&inode, &h)?;
@@ -530,16 +530,38 @@ impl Core {
 
 const CAPS_XATTR: &[u8] = b"security.capability";
 
+/// A caller without CAP_FSETID modifying a file: its set-id bits may have to go.
+#[derive(Debug, Clone, Copy)]
+pub struct KillPrivs {
+    pub gid: u32,
+    pub pid: u32,
+}
+
+impl KillPrivs {
+    /// In the group `gid`: primary group from the request, supplementary ones from /proc
+    /// (FUSE passes only the former).
+    fn in_group(&self, gid: u32) -> bool {
+        if self.gid == gid {
+            return true;
+        }
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid))
+            .ok()
+            .and_then(|s| s.lines().find(|l| l.starts_with("Groups:")).map(|l| l[7..].split_whitespace().any(|g| g.parse() == Ok(gid))))
+            .unwrap_or(false)
+    }
+}
+
 /// With FUSE_HANDLE_KILLPRIV_V2 the kernel leaves dropping set-id bits to us when a caller
 /// without CAP_FSETID writes or truncates (tdefs itself has it, so the backing filesystem
-/// would not). As the kernel does it: set-uid always, set-gid only with group execute.
-/// Capabilities need nothing here: the backing write/truncate/chown removes them.
-/// Returns whether the mode changed.
-pub(super) fn kill_suidgid(fd: std::os::fd::BorrowedFd<'_>) -> Result<bool> {
+/// would not). The kernel's rule (setattr_should_drop_suidgid): set-uid always; set-gid
+/// with group execute, or when the caller is not in the file's group. Capabilities need
+/// nothing here: the backing write/truncate/chown removes them. Returns whether the mode
+/// changed.
+pub(super) fn kill_suidgid(fd: std::os::fd::BorrowedFd<'_>, who: &KillPrivs) -> Result<bool> {
     let st = sys::fstat(fd)?;
     let mut mode = st.st_mode & 0o7777;
     mode &= !libc::S_ISUID;
-    if mode & libc::S_IXGRP != 0 {
+    if mode & libc::S_ISGID != 0 && (mode & libc::S_IXGRP != 0 || !who.in_group(st.st_gid)) {
         mode &= !libc::S_ISGID;
     }
     if mode == st.st_mode & 0o7777 {

@@ -68,12 +68,14 @@ impl Core {
         })
     }
 
-    /// `kill_privs`: the kernel asks to drop set-id bits (FUSE_WRITE_KILL_SUIDGID).
-    pub fn write(&self, fh: u64, off: u64, bytes: &[u8], kill_privs: bool) -> Result<u32> {
+    /// Before a write the kernel flagged FUSE_WRITE_KILL_SUIDGID: drop the set-id bits
+    /// the writer may not keep. Returns whether the mode changed.
+    pub fn kill_privs(&self, fh: u64, who: &super::core::KillPrivs) -> Result<bool> {
+        super::core::kill_suidgid(self.handle(fh)?.fd(), who)
+    }
+
+    pub fn write(&self, fh: u64, off: u64, bytes: &[u8]) -> Result<u32> {
         let h = self.handle(fh)?;
-        if kill_privs {
-            super::core::kill_suidgid(h.fd())?;
-        }
         let store = Fd(h.fd());
         WRITE_BUF.with(|b| {
             let mut scratch = b.borrow_mut();
@@ -212,7 +214,7 @@ impl Core {
             if n == 0 {
                 break;
             }
-            self.write(fh_out, off_out + done, &buf[..n], false)?;
+            self.write(fh_out, off_out + done, &buf[..n])?;
             done += n as u64;
             if n < want as usize {
                 break;

@@ -25,6 +25,7 @@ use fuser::{
 };
 
 pub use self::core::{Core, FsOptions};
+use self::core::KillPrivs;
 pub use self::data::BLOCK;
 pub use self::housekeeping::Housekeeping;
 use self::errno::errno;
@@ -63,6 +64,15 @@ impl TdeFs {
         TdeFs { core, writeback_cache, notifier: Arc::default() }
     }
 
+    /// We changed attributes the kernel caches (set-id bits dropped on its behalf): without
+    /// this it would show the old mode until the attribute timeout, since with the
+    /// writeback cache it does not refetch them after a write.
+    fn attrs_changed(&self, ino: INodeNo) {
+        if let Some(n) = self.notifier.get() {
+            let _ = n.inval_inode(ino, -1, 0);
+        }
+    }
+
     /// Where the mount code puts the session's notifier.
     pub fn notifier_slot(&self) -> Arc<std::sync::OnceLock<fuser::Notifier>> {
         self.notifier.clone()
@@ -95,8 +105,12 @@ impl TdeFs {
 
 /// Whether the caller may keep set-id bits when it modifies a file (CAP_FSETID). FUSE
 /// does not pass capabilities; root stands for them, as in the kernel's default policy.
-fn lacks_fsetid(req: &Request) -> bool {
-    req.uid() != 0
+fn lacks_fsetid(req: &Request) -> Option<KillPrivs> {
+    (req.uid() != 0).then(|| killer(req))
+}
+
+fn killer(req: &Request) -> KillPrivs {
+    KillPrivs { gid: req.gid(), pid: req.pid() }
 }
 
 fn caller(req: &Request) -> Caller {
@@ -172,7 +186,7 @@ impl Filesystem for TdeFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let kill = size.is_some() && lacks_fsetid(req);
+        let kill = if size.is_some() { lacks_fsetid(req) } else { None };
         match self.core.setattr(ino.0, mode, uid, gid, size, atime, mtime, fh.map(|f| f.0), kill) {
             Ok(st) => reply.attr(&self.ttl(), &attr::to_attr(ino.0, &st)),
             Err(e) => reply.error(fail(&e)),
@@ -230,9 +244,7 @@ impl Filesystem for TdeFs {
                 // O_TRUNC dropped set-id bits: the kernel would show the old mode until
                 // the attribute timeout (with the writeback cache it does not refetch).
                 if mode_changed {
-                    if let Some(n) = self.notifier.get() {
-                        let _ = n.inval_inode(ino, -1, 0);
-                    }
+                    self.attrs_changed(ino);
                 }
             }
             Err(e) => reply.error(fail(&e)),
@@ -258,8 +270,8 @@ impl Filesystem for TdeFs {
 
     fn write(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
@@ -268,8 +280,14 @@ impl Filesystem for TdeFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
-        match self.core.write(fh.0, offset, data, kill) {
+        if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+            match self.core.kill_privs(fh.0, &killer(req)) {
+                Ok(true) => self.attrs_changed(ino),
+                Ok(false) => {}
+                Err(e) => return reply.error(fail(&e)),
+            }
+        }
+        match self.core.write(fh.0, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(fail(&e)),
         }
