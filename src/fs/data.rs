@@ -205,6 +205,56 @@ fn zero_partial(s: &dyn Store, c: &FileCipher, from: u64, to: u64, size: u64) ->
     write_zeros(s, c, from, to)
 }
 
+/// SEEK_DATA (`data`) or SEEK_HOLE from `off`, given the backing file's own answers
+/// (`backing(off, whence)`). The hole rule makes tdefs write encrypted zeros of its own:
+/// the rest of a partial last block. On the backing file such a block is data where ext4
+/// has a hole, so a data extent of the backing file that lies within one block and
+/// decrypts to zeros is reported as a hole. (So is a lone block of zeros the application
+/// wrote: it reads as zeros either way.) Longer extents are data, as ext4 reports written
+/// zeros.
+pub fn seek(s: &dyn Store, c: &FileCipher, off: u64, data: bool, backing: &dyn Fn(u64, i32) -> io::Result<u64>) -> io::Result<u64> {
+    let whence = if data { libc::SEEK_DATA } else { libc::SEEK_HOLE };
+    if c.is_plaintext() {
+        return backing(off, whence);
+    }
+    let size = s.size()?;
+    // The backing data extent containing `p` is a zero fill: returns its end if so.
+    let fill_end = |p: u64| -> io::Result<Option<u64>> {
+        let b = down(p);
+        let end = backing(p, libc::SEEK_HOLE)?;
+        if end > b + BLOCK {
+            return Ok(None); // more than one block of data
+        }
+        if b > 0 && backing(b - BLOCK, libc::SEEK_HOLE)? != b - BLOCK {
+            return Ok(None); // the extent began in the block before
+        }
+        let mut buf = Vec::new();
+        read(s, c, b, (end - b) as usize, &mut buf)?;
+        Ok(all_zero(&buf).then_some(end))
+    };
+    let mut off = off;
+    loop {
+        if off >= size {
+            return Err(io::Error::from_raw_os_error(libc::ENXIO));
+        }
+        if data {
+            let p = backing(off, libc::SEEK_DATA)?;
+            match fill_end(p)? {
+                Some(end) => off = end, // a hole to ext4: look further
+                None => return Ok(p),
+            }
+        } else {
+            let h = backing(off, libc::SEEK_HOLE)?;
+            if h == off || fill_end(off)?.is_some() {
+                return Ok(off);
+            }
+            // Data up to `h`; a fill extent cannot end it early (it would be one extent
+            // with the data before it), so `h` is the answer.
+            return Ok(h);
+        }
+    }
+}
+
 /// fallocate: default mode and KEEP_SIZE allocate (zeros, i.e. holes); PUNCH_HOLE and
 /// ZERO_RANGE make a range read as zeros. Other modes (collapse, insert) would move
 /// ciphertext to other offsets and are refused by the kernel's FUSE module anyway.

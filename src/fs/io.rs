@@ -193,7 +193,14 @@ impl Core {
         if whence != libc::SEEK_DATA && whence != libc::SEEK_HOLE {
             return err(libc::EINVAL);
         }
-        Ok(sys::lseek(h.fd(), off, whence)?)
+        if off < 0 {
+            return err(libc::ENXIO);
+        }
+        let fd = h.fd();
+        let backing = |o: u64, w: i32| sys::lseek(fd, o as i64, w).map(|r| r as u64);
+        let st = h.inode.data.read();
+        let c = cipher(&st)?;
+        Ok(data::seek(&Fd(fd), c, off as u64, whence == libc::SEEK_DATA, &backing)? as i64)
     }
 
     /// Copy through the ciphers (the two files have different keys and IVs).

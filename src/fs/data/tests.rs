@@ -304,3 +304,69 @@ proptest! {
         }
     }
 }
+
+/// The backing file's own SEEK_DATA/SEEK_HOLE over `Mem`, block-granular as on ext4: a
+/// block of zero bytes is a hole.
+fn mem_seek(s: &Mem, off: u64, whence: i32) -> io::Result<u64> {
+    let m = s.0.borrow();
+    let size = m.len() as u64;
+    if off >= size {
+        return Err(io::Error::from_raw_os_error(libc::ENXIO));
+    }
+    let is_data = |b: u64| m[b as usize..(b + BLOCK).min(size) as usize].iter().any(|&x| x != 0);
+    let mut b = down(off);
+    while b < size {
+        if is_data(b) == (whence == libc::SEEK_DATA) {
+            return Ok(b.max(off));
+        }
+        b += BLOCK;
+    }
+    if whence == libc::SEEK_HOLE { Ok(size) } else { Err(io::Error::from_raw_os_error(libc::ENXIO)) }
+}
+
+/// Extents as `xfs_io seek -a -r 0` lists them: (offset, is_data) until EOF.
+fn extents(s: &Mem, c: &FileCipher) -> Vec<(u64, bool)> {
+    let backing = |o: u64, w: i32| mem_seek(s, o, w);
+    let size = s.size().unwrap();
+    let mut v = Vec::new();
+    let mut off = 0;
+    let mut data = seek(s, c, 0, true, &backing).map(|p| p == 0).unwrap_or(false);
+    while off < size {
+        v.push((off, data));
+        match seek(s, c, off, !data, &backing) {
+            Ok(p) => off = p,
+            Err(_) => break,
+        }
+        data = !data;
+    }
+    v
+}
+
+#[test]
+fn seek_reports_tdefs_own_zero_fill_as_holes_as_ext4_would() {
+    for m in [Method::Aes256Ctr, Method::Sm4Ctr] {
+        let c = cipher(m);
+        // Grown by truncate only: no data at all (ext4: SEEK_DATA 0 -> ENXIO).
+        let s = Mem(RefCell::new(Vec::new()));
+        truncate(&s, &c, 300_000).unwrap();
+        assert_eq!(seek(&s, &c, 0, true, &|o, w| mem_seek(&s, o, w)).unwrap_err().raw_os_error(), Some(libc::ENXIO));
+        assert_eq!(seek(&s, &c, 0, false, &|o, w| mem_seek(&s, o, w)).unwrap(), 0);
+        // Data, a grown partial tail that later became a full block, data past a hole.
+        let s = Mem(RefCell::new(Vec::new()));
+        let mut scratch = Vec::new();
+        write(&s, &c, 0, &[7u8; 4096], &mut scratch).unwrap();
+        truncate(&s, &c, 20_000).unwrap();
+        write(&s, &c, 40_000, &[9u8; 100], &mut scratch).unwrap();
+        assert_eq!(extents(&s, &c), vec![(0, true), (4096, false), (36864, true)]);
+        // A partial block of real data stays data.
+        let s = Mem(RefCell::new(Vec::new()));
+        write(&s, &c, 100, &[1u8; 10], &mut scratch).unwrap();
+        truncate(&s, &c, 10_000).unwrap();
+        assert_eq!(extents(&s, &c), vec![(0, true), (4096, false)]);
+        // Written zeros over more than one block are data, as on ext4.
+        let s = Mem(RefCell::new(Vec::new()));
+        truncate(&s, &c, 8192).unwrap();
+        write(&s, &c, 8192, &[0u8; 3 * 4096], &mut scratch).unwrap();
+        assert_eq!(extents(&s, &c), vec![(0, false), (8192, true)]);
+    }
+}
