@@ -29,6 +29,8 @@ stage "build" cargo build --release --all-targets --quiet
 stage "unit and integration tests" cargo test --release --no-fail-fast -- --test-threads=4
 # The xfstests-style suite with the real databases; its results table goes to target/.
 stage "suite (scripts/check -g auto)" scripts/check -g auto --results target/check-results.md
+# Benchmarks are not timed tests: CI only checks that the harness runs (tiny sizes).
+stage "benchmark harness (quick)" scripts/bench/compare.sh --quick --out target/bench-quick
 
 echo
 [ ${#failures[@]} -eq 0 ] || echo "failed stages: ${failures[*]}"

@@ -245,9 +245,9 @@ PY
 if command -v gnuplot >/dev/null; then
     ncols=$(head -1 "$out/ratios.dat" | wc -w)
     gnuplot <<GP
-set terminal png size 1400,600 font ",10"
+set terminal png size 1400,600 font ",10" noenhanced
 set output "$out/results.png"
-set title "tdefs vs gocryptfs, throughput relative to native ext4 (median of $reps)"
+set title "tdefs vs gocryptfs, throughput relative to native ext4 (median of $reps runs, $(date -u +%Y-%m-%d))"
 set style data histograms
 set style histogram clustered gap 1
 set style fill solid 0.8 border -1
