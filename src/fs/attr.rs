@@ -26,6 +26,7 @@ fn time(secs: i64, nsecs: i64) -> SystemTime {
     }
 }
 
+#[cfg(test)]
 pub fn timespec(t: SystemTime) -> libc::timespec {
     match t.duration_since(UNIX_EPOCH) {
         Ok(d) => libc::timespec { tv_sec: d.as_secs() as i64, tv_nsec: d.subsec_nanos() as i64 },
@@ -37,6 +38,20 @@ pub fn timespec(t: SystemTime) -> libc::timespec {
                 n += 1_000_000_000;
             }
             libc::timespec { tv_sec: s, tv_nsec: n }
+        }
+    }
+}
+
+/// A time from a setattr request. fuser 0.18.0 turns the kernel's (secs < 0, nsecs) into
+/// `UNIX_EPOCH - Duration::new(-secs, nsecs)`, one second early for any pre-1970 time
+/// with a fraction (it should subtract `1e9 - nsecs` from `-secs + 1`). That is undone
+/// exactly here; fuser is pinned to 0.18.0 in Cargo.toml so the two cannot drift apart.
+pub fn timespec_from_request(t: SystemTime) -> libc::timespec {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => libc::timespec { tv_sec: d.as_secs() as i64, tv_nsec: d.subsec_nanos() as i64 },
+        Err(e) => {
+            let d = e.duration();
+            libc::timespec { tv_sec: -(d.as_secs() as i64), tv_nsec: d.subsec_nanos() as i64 }
         }
     }
 }
@@ -67,6 +82,18 @@ pub fn to_attr(nodeid: u64, st: &Stat) -> FileAttr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_times_before_1970_undo_fusers_conversion() {
+        // What fuser 0.18.0 hands us for the kernel's (-1, 500_000_000), i.e. -0.5 s.
+        let t = UNIX_EPOCH - std::time::Duration::new(1, 500_000_000);
+        let ts = timespec_from_request(t);
+        assert_eq!((ts.tv_sec, ts.tv_nsec), (-1, 500_000_000));
+        let ts = timespec_from_request(UNIX_EPOCH - std::time::Duration::new(86400, 0));
+        assert_eq!((ts.tv_sec, ts.tv_nsec), (-86400, 0));
+        let ts = timespec_from_request(UNIX_EPOCH + std::time::Duration::new(5, 7));
+        assert_eq!((ts.tv_sec, ts.tv_nsec), (5, 7));
+    }
 
     #[test]
     fn timespec_round_trips_before_and_after_epoch() {
