@@ -13,7 +13,7 @@ use std::time::Duration;
 use fuser::{FileType, INodeNo, TimeOrNow};
 use parking_lot::{Mutex, RwLock};
 
-use super::attr::{kind_of, timespec};
+use super::attr::{kind_of, timespec_from_request};
 use super::errno::{err, Error, Result};
 use super::handle::{DirHandle, FileHandle, HandleTable};
 use super::inode::{FileState, Inode, InodeTable, Loc};
@@ -345,7 +345,7 @@ impl Core {
             let conv = |t: Option<TimeOrNow>| match t {
                 None => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
                 Some(TimeOrNow::Now) => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_NOW },
-                Some(TimeOrNow::SpecificTime(t)) => timespec(t),
+                Some(TimeOrNow::SpecificTime(t)) => timespec_from_request(t),
             };
             let times = [conv(atime), conv(mtime)];
             if inode.kind == FileType::Symlink {
@@ -467,9 +467,37 @@ impl Core {
         Ok(())
     }
 
-    pub fn listxattr(&self, nodeid: u64, buf: &mut [u8]) -> Result<usize> {
+    /// Whether directory `nodeid` has a default ACL (new entries inherit it).
+    pub fn has_default_acl(&self, nodeid: u64) -> bool {
+        match self.xattr_target(nodeid) {
+            Ok((t, _fd)) => matches!(sys::getxattr(&t, OsStr::new("system.posix_acl_default"), &mut []), Ok(n) if n > 0),
+            Err(_) => false,
+        }
+    }
+
+    /// `hide_trusted`: the caller lacks CAP_SYS_ADMIN, so `trusted.*` names are not shown
+    /// (ext4 filters them; the kernel leaves it to FUSE servers, and tdefs lists as root).
+    pub fn listxattr(&self, nodeid: u64, buf: &mut [u8], hide_trusted: bool) -> Result<usize> {
         let (t, _fd) = self.xattr_target(nodeid)?;
-        Ok(sys::listxattr(&t, buf)?)
+        if !hide_trusted {
+            return Ok(sys::listxattr(&t, buf)?);
+        }
+        let mut all = vec![0u8; sys::listxattr(&t, &mut [])?];
+        let n = sys::listxattr(&t, &mut all)?;
+        let shown: Vec<u8> = all[..n]
+            .split_inclusive(|&b| b == 0)
+            .filter(|name| !name.starts_with(b"trusted."))
+            .flatten()
+            .copied()
+            .collect();
+        if buf.is_empty() {
+            return Ok(shown.len());
+        }
+        if buf.len() < shown.len() {
+            return err(libc::ERANGE);
+        }
+        buf[..shown.len()].copy_from_slice(&shown);
+        Ok(shown.len())
     }
 
     pub fn removexattr(&self, nodeid: u64, name: &OsStr) -> Result<()> {

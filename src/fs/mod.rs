@@ -46,6 +46,9 @@ pub struct TdeFs {
     writeback_cache: bool,
     /// Set once the session exists: tells the kernel when its cached attributes went stale.
     notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
+    /// The kernel enforces POSIX ACLs (FUSE_POSIX_ACL) and leaves the umask to us
+    /// (FUSE_DONT_MASK): see `creation_mode`.
+    acl: std::sync::atomic::AtomicBool,
 }
 
 const GEN: Generation = Generation(0);
@@ -61,7 +64,7 @@ fn fail(e: &errno::Error) -> Errno {
 
 impl TdeFs {
     pub fn new(core: Arc<Core>, writeback_cache: bool) -> TdeFs {
-        TdeFs { core, writeback_cache, notifier: Arc::default() }
+        TdeFs { core, writeback_cache, notifier: Arc::default(), acl: Default::default() }
     }
 
     /// We changed attributes the kernel caches (set-id bits dropped on its behalf): without
@@ -70,6 +73,17 @@ impl TdeFs {
     fn attrs_changed(&self, ino: INodeNo) {
         if let Some(n) = self.notifier.get() {
             let _ = n.inval_inode(ino, -1, 0);
+        }
+    }
+
+    /// Mode for a new file: with ACLs on, the kernel no longer applies the umask (a default
+    /// ACL in the parent replaces it, as on ext4, and the backing filesystem applies that
+    /// ACL when tdefs creates the file); without one, the umask applies as usual.
+    fn creation_mode(&self, parent: INodeNo, mode: u32, umask: u32) -> u32 {
+        if !self.acl.load(std::sync::atomic::Ordering::Relaxed) || self.core.has_default_acl(parent.0) {
+            mode
+        } else {
+            mode & !umask
         }
     }
 
@@ -109,6 +123,13 @@ fn lacks_fsetid(req: &Request) -> Option<KillPrivs> {
     (req.uid() != 0).then(|| killer(req))
 }
 
+/// O_DIRECT I/O whose offset or length is not a multiple of 512: ext4 refuses it with
+/// EINVAL, and so does tdefs. (The buffer's alignment, which ext4 also checks, never
+/// reaches a FUSE server: the kernel copies the data.)
+fn misaligned_direct(flags: OpenFlags, offset: u64, len: usize) -> bool {
+    flags.0 & libc::O_DIRECT != 0 && (offset % 512 != 0 || len % 512 != 0)
+}
+
 fn killer(req: &Request) -> KillPrivs {
     KillPrivs { gid: req.gid(), pid: req.pid() }
 }
@@ -142,6 +163,13 @@ impl Filesystem for TdeFs {
             if cfg.add_capabilities(cap).is_err() {
                 tracing::debug!(?cap, "kernel lacks FUSE capability");
             }
+        }
+        // POSIX ACLs enforced by the kernel (stored as the backing files' own ACLs), with
+        // the umask left to us so that a default ACL can replace it: both or neither.
+        if cfg.add_capabilities(InitFlags::FUSE_POSIX_ACL | InitFlags::FUSE_DONT_MASK).is_ok() {
+            self.acl.store(true, std::sync::atomic::Ordering::Relaxed);
+        } else {
+            tracing::warn!("the kernel lacks FUSE_POSIX_ACL: ACLs are stored but not enforced");
         }
         Ok(())
     }
@@ -200,11 +228,13 @@ impl Filesystem for TdeFs {
         }
     }
 
-    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, rdev: u32, reply: ReplyEntry) {
+    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
+        let mode = self.creation_mode(parent, mode, umask);
         self.entry(self.core.mknod(parent.0, name, mode, rdev, caller(req)), reply);
     }
 
-    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        let mode = self.creation_mode(parent, mode, umask);
         self.entry(self.core.mkdir(parent.0, name, mode, caller(req)), reply);
     }
 
@@ -258,10 +288,13 @@ impl Filesystem for TdeFs {
         fh: FileHandle,
         offset: u64,
         size: u32,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        if misaligned_direct(flags, offset, size as usize) {
+            return reply.error(Errno::from_i32(libc::EINVAL));
+        }
         self.core.read(fh.0, offset, size, |r| match r {
             Ok(data) => reply.data(data),
             Err(e) => reply.error(fail(&e)),
@@ -276,10 +309,14 @@ impl Filesystem for TdeFs {
         offset: u64,
         data: &[u8],
         write_flags: WriteFlags,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        // Page-cache writeback through an O_DIRECT descriptor is not the caller's I/O.
+        if !write_flags.contains(WriteFlags::FUSE_WRITE_CACHE) && misaligned_direct(flags, offset, data.len()) {
+            return reply.error(Errno::from_i32(libc::EINVAL));
+        }
         if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
             match self.core.kill_privs(fh.0, &killer(req)) {
                 Ok(true) => self.attrs_changed(ino),
@@ -401,9 +438,9 @@ impl Filesystem for TdeFs {
         }
     }
 
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let mut buf = vec![0u8; size as usize];
-        match self.core.listxattr(ino.0, &mut buf) {
+        match self.core.listxattr(ino.0, &mut buf, req.uid() != 0) {
             Ok(n) if size == 0 => reply.size(n as u32),
             Ok(n) => reply.data(&buf[..n]),
             Err(e) => reply.error(fail(&e)),
@@ -419,7 +456,8 @@ impl Filesystem for TdeFs {
         reply.ok();
     }
 
-    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, flags: i32, reply: ReplyCreate) {
+    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
+        let mode = self.creation_mode(parent, mode, umask);
         match self.core.create(parent.0, name, mode, flags, caller(req)) {
             Ok((i, st, fh)) => {
                 reply.created(&self.ttl(), &attr::to_attr(i.nodeid, &st), GEN, FileHandle(fh), Self::open_flags())
