@@ -23,6 +23,8 @@ pub enum Request {
     Ping,
     /// Re-wrap the key dictionary under the `master-key` of this config file.
     RotateMasterKey { config: PathBuf },
+    /// `tdefs status`: the reply's message is a JSON `meta::status::Status`.
+    Status,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

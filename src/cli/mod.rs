@@ -1,10 +1,11 @@
-//! Command line: `tdefs mount`, `tdefs check`, `tdefs dump`, `tdefs rotate-master-key`, `tdefs genkey`.
+//! Command line: `tdefs mount`, `tdefs check`, `tdefs dump`, `tdefs rotate-master-key`, `tdefs status`, `tdefs genkey`.
 
 mod check;
 mod daemon;
 mod dump;
 mod mount;
 mod rotate;
+mod status;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -33,6 +34,7 @@ enum Command {
     Check(check::CheckArgs),
     Dump(dump::DumpArgs),
     RotateMasterKey(rotate::RotateArgs),
+    Status(status::StatusArgs),
     /// Write a new random 256-bit master key (64 hex characters + newline, mode 0600).
     #[command(after_help = "Example:\n  tdefs genkey /run/keys/tdefs.key   # keep it on tmpfs or in a secrets manager")]
     Genkey {
@@ -64,6 +66,7 @@ pub fn main() -> ExitCode {
         Command::Mount(args) => mount::run(args),
         Command::Dump(args) => dump::run(args),
         Command::RotateMasterKey(args) => rotate::run(args),
+        Command::Status(args) => status::run(args),
         Command::Genkey { path } => crate::keys::generate_key_file(&path)
             .map(|()| eprintln!("wrote a new master key to {} (mode 0600)", path.display()))
             .map_err(anyhow::Error::from),

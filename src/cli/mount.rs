@@ -10,8 +10,8 @@ use super::daemon;
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
 use crate::fs::{fuser_config, Core, FsOptions, Housekeeping, MountSpec, TdeFs};
 use crate::control;
-use crate::keys::KeyStore;
-use crate::meta::{rotate_master_key, MasterKeys, Metadata, OpenOptions};
+use crate::crypto::Method;
+use crate::meta::{rotate_master_key, status, MasterKeys, Metadata, OpenOptions};
 
 /// Mount a backing directory (ciphertext) at a mountpoint (plaintext view).
 #[derive(Args, Debug)]
@@ -53,7 +53,7 @@ fn harden_process() {
 
 /// The control socket (`tdefs rotate-master-key`). A mount without one still works, so a
 /// failure here is a warning.
-fn start_control(mountpoint: &Path, backing: &Path, keys: Arc<KeyStore>) -> Option<control::Server> {
+fn start_control(mountpoint: &Path, backing: &Path, core: Arc<Core>, method: Method) -> Option<control::Server> {
     let mp = match std::fs::canonicalize(mountpoint) {
         Ok(p) => p,
         Err(e) => {
@@ -64,6 +64,10 @@ fn start_control(mountpoint: &Path, backing: &Path, keys: Arc<KeyStore>) -> Opti
     let backing = backing.to_path_buf();
     let handler = move |req: control::Request| -> Result<String, String> {
         match req {
+            control::Request::Status => {
+                let st = core.dict().with_tree(|t| status::collect(&backing, core.keys(), t, method, true));
+                serde_json::to_string(&st).map_err(|e| e.to_string())
+            }
             control::Request::Ping => Ok(format!("tdefs {} serving {}", env!("CARGO_PKG_VERSION"), backing.display())),
             control::Request::RotateMasterKey { config } => {
                 let cfg = Config::load(&config).map_err(|e| format!("{e:#}"))?;
@@ -75,7 +79,7 @@ fn start_control(mountpoint: &Path, backing: &Path, keys: Arc<KeyStore>) -> Opti
                         ));
                     }
                 }
-                let to = rotate_master_key(&keys, &cfg.security.encryption.master_key).map_err(|e| format!("{e:#}"))?;
+                let to = rotate_master_key(core.keys(), &cfg.security.encryption.master_key).map_err(|e| format!("{e:#}"))?;
                 Ok(format!("the key dictionary is now wrapped by {to}"))
             }
         }
@@ -143,7 +147,7 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
     let mut session = fuser::Session::new(fs, &mountpoint, &fuser_config(&spec))
         .with_context(|| format!("cannot mount at {}", mountpoint.display()))?;
     let _ = notifier.set(session.notifier());
-    let control = start_control(&mountpoint, meta.backing(), core.keys().clone());
+    let control = start_control(&mountpoint, meta.backing(), core.clone(), enc.data_encryption_method);
     let mut unmounter = session.unmount_callable();
     let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])?;
     let signal_handle = signals.handle();

@@ -3,6 +3,7 @@
 
 pub mod check;
 pub mod format;
+pub mod status;
 
 use std::collections::HashSet;
 use std::ffi::OsStr;

@@ -1,0 +1,69 @@
+//! `tdefs status`: is encryption on and working, for an SRE or a script.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::Args;
+
+use crate::config::{Config, DEFAULT_CONFIG_PATH};
+use crate::control::{self, Request};
+use crate::meta::status::{self, Status};
+use crate::meta::{MasterKeys, Offline, META_DIR};
+
+/// Show whether a backing directory is initialized and mounted, its keys and files.
+#[derive(Args, Debug)]
+#[command(after_help = "A running mount answers through its control socket; an unmounted backing \
+directory is read with the config's master key. Key material is never shown.\n\n\
+Examples:\n  tdefs status --config /etc/tdefs/tdefs.toml\n  tdefs status /var/lib/postgresql/15/main --json")]
+pub struct StatusArgs {
+    /// Configuration file (backing directory, method, master key).
+    #[arg(short, long, value_name = "FILE", default_value = DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    /// Ask the tdefs mounted here (default: the config's `mountpoint`, if mounted).
+    mountpoint: Option<PathBuf>,
+    /// One JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: StatusArgs) -> anyhow::Result<()> {
+    let st = gather(&args)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&st)?);
+    } else {
+        print!("{}", status::render(&st));
+    }
+    Ok(())
+}
+
+fn gather(args: &StatusArgs) -> anyhow::Result<Status> {
+    // A mountpoint on the command line must be a running tdefs.
+    if let Some(mp) = &args.mountpoint {
+        return ask(mp);
+    }
+    let cfg = Config::load(&args.config)?;
+    if let Some(mp) = &cfg.mountpoint {
+        if let Ok(st) = ask(mp) {
+            return Ok(st);
+        }
+    }
+    let Some(backing) = cfg.backing_dir.clone() else {
+        bail!("no backing directory: set `backing-dir` in {} or give a MOUNTPOINT", args.config.display());
+    };
+    let enc = &cfg.security.encryption;
+    if !backing.join(META_DIR).exists() {
+        return Ok(status::uninitialized(&backing, enc.data_encryption_method));
+    }
+    let off = Offline::open(&backing, &MasterKeys::from_config(enc))
+        .with_context(|| format!("cannot read {} (if it is mounted, give its MOUNTPOINT)", backing.display()))?;
+    let loaded = off.load()?;
+    Ok(status::collect(&off.backing, &off.keys, &loaded.tree, enc.data_encryption_method, false))
+}
+
+fn ask(mp: &std::path::Path) -> anyhow::Result<Status> {
+    let resp = control::call(mp, &Request::Status)?;
+    if !resp.ok {
+        bail!("the tdefs daemon on {} could not report: {}", resp.mountpoint.display(), resp.message);
+    }
+    serde_json::from_str(&resp.message).context("unreadable status from the daemon")
+}

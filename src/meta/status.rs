@@ -1,0 +1,152 @@
+//! What `tdefs status` reports, gathered the same way from a running mount (through the
+//! control socket) and from an unmounted backing directory. Never key material.
+
+use std::collections::BTreeMap;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use super::{is_hidden_name, META_DIR};
+use crate::crypto::Method;
+use crate::dictionary::{Tree, SNAPSHOT_FILE};
+use crate::keys::KeyStore;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub backing: String,
+    pub initialized: bool,
+    pub mounted: bool,
+    /// Method the configuration (or the running mount) uses for new files.
+    pub method_for_new_files: String,
+    /// Type of the master key the metadata is wrapped with (`file`, `kms`, `plaintext`).
+    pub master_key: Option<String>,
+    pub data_keys: usize,
+    pub current_key: Option<CurrentKey>,
+    /// Files with a dictionary entry, per method.
+    pub files_by_method: BTreeMap<String, u64>,
+    /// Regular files without an entry: stored as plaintext.
+    pub plaintext_files: u64,
+    pub dictionary_bytes: u64,
+    /// When the file dictionary was last compacted into a snapshot (RFC 3339).
+    pub last_compaction: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CurrentKey {
+    pub id: String,
+    pub method: String,
+    /// Creation of the current data key: the last rotation (RFC 3339).
+    pub created: String,
+    pub age_seconds: u64,
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// Status of an initialized backing directory.
+pub fn collect(backing: &Path, keys: &KeyStore, tree: &Tree, method: Method, mounted: bool) -> Status {
+    let now = SystemTime::now();
+    let mut by_method = BTreeMap::new();
+    tree.for_each(|_, e| *by_method.entry(e.method.to_string()).or_insert(0u64) += 1);
+    let meta_dir = backing.join(META_DIR);
+    let dictionary_bytes = std::fs::read_dir(&meta_dir)
+        .map(|d| d.flatten().filter_map(|e| e.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum())
+        .unwrap_or(0);
+    let last_compaction = std::fs::metadata(meta_dir.join(SNAPSHOT_FILE)).and_then(|m| m.modified()).ok().map(rfc3339);
+    let current_key = keys.current().map(|k| CurrentKey {
+        id: format!("{:#018x}", k.id),
+        method: k.method.to_string(),
+        created: rfc3339(UNIX_EPOCH + Duration::from_secs(k.created)),
+        age_seconds: k.age(now).as_secs(),
+    });
+    Status {
+        backing: backing.display().to_string(),
+        initialized: true,
+        mounted,
+        method_for_new_files: method.to_string(),
+        master_key: Some(keys.backend_kind()),
+        data_keys: keys.keys().len(),
+        current_key,
+        files_by_method: by_method,
+        plaintext_files: count_plaintext(backing, tree),
+        dictionary_bytes,
+        last_compaction,
+    }
+}
+
+/// Status of a backing directory without tdefs metadata.
+pub fn uninitialized(backing: &Path, method: Method) -> Status {
+    Status {
+        backing: backing.display().to_string(),
+        initialized: false,
+        mounted: false,
+        method_for_new_files: method.to_string(),
+        master_key: None,
+        data_keys: 0,
+        current_key: None,
+        files_by_method: BTreeMap::new(),
+        plaintext_files: count_plaintext(backing, &Tree::default()),
+        dictionary_bytes: 0,
+        last_compaction: None,
+    }
+}
+
+/// Regular files under `backing` (outside the metadata) that have no dictionary entry.
+fn count_plaintext(backing: &Path, tree: &Tree) -> u64 {
+    fn walk(dir: &Path, rel: &mut Vec<u8>, tree: &Tree, top: bool, n: &mut u64) {
+        let Ok(rd) = std::fs::read_dir(dir) else { return };
+        for e in rd.flatten() {
+            let name = e.file_name();
+            if top && is_hidden_name(&name) {
+                continue;
+            }
+            let len = rel.len();
+            rel.push(b'/');
+            rel.extend_from_slice(name.as_bytes());
+            match e.file_type() {
+                Ok(t) if t.is_dir() => walk(&e.path(), rel, tree, false, n),
+                Ok(t) if t.is_file() && tree.get(rel).is_none() => *n += 1,
+                _ => {}
+            }
+            rel.truncate(len);
+        }
+    }
+    let mut n = 0;
+    walk(backing, &mut Vec::new(), tree, true, &mut n);
+    n
+}
+
+/// The human table.
+pub fn render(s: &Status) -> String {
+    let mut out = String::new();
+    let mut line = |k: &str, v: String| out.push_str(&format!("{k:<24}{v}\n"));
+    line("backing directory", s.backing.clone());
+    line("initialized", if s.initialized { "yes".into() } else { "no (no tdefs metadata)".into() });
+    line("mounted", if s.mounted { "yes".into() } else { "no".into() });
+    line("method for new files", s.method_for_new_files.clone());
+    if !s.initialized {
+        line("plaintext files", s.plaintext_files.to_string());
+        return out;
+    }
+    line("master key", s.master_key.clone().unwrap_or_default());
+    line("data keys", s.data_keys.to_string());
+    match &s.current_key {
+        Some(k) => line(
+            "current data key",
+            format!("{} ({}), created {}, age {}", k.id, k.method, k.created, humantime::format_duration(Duration::from_secs(k.age_seconds))),
+        ),
+        None => line("current data key", "none (plaintext method)".into()),
+    }
+    let enc: u64 = s.files_by_method.values().sum();
+    line("encrypted files", enc.to_string());
+    for (m, n) in &s.files_by_method {
+        line(&format!("  {m}"), n.to_string());
+    }
+    line("plaintext files", s.plaintext_files.to_string());
+    line("dictionary size", format!("{} bytes", s.dictionary_bytes));
+    line("last compaction", s.last_compaction.clone().unwrap_or_else(|| "never".into()));
+    out
+}
