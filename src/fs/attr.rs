@@ -18,7 +18,8 @@ pub fn kind_of(mode: u32) -> FileType {
     }
 }
 
-fn time(secs: i64, nsecs: i64) -> SystemTime {
+/// A stat time (seconds, nanoseconds) as a `SystemTime`, also before 1970.
+pub fn time(secs: i64, nsecs: i64) -> SystemTime {
     if secs >= 0 {
         UNIX_EPOCH + Duration::new(secs as u64, nsecs as u32)
     } else {

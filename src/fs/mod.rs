@@ -24,6 +24,7 @@ use fuser::{
     ReplyXattr, Request, SessionACL, TimeOrNow, WriteFlags,
 };
 
+pub use self::attr::{kind_of, time as system_time};
 pub use self::core::{Core, FsOptions};
 use self::core::KillPrivs;
 pub use self::data::BLOCK;

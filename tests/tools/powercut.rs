@@ -37,6 +37,7 @@ use fuser::{
     ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use parking_lot::{Mutex, RwLock};
+use tdefs::fs::{kind_of, system_time};
 use tdefs::sys;
 
 const PAGE: u64 = 4096;
@@ -89,22 +90,6 @@ fn errno(e: std::io::Error) -> Errno {
     Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
 }
 
-fn kind(mode: u32) -> FileType {
-    match mode & libc::S_IFMT {
-        libc::S_IFDIR => FileType::Directory,
-        libc::S_IFLNK => FileType::Symlink,
-        libc::S_IFIFO => FileType::NamedPipe,
-        libc::S_IFSOCK => FileType::Socket,
-        libc::S_IFCHR => FileType::CharDevice,
-        libc::S_IFBLK => FileType::BlockDevice,
-        _ => FileType::RegularFile,
-    }
-}
-
-fn time(s: i64, ns: i64) -> SystemTime {
-    if s >= 0 { UNIX_EPOCH + Duration::new(s as u64, ns as u32) } else { UNIX_EPOCH - Duration::from_secs((-s) as u64) }
-}
-
 impl Sim {
     fn count(&self, what: &'static str) {
         *self.stats.lock().entry(what).or_default() += 1;
@@ -119,11 +104,11 @@ impl Sim {
             ino: INodeNo(self.nodeid(st.st_ino)),
             size: st.st_size as u64,
             blocks: st.st_blocks as u64,
-            atime: time(st.st_atime, st.st_atime_nsec),
-            mtime: time(st.st_mtime, st.st_mtime_nsec),
-            ctime: time(st.st_ctime, st.st_ctime_nsec),
+            atime: system_time(st.st_atime, st.st_atime_nsec),
+            mtime: system_time(st.st_mtime, st.st_mtime_nsec),
+            ctime: system_time(st.st_ctime, st.st_ctime_nsec),
             crtime: UNIX_EPOCH,
-            kind: kind(st.st_mode),
+            kind: kind_of(st.st_mode),
             perm: (st.st_mode & 0o7777) as u16,
             nlink: st.st_nlink as u32,
             uid: st.st_uid,
@@ -143,7 +128,7 @@ impl Sim {
         let st = sys::fstat(fd.as_fd()).map_err(errno)?;
         let id = self.nodeid(st.st_ino);
         let mut nodes = self.nodes.write();
-        let n = nodes.entry(id).or_insert_with(|| Arc::new(Node { fd, kind: kind(st.st_mode), lookups: AtomicU64::new(0) }));
+        let n = nodes.entry(id).or_insert_with(|| Arc::new(Node { fd, kind: kind_of(st.st_mode), lookups: AtomicU64::new(0) }));
         n.lookups.fetch_add(1, Ordering::Relaxed);
         Ok(self.attr(&st))
     }
@@ -545,7 +530,7 @@ impl Filesystem for Fs {
                     let reclen = u16::from_ne_bytes(buf[pos + 16..pos + 18].try_into().unwrap()) as usize;
                     let raw = &buf[pos + 19..pos + reclen];
                     let name = OsStr::from_bytes(&raw[..raw.iter().position(|&b| b == 0).unwrap_or(raw.len())]);
-                    let k = kind(u32::from(buf[pos + 18]) << 12);
+                    let k = kind_of(u32::from(buf[pos + 18]) << 12);
                     pos += reclen;
                     if reply.add(INodeNo(self.0.nodeid(d_ino)), off as u64, k, name) {
                         return Ok(());

@@ -273,22 +273,9 @@ impl Model {
 
 // ---------------------------------------------------------------- workload
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn pick<'a, T>(&mut self, v: &'a [T]) -> Option<&'a T> {
-        if v.is_empty() { None } else { Some(&v[self.below(v.len() as u64) as usize]) }
-    }
-}
+#[path = "rng.rs"]
+mod rng;
+use rng::Rng;
 
 fn gen_op(m: &Model, root: &str, rng: &mut Rng, counter: &mut u64) -> Op {
     *counter += 1;
