@@ -47,6 +47,9 @@ fn print_report(r: &CheckReport, verbose: bool) {
     if r.pending_renames > 0 {
         println!("pending renames:        {} (settled at the next mount)", r.pending_renames);
     }
+    if r.staged_copies > 0 {
+        println!("interrupted encrypt:    {} staged copies (originals intact; run `tdefs encrypt` again to finish)", r.staged_copies);
+    }
     if let Some(b) = r.torn_tail {
         println!("torn log tail:          {b} bytes (an interrupted write; cut at the next mount)");
     }

@@ -9,7 +9,7 @@ use std::path::Path;
 use crate::crypto::Method;
 use crate::dictionary::{FileEntry, Loaded};
 
-use super::{is_hidden_name, Offline};
+use super::{is_hidden_name, Offline, STAGING_PREFIX};
 
 /// What `check` found.
 #[derive(Debug, Default)]
@@ -28,6 +28,9 @@ pub struct CheckReport {
     pub link_mismatches: Vec<(Vec<u8>, Vec<u8>)>,
     /// Renames announced but not concluded (settled at the next mount).
     pub pending_renames: usize,
+    /// Staged copies of an interrupted `tdefs encrypt` (dropped at the next open; the
+    /// originals are intact).
+    pub staged_copies: usize,
     /// Bytes of a torn record at the end of the log (cut at the next mount).
     pub torn_tail: Option<u64>,
     pub data_keys: usize,
@@ -53,6 +56,10 @@ pub fn check(off: &Offline, loaded: &Loaded) -> std::io::Result<CheckReport> {
     };
     let mut by_inode: HashMap<(u64, u64), (Vec<u8>, Option<FileEntry>)> = HashMap::new();
     loaded.tree.for_each(|path, e| {
+        if path.starts_with(STAGING_PREFIX) {
+            r.staged_copies += 1;
+            return;
+        }
         match files.get(path) {
             None => r.stale.push(path.to_vec()),
             Some(_) => {

@@ -22,10 +22,18 @@ use crate::sys;
 pub const META_DIR: &str = ".tdefs";
 /// Where a first initialisation is assembled before it is renamed into place.
 const INIT_DIR: &str = ".tdefs.init";
+/// Where `tdefs encrypt` writes the encrypted copy of a file before renaming it over the
+/// original (same filesystem, so the rename is atomic), and its progress file.
+pub const STAGING_DIR: &str = ".tdefs.convert";
+/// Dictionary path prefix of staged copies.
+pub const STAGING_PREFIX: &[u8] = b"/.tdefs.convert/";
+/// Progress of a running (or interrupted) conversion, in the staging directory: what
+/// `tdefs status` shows while the converter holds the lock.
+pub const PROGRESS_FILE: &str = "progress.json";
 
 /// Names in the backing root that tdefs reserves.
 pub fn is_hidden_name(name: &OsStr) -> bool {
-    name == META_DIR || name == INIT_DIR
+    name == META_DIR || name == INIT_DIR || name == STAGING_DIR
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +77,9 @@ pub struct OpenReport {
     pub renames_completed: usize,
     pub renames_dropped: usize,
     pub stale_entries_dropped: usize,
+    /// Staged copies of an interrupted `tdefs encrypt` that were removed (their originals
+    /// are intact and still plaintext).
+    pub staged_copies_removed: usize,
 }
 
 pub struct Metadata {
@@ -318,8 +329,60 @@ fn recover(loaded: Loaded, keys: &KeyStore, opts: &OpenOptions, backing: &OwnedF
             report.stale_entries_dropped += 1;
         }
     }
+    report.staged_copies_removed = remove_staged_copies(&dict, backing)?;
     dict.flush()?;
     Ok(dict)
+}
+
+/// An interrupted `tdefs encrypt` leaves staged copies whose rename did not happen (the
+/// renames that did were completed above). The originals are intact: drop the copies.
+/// The entry goes first (durably), then the file: a crash in between leaves a file without
+/// entry in the hidden staging directory, which the next open removes.
+fn remove_staged_copies(dict: &FileDict, backing: &OwnedFd) -> Result<usize, MetaError> {
+    let mut staged = Vec::new();
+    dict.with_tree(|t| t.for_each(|p, _| {
+        if p.starts_with(STAGING_PREFIX) {
+            staged.push(p.to_vec());
+        }
+    }));
+    let dir_path = PathBuf::from(STAGING_DIR);
+    let dir = match sys::openat(backing.as_fd(), OsStr::new(STAGING_DIR), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC, 0) {
+        Ok(fd) => Some(fd),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => None,
+        Err(e) => return Err(io_err("open", &dir_path)(e)),
+    };
+    if staged.is_empty() && dir.is_none() {
+        return Ok(0);
+    }
+    for path in &staged {
+        dict.submit(Record::Delete { path: path.clone() })?;
+    }
+    dict.flush()?;
+    let Some(dir) = dir else { return Ok(staged.len()) };
+    let mut removed = 0;
+    for e in std::fs::read_dir(sys::proc_path(std::os::fd::AsRawFd::as_raw_fd(&dir)).to_str().unwrap_or_default())
+        .map_err(io_err("list", &dir_path))?
+    {
+        let name = e.map_err(io_err("list", &dir_path))?.file_name();
+        match sys::unlinkat(dir.as_fd(), &name, 0) {
+            Ok(()) => removed += (name != PROGRESS_FILE) as usize,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(io_err("remove", &dir_path.join(&name))(e)),
+        }
+    }
+    drop(dir);
+    match sys::unlinkat(backing.as_fd(), OsStr::new(STAGING_DIR), libc::AT_REMOVEDIR) {
+        Ok(()) => {}
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTEMPTY)) => {}
+        Err(e) => return Err(io_err("remove", &dir_path)(e)),
+    }
+    if removed > 0 || !staged.is_empty() {
+        tracing::warn!(
+            copies = staged.len().max(removed),
+            "removed the staged copies of an interrupted `tdefs encrypt` (their originals are intact, still plaintext; run it again to finish)"
+        );
+    }
+    Ok(staged.len().max(removed))
 }
 
 /// stat of a dictionary path in the backing directory; `None` if it does not exist. Any
