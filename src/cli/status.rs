@@ -8,18 +8,23 @@ use clap::Args;
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
 use crate::control::{self, Request};
 use crate::meta::status::{self, Status};
-use crate::meta::{MasterKeys, Offline, META_DIR};
+use crate::meta::{MasterKeys, MetaError, Offline, META_DIR};
 
 /// Show whether a backing directory is initialized and mounted, its keys and files.
 #[derive(Args, Debug)]
 #[command(after_help = "A running mount answers through its control socket; an unmounted backing \
-directory is read with the config's master key. Key material is never shown.\n\n\
-Examples:\n  tdefs status --config /etc/tdefs/tdefs.toml\n  tdefs status /var/lib/postgresql/15/main --json")]
+directory is read with the config's master key. While `tdefs encrypt`/`decrypt` runs, its progress \
+(percent_complete, bytes/s, ETA) is shown. Key material is never shown.\n\n\
+Examples:\n  tdefs status --config /etc/tdefs/tdefs.toml\n  tdefs status /var/lib/postgresql/15/main --json\n  \
+tdefs status --config tdefs.toml /srv/backing   # an unmounted backing directory")]
 pub struct StatusArgs {
     /// Configuration file (backing directory, method, master key).
     #[arg(short, long, value_name = "FILE", default_value = DEFAULT_CONFIG_PATH)]
     config: PathBuf,
-    /// Ask the tdefs mounted here (default: the config's `mountpoint`, if mounted).
+    /// A tdefs mountpoint (asked through its control socket), or an unmounted backing
+    /// directory (read with the config's key). Default: the config's mountpoint if mounted,
+    /// else its backing-dir.
+    #[arg(value_name = "MOUNTPOINT|BACKING")]
     mountpoint: Option<PathBuf>,
     /// One JSON object instead of a table.
     #[arg(long)]
@@ -37,27 +42,44 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
 }
 
 fn gather(args: &StatusArgs) -> anyhow::Result<Status> {
-    // A mountpoint on the command line must be a running tdefs.
-    if let Some(mp) = &args.mountpoint {
+    // A directory on the command line is a backing directory if it holds tdefs metadata,
+    // else it must be a running tdefs mount.
+    let given_backing = args.mountpoint.as_ref().filter(|d| d.join(META_DIR).is_dir());
+    if let (Some(mp), None) = (&args.mountpoint, given_backing) {
         return ask(mp);
     }
     let cfg = Config::load(&args.config)?;
-    if let Some(mp) = &cfg.mountpoint {
-        if let Ok(st) = ask(mp) {
-            return Ok(st);
+    if given_backing.is_none() {
+        if let Some(mp) = &cfg.mountpoint {
+            if let Ok(st) = ask(mp) {
+                return Ok(st);
+            }
         }
     }
-    let Some(backing) = cfg.backing_dir.clone() else {
-        bail!("no backing directory: set `backing-dir` in {} or give a MOUNTPOINT", args.config.display());
+    let Some(backing) = given_backing.cloned().or_else(|| cfg.backing_dir.clone()) else {
+        bail!("no backing directory: set `backing-dir` in {} or give a MOUNTPOINT or BACKING directory", args.config.display());
     };
     let enc = &cfg.security.encryption;
     if !backing.join(META_DIR).exists() {
         return Ok(status::uninitialized(&backing, enc.data_encryption_method));
     }
-    let off = Offline::open(&backing, &MasterKeys::from_config(enc))
-        .with_context(|| format!("cannot read {} (if it is mounted, give its MOUNTPOINT)", backing.display()))?;
+    let off = match Offline::open(&backing, &MasterKeys::from_config(enc)) {
+        Ok(off) => off,
+        // Held by a running `tdefs encrypt`/`decrypt`: its progress file has the picture.
+        Err(MetaError::Locked { .. }) if running_conversion(&backing).is_some() => {
+            return Ok(running_conversion(&backing).expect("checked"));
+        }
+        Err(e) => {
+            return Err(anyhow::Error::from(e))
+                .with_context(|| format!("cannot read {} (if it is mounted, give its MOUNTPOINT)", backing.display()))
+        }
+    };
     let loaded = off.load()?;
     Ok(status::collect(&off.backing, &off.keys, &loaded.tree, enc.data_encryption_method, false))
+}
+
+fn running_conversion(backing: &std::path::Path) -> Option<Status> {
+    status::read_progress(backing).filter(|s| s.conversion.as_ref().is_some_and(|c| c.state == "running"))
 }
 
 fn ask(mp: &std::path::Path) -> anyhow::Result<Status> {

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use super::{is_hidden_name, META_DIR};
+use super::{is_hidden_name, META_DIR, PROGRESS_FILE, STAGING_DIR};
 use crate::crypto::Method;
 use crate::dictionary::{Tree, SNAPSHOT_FILE};
 use crate::keys::KeyStore;
@@ -28,6 +28,14 @@ pub struct Status {
     pub files_by_method: BTreeMap<String, u64>,
     /// Regular files without an entry: stored as plaintext.
     pub plaintext_files: u64,
+    /// Bytes (file sizes) stored encrypted and stored as plaintext.
+    #[serde(default)]
+    pub encrypted_bytes: u64,
+    #[serde(default)]
+    pub plaintext_bytes: u64,
+    /// A `tdefs encrypt`/`decrypt` that is running or was interrupted.
+    #[serde(default)]
+    pub conversion: Option<Conversion>,
     pub dictionary_bytes: u64,
     /// When the file dictionary was last compacted into a snapshot (RFC 3339).
     pub last_compaction: Option<String>,
@@ -42,7 +50,42 @@ pub struct CurrentKey {
     pub age_seconds: u64,
 }
 
-fn rfc3339(t: SystemTime) -> String {
+/// Progress of `tdefs encrypt` or `tdefs decrypt` (the converter writes it to
+/// `.tdefs.convert/progress.json` as it goes).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Conversion {
+    /// `encrypt` or `decrypt`.
+    pub operation: String,
+    /// `running`, or `interrupted` (the converter is gone: run the same command again).
+    pub state: String,
+    pub pid: u32,
+    pub started: String,
+    pub files_total: u64,
+    pub files_done: u64,
+    pub bytes_total: u64,
+    pub bytes_done: u64,
+    pub percent_complete: f64,
+    pub bytes_per_second: u64,
+    pub eta_seconds: Option<u64>,
+}
+
+/// The staged progress file of `backing`, with its state decided by whether its writer is
+/// still alive. `None` when no conversion ran or it finished.
+pub fn read_progress(backing: &Path) -> Option<Status> {
+    let bytes = std::fs::read(backing.join(STAGING_DIR).join(PROGRESS_FILE)).ok()?;
+    let mut st: Status = serde_json::from_slice(&bytes).ok()?;
+    if let Some(c) = &mut st.conversion {
+        c.state = if process_alive(c.pid) { "running".into() } else { "interrupted".into() };
+    }
+    Some(st)
+}
+
+fn process_alive(pid: u32) -> bool {
+    // A pid reused by another program would read as running; the converter's comm is "tdefs".
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim_end() == "tdefs")
+}
+
+pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
@@ -71,10 +114,14 @@ pub fn collect(backing: &Path, keys: &KeyStore, tree: &Tree, method: Method, mou
         data_keys: keys.keys().len(),
         current_key,
         files_by_method: by_method,
-        plaintext_files: count_plaintext(backing, tree),
+        plaintext_files: 0,
+        encrypted_bytes: 0,
+        plaintext_bytes: 0,
+        conversion: read_progress(backing).and_then(|s| s.conversion),
         dictionary_bytes,
         last_compaction,
     }
+    .with_file_counts(backing, tree)
 }
 
 /// Status of a backing directory without tdefs metadata.
@@ -88,15 +135,47 @@ pub fn uninitialized(backing: &Path, method: Method) -> Status {
         data_keys: 0,
         current_key: None,
         files_by_method: BTreeMap::new(),
-        plaintext_files: count_plaintext(backing, &Tree::default()),
+        plaintext_files: 0,
+        encrypted_bytes: 0,
+        plaintext_bytes: 0,
+        conversion: None,
         dictionary_bytes: 0,
         last_compaction: None,
     }
+    .with_file_counts(backing, &Tree::default())
 }
 
-/// Regular files under `backing` (outside the metadata) that have no dictionary entry.
-fn count_plaintext(backing: &Path, tree: &Tree) -> u64 {
-    fn walk(dir: &Path, rel: &mut Vec<u8>, tree: &Tree, top: bool, n: &mut u64) {
+impl Status {
+    fn with_file_counts(mut self, backing: &Path, tree: &Tree) -> Status {
+        let c = count_files(backing, tree);
+        self.plaintext_files = c.plaintext_files;
+        self.plaintext_bytes = c.plaintext_bytes;
+        self.encrypted_bytes = c.encrypted_bytes;
+        self
+    }
+
+    /// Share of file bytes stored encrypted, in percent (100 for no data at all).
+    pub fn percent_encrypted(&self) -> f64 {
+        let total = self.encrypted_bytes + self.plaintext_bytes;
+        if total == 0 {
+            100.0
+        } else {
+            self.encrypted_bytes as f64 * 100.0 / total as f64
+        }
+    }
+}
+
+#[derive(Default)]
+struct FileCounts {
+    plaintext_files: u64,
+    plaintext_bytes: u64,
+    encrypted_bytes: u64,
+}
+
+/// Regular files under `backing` (outside the metadata): those without an entry (or with a
+/// plaintext one) are stored as plaintext.
+fn count_files(backing: &Path, tree: &Tree) -> FileCounts {
+    fn walk(dir: &Path, rel: &mut Vec<u8>, tree: &Tree, top: bool, n: &mut FileCounts) {
         let Ok(rd) = std::fs::read_dir(dir) else { return };
         for e in rd.flatten() {
             let name = e.file_name();
@@ -108,13 +187,23 @@ fn count_plaintext(backing: &Path, tree: &Tree) -> u64 {
             rel.extend_from_slice(name.as_bytes());
             match e.file_type() {
                 Ok(t) if t.is_dir() => walk(&e.path(), rel, tree, false, n),
-                Ok(t) if t.is_file() && tree.get(rel).is_none() => *n += 1,
+                Ok(t) if t.is_file() => {
+                    let size = e.metadata().map(|m| m.len()).unwrap_or(0);
+                    match tree.get(rel) {
+                        None => {
+                            n.plaintext_files += 1;
+                            n.plaintext_bytes += size;
+                        }
+                        Some(en) if en.method.is_plaintext() => n.plaintext_bytes += size,
+                        Some(_) => n.encrypted_bytes += size,
+                    }
+                }
                 _ => {}
             }
             rel.truncate(len);
         }
     }
-    let mut n = 0;
+    let mut n = FileCounts::default();
     walk(backing, &mut Vec::new(), tree, true, &mut n);
     n
 }
@@ -146,7 +235,24 @@ pub fn render(s: &Status) -> String {
         line(&format!("  {m}"), n.to_string());
     }
     line("plaintext files", s.plaintext_files.to_string());
+    line(
+        "bytes encrypted",
+        format!("{:.1}% ({} of {} bytes)", s.percent_encrypted(), s.encrypted_bytes, s.encrypted_bytes + s.plaintext_bytes),
+    );
     line("dictionary size", format!("{} bytes", s.dictionary_bytes));
     line("last compaction", s.last_compaction.clone().unwrap_or_else(|| "never".into()));
+    if let Some(c) = &s.conversion {
+        let eta = c.eta_seconds.map(|e| format!(", ETA {}", humantime::format_duration(Duration::from_secs(e)))).unwrap_or_default();
+        line(
+            "conversion",
+            format!(
+                "tdefs {} (pid {}) {}: {:.1}% complete, {} of {} files, {} of {} bytes, {} bytes/s{eta}",
+                c.operation, c.pid, c.state, c.percent_complete, c.files_done, c.files_total, c.bytes_done, c.bytes_total, c.bytes_per_second
+            ),
+        );
+        if c.state == "interrupted" {
+            line("", format!("run `tdefs {}` again to finish (files already done are kept)", c.operation));
+        }
+    }
     out
 }
