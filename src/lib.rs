@@ -8,11 +8,13 @@
 //! - [`meta`]: the `.tdefs` metadata directory: initialisation, opening, locking.
 //! - [`fs`]: the FUSE adapter (inodes, handles, data path).
 //! - [`control`]: the control socket of a running mount.
+//! - [`convert`]: `tdefs encrypt` / `decrypt`: converting existing data, offline.
 //! - [`cli`]: the command line.
 
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod convert;
 pub mod crypto;
 pub mod dictionary;
 pub mod fs;

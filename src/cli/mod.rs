@@ -1,6 +1,8 @@
-//! Command line: `tdefs mount`, `tdefs check`, `tdefs dump`, `tdefs rotate-master-key`, `tdefs status`, `tdefs genkey`.
+//! Command line: `tdefs mount`, `tdefs check`, `tdefs dump`, `tdefs rotate-master-key`, `tdefs status`,
+//! `tdefs encrypt`, `tdefs decrypt`, `tdefs genkey`.
 
 mod check;
+mod convert;
 mod daemon;
 mod dump;
 mod mount;
@@ -35,6 +37,8 @@ enum Command {
     Dump(dump::DumpArgs),
     RotateMasterKey(rotate::RotateArgs),
     Status(status::StatusArgs),
+    Encrypt(convert::EncryptArgs),
+    Decrypt(convert::DecryptArgs),
     /// Write a new random 256-bit master key (64 hex characters + newline, mode 0600).
     #[command(after_help = "Example:\n  tdefs genkey /run/keys/tdefs.key   # keep it on tmpfs or in a secrets manager")]
     Genkey {
@@ -63,6 +67,8 @@ pub fn main() -> ExitCode {
     init_logging();
     let r = match cli.cmd {
         Command::Check(args) => return check::run(args),
+        Command::Encrypt(args) => return convert::run_encrypt(args),
+        Command::Decrypt(args) => return convert::run_decrypt(args),
         Command::Mount(args) => mount::run(args),
         Command::Dump(args) => dump::run(args),
         Command::RotateMasterKey(args) => rotate::run(args),

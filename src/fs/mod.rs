@@ -4,7 +4,7 @@
 
 mod attr;
 mod core;
-mod data;
+pub mod data;
 mod errno;
 mod handle;
 mod housekeeping;

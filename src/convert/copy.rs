@@ -1,0 +1,194 @@
+//! The block copy both conversions share, and the copy of a file's owner, xattrs, mode and
+//! times.
+//!
+//! The copy keeps the hole rule of DESIGN.md §4 in both directions: a complete, aligned
+//! 4 KiB block of zeros is a hole (on the backing file it reads as zeros; in plaintext it
+//! is zeros) and is not written, so sparse and preallocated files stay sparse; every other
+//! block, and the partial last block always, goes through the cipher. CTR is its own
+//! inverse, so encrypting and decrypting are the same loop.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::MetadataExt;
+
+use crate::crypto::FileCipher;
+use crate::fs::data::BLOCK;
+use crate::sys;
+
+const CHUNK: usize = 1 << 20;
+
+fn down(x: u64) -> u64 {
+    x & !(BLOCK - 1)
+}
+
+fn up(x: u64) -> u64 {
+    down(x + BLOCK - 1)
+}
+
+fn all_zero(b: &[u8]) -> bool {
+    b.iter().all(|&x| x == 0)
+}
+
+/// Copy the first `size` bytes of `src` to `dst` through `cipher` (`None`: as they are),
+/// skipping holes. `progress` is told how many bytes of the file were covered as it goes.
+pub fn transform(
+    src: &File,
+    dst: &File,
+    size: u64,
+    cipher: Option<&FileCipher>,
+    buf: &mut Vec<u8>,
+    progress: &mut dyn FnMut(u64),
+) -> io::Result<()> {
+    buf.resize(CHUNK, 0);
+    let mut pos = 0u64;
+    let mut reported = 0u64;
+    while pos < size {
+        let data = match sys::lseek(src.as_fd(), pos as i64, libc::SEEK_DATA) {
+            Ok(o) => down(o as u64),
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => break,
+            Err(e) => return Err(e),
+        };
+        if data >= size {
+            break;
+        }
+        let hole = sys::lseek(src.as_fd(), data as i64, libc::SEEK_HOLE).map(|o| o as u64)?;
+        let end = up(hole).min(size);
+        let mut off = data.max(pos);
+        while off < end {
+            let n = (CHUNK as u64).min(end - off) as usize;
+            let got = sys::pread_full(src.as_fd(), &mut buf[..n], off)?;
+            if got < n {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the file shrank while it was being converted"));
+            }
+            write_blocks(dst, cipher, off, &mut buf[..n], size)?;
+            off += n as u64;
+            progress(off - reported);
+            reported = off;
+        }
+        pos = end.max(pos + 1);
+    }
+    if reported < size {
+        progress(size - reported);
+    }
+    dst.set_len(size)
+}
+
+/// Write `data` (read at `off`, a block boundary) to `dst`, leaving out complete zero blocks.
+fn write_blocks(dst: &File, cipher: Option<&FileCipher>, off: u64, data: &mut [u8], size: u64) -> io::Result<()> {
+    let mut run: Option<usize> = None; // start of the run of blocks to write
+    let flush = |from: usize, to: usize, data: &mut [u8]| -> io::Result<()> {
+        if let Some(c) = cipher {
+            c.apply(off + from as u64, &mut data[from..to]);
+        }
+        sys::pwrite_all(dst.as_fd(), &data[from..to], off + from as u64)
+    };
+    let mut i = 0;
+    while i < data.len() {
+        let end = (i + BLOCK as usize).min(data.len());
+        let complete = off + i as u64 + BLOCK <= size && end - i == BLOCK as usize;
+        let hole = complete && all_zero(&data[i..end]);
+        match (hole, run) {
+            (true, Some(s)) => {
+                flush(s, i, data)?;
+                run = None;
+            }
+            (false, None) => run = Some(i),
+            _ => {}
+        }
+        i = end;
+    }
+    if let Some(s) = run {
+        flush(s, data.len(), data)?;
+    }
+    Ok(())
+}
+
+/// Give `dst` the owner, extended attributes (ACLs, capabilities, user.*), mode and times
+/// of `src`. `strict`: any attribute that cannot be copied is an error (encrypting in place
+/// must not lose one); otherwise it is returned as a warning (exporting to a filesystem
+/// without xattrs, or as a user who cannot chown).
+pub fn copy_attrs(src: &File, md: &std::fs::Metadata, dst: &File, strict: bool) -> io::Result<Vec<String>> {
+    let mut warnings = Vec::new();
+    let mut soft = |what: String, e: io::Error| -> io::Result<()> {
+        if strict {
+            Err(io::Error::new(e.kind(), format!("{what}: {e}")))
+        } else {
+            warnings.push(format!("{what}: {e}"));
+            Ok(())
+        }
+    };
+    let dst_md = dst.metadata()?;
+    if (dst_md.uid(), dst_md.gid()) != (md.uid(), md.gid()) {
+        // Before the xattrs and the mode: chown clears set-id bits and capabilities.
+        if let Err(e) = sys::fchown(dst.as_fd(), md.uid(), md.gid()) {
+            soft(format!("cannot set owner {}:{}", md.uid(), md.gid()), e)?;
+        }
+    }
+    match list_xattrs(src) {
+        Ok(names) => {
+            for name in names {
+                if let Err(e) = get_xattr(src, &name).and_then(|v| set_xattr(dst, &name, &v)) {
+                    soft(format!("cannot copy xattr {}", name.to_string_lossy()), e)?;
+                }
+            }
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => {}
+        Err(e) => soft("cannot list xattrs".into(), e)?,
+    }
+    if let Err(e) = cvt(unsafe { libc::fchmod(dst.as_raw_fd(), md.mode() & 0o7777) }) {
+        soft(format!("cannot set mode {:o}", md.mode() & 0o7777), e)?;
+    }
+    let times = [
+        libc::timespec { tv_sec: md.atime(), tv_nsec: md.atime_nsec() },
+        libc::timespec { tv_sec: md.mtime(), tv_nsec: md.mtime_nsec() },
+    ];
+    cvt(unsafe { libc::futimens(dst.as_raw_fd(), times.as_ptr()) })?;
+    Ok(warnings)
+}
+
+fn cvt(r: libc::c_int) -> io::Result<()> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn list_xattrs(f: &File) -> io::Result<Vec<CString>> {
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let n = unsafe { libc::flistxattr(f.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n >= 0 {
+            buf.truncate(n as usize);
+            break;
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ERANGE) {
+            return Err(e);
+        }
+        buf.resize(buf.len() * 4, 0);
+    }
+    Ok(buf.split(|&b| b == 0).filter(|n| !n.is_empty()).map(|n| CString::new(n).expect("split at NUL")).collect())
+}
+
+fn get_xattr(f: &File, name: &CString) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; 256];
+    loop {
+        let n = unsafe { libc::fgetxattr(f.as_raw_fd(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n >= 0 {
+            buf.truncate(n as usize);
+            return Ok(buf);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ERANGE) {
+            return Err(e);
+        }
+        buf.resize(buf.len() * 4, 0);
+    }
+}
+
+fn set_xattr(f: &File, name: &CString, value: &[u8]) -> io::Result<()> {
+    cvt(unsafe { libc::fsetxattr(f.as_raw_fd(), name.as_ptr(), value.as_ptr().cast(), value.len(), 0) })
+}

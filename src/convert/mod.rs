@@ -1,0 +1,69 @@
+//! Converting data that exists outside tdefs' encryption: `tdefs encrypt` turns files
+//! tracked as plaintext into encrypted ones in place, `tdefs decrypt` exports plaintext
+//! copies (for leaving tdefs). Both work on an unmounted backing directory, holding its
+//! lock, and can be interrupted at any instant and run again.
+//!
+//! - [`select`]: which files a run covers.
+//! - [`copy`]: the block copy both directions share (CTR is its own inverse) and the copy
+//!   of owner, mode, xattrs and times.
+//! - [`progress`]: the progress bar or lines, and the progress file `tdefs status` reads.
+//! - [`encrypt`], [`decrypt`]: the two conversions.
+
+mod copy;
+pub mod decrypt;
+pub mod encrypt;
+pub mod progress;
+mod select;
+
+use std::path::PathBuf;
+
+pub use self::select::{select, Item, Kind};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    #[error("{path}: {problem}")]
+    Select { path: PathBuf, problem: String },
+    #[error("{op} {path}: {err}")]
+    Io { op: &'static str, path: PathBuf, err: std::io::Error },
+    #[error(transparent)]
+    Meta(#[from] crate::meta::MetaError),
+    #[error(transparent)]
+    Dict(#[from] crate::dictionary::DictError),
+    #[error(transparent)]
+    Key(#[from] crate::keys::KeyError),
+    #[error("data-encryption-method is plaintext in the config: there is nothing to encrypt to; set it to aes256-ctr (or another method) first")]
+    PlaintextMethod,
+}
+
+/// What one run did. `skipped` and `failed` name each file with the reason.
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub files_done: u64,
+    pub bytes_done: u64,
+    /// Files that needed nothing (already encrypted; already exported).
+    pub files_unchanged: u64,
+    pub skipped: Vec<(String, String)>,
+    pub failed: Vec<(String, String)>,
+}
+
+impl Summary {
+    fn skip(&mut self, rel: &[u8], why: impl Into<String>) {
+        self.skipped.push((show(rel), why.into()));
+    }
+
+    fn fail(&mut self, rel: &[u8], why: impl std::fmt::Display) {
+        let path = show(rel);
+        tracing::error!(path = %path, error = %why, "not converted");
+        self.failed.push((path, why.to_string()));
+    }
+}
+
+/// A dictionary path for messages.
+pub fn show(rel: &[u8]) -> String {
+    String::from_utf8_lossy(rel).into_owned()
+}
+
+fn io_err(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> ConvertError {
+    let path = path.into();
+    move |err| ConvertError::Io { op, path, err }
+}
