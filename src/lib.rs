@@ -8,6 +8,7 @@
 //! - [`meta`]: the `.tdefs` metadata directory: initialisation, opening, locking.
 //! - [`fs`]: the FUSE adapter (inodes, handles, data path).
 //! - [`control`]: the control socket of a running mount.
+//! - [`metrics`]: Prometheus metrics of a running mount.
 //! - [`cli`]: the command line.
 
 pub mod cli;
@@ -18,4 +19,5 @@ pub mod dictionary;
 pub mod fs;
 pub mod keys;
 pub mod meta;
+pub mod metrics;
 pub mod sys;
