@@ -5,12 +5,15 @@ mod daemon;
 mod dump;
 mod mount;
 mod rotate;
+mod sdnotify;
 mod status;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+use crate::config::LogLevel;
 
 #[derive(Parser)]
 #[command(
@@ -43,14 +46,16 @@ enum Command {
     },
 }
 
-/// Logs go to stderr; RUST_LOG filters them (default: info for tdefs, warnings elsewhere).
+/// Logs go to stderr; RUST_LOG filters them (default: `level` for tdefs, warnings elsewhere).
 /// fuser's own noise is filtered: it warns when its unmount finds the mount already gone,
 /// and it logs an error whenever the kernel drops its (ENOSYS) answer to a FUSE_INTERRUPT
 /// for a request already answered, which databases that signal their workers cause often.
-fn init_logging() {
+/// A second call (the mount, once its config is read) is a no-op.
+pub(crate) fn init_logging(level: LogLevel) {
     use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,fuser=error,fuser::reply=off,tdefs=info"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("warn,fuser=error,fuser::reply=off,tdefs={}", level.as_str()))
+    });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
@@ -60,7 +65,10 @@ fn init_logging() {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    // The mount sets up logging once it has read its config (log-level).
+    if !matches!(cli.cmd, Command::Mount(_)) {
+        init_logging(LogLevel::default());
+    }
     let r = match cli.cmd {
         Command::Check(args) => return check::run(args),
         Command::Mount(args) => mount::run(args),
@@ -71,6 +79,10 @@ pub fn main() -> ExitCode {
             .map(|()| eprintln!("wrote a new master key to {} (mode 0600)", path.display()))
             .map_err(anyhow::Error::from),
     };
+    report(r)
+}
+
+fn report(r: anyhow::Result<()>) -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
