@@ -1,8 +1,10 @@
-//! Command line: `tdefs mount`, `tdefs check`, `tdefs dump`, `tdefs rotate-master-key`, `tdefs status`, `tdefs genkey`.
+//! Command line: `tdefs mount`, `tdefs check`, `tdefs dump`, `tdefs rotate-master-key`, `tdefs status`, `tdefs genkey`,
+//! and `mount.fuse.tdefs` (the mount(8) helper: the same binary under that name).
 
 mod check;
 mod daemon;
 mod dump;
+mod helper;
 mod mount;
 mod rotate;
 mod sdnotify;
@@ -24,7 +26,8 @@ use crate::config::LogLevel;
 mountpoint. Point the database at the mountpoint; every byte that reaches the backing disk is \
 encrypted (AES-CTR or SM4-CTR, same length and offset), while names, sizes and layout stay as they are.",
     after_help = "Examples:\n  tdefs genkey /run/keys/tdefs.key\n  tdefs mount --config /etc/tdefs/tdefs.toml\n  \
-tdefs mount --config tdefs.toml /var/lib/tdefs/backing /var/lib/postgresql/15/main"
+tdefs mount --config tdefs.toml /var/lib/tdefs/backing /var/lib/postgresql/15/main\n  \
+mount -t fuse.tdefs /etc/tdefs/tdefs.toml /srv/db   # after: ln -s /usr/local/bin/tdefs /sbin/mount.fuse.tdefs"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -43,6 +46,18 @@ enum Command {
     Genkey {
         /// Where to write the key; an existing file is never overwritten.
         path: PathBuf,
+    },
+    /// The mount(8) helper for `mount -t fuse.tdefs` and /etc/fstab (see its --help).
+    #[command(
+        name = "mount.fuse.tdefs",
+        hide = true,
+        disable_help_flag = true,
+        after_help = "Examples:\n  tdefs mount.fuse.tdefs --help\n  tdefs mount.fuse.tdefs /etc/tdefs/tdefs.toml /srv/db -o backing=/srv/backing"
+    )]
+    MountHelper {
+        /// CONFIG MOUNTPOINT [-sfnv] [-o OPTIONS], as mount(8) passes them.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+        args: Vec<std::ffi::OsString>,
     },
 }
 
@@ -64,14 +79,20 @@ pub(crate) fn init_logging(level: LogLevel) {
 }
 
 pub fn main() -> ExitCode {
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    if std::path::Path::new(&argv0).file_name() == Some(helper::NAME.as_ref()) {
+        let args: Vec<_> = std::env::args_os().skip(1).collect();
+        return report(helper::run(&args));
+    }
     let cli = Cli::parse();
     // The mount sets up logging once it has read its config (log-level).
-    if !matches!(cli.cmd, Command::Mount(_)) {
+    if !matches!(cli.cmd, Command::Mount(_) | Command::MountHelper { .. }) {
         init_logging(LogLevel::default());
     }
     let r = match cli.cmd {
         Command::Check(args) => return check::run(args),
         Command::Mount(args) => mount::run(args),
+        Command::MountHelper { args } => helper::run(&args),
         Command::Dump(args) => dump::run(args),
         Command::RotateMasterKey(args) => rotate::run(args),
         Command::Status(args) => status::run(args),
