@@ -9,6 +9,7 @@
 //! - [`fs`]: the FUSE adapter (inodes, handles, data path).
 //! - [`control`]: the control socket of a running mount.
 //! - [`convert`]: `tdefs encrypt` / `decrypt`: converting existing data, offline.
+//! - [`metrics`]: Prometheus metrics of a running mount.
 //! - [`cli`]: the command line.
 
 pub mod cli;
@@ -20,4 +21,5 @@ pub mod dictionary;
 pub mod fs;
 pub mod keys;
 pub mod meta;
+pub mod metrics;
 pub mod sys;

@@ -10,14 +10,13 @@ use anyhow::{bail, Context};
 const READY_ENV: &str = "TDEFS_READY_FD";
 const READY: &str = "READY";
 
-/// In the parent: re-run this command without `--daemon` in a new session; wait for it.
-pub fn spawn_and_wait() -> anyhow::Result<()> {
+/// In the parent: run `tdefs ARGS` (a foreground mount) in a new session; wait for it.
+pub fn spawn_and_wait(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
     let mut fds = [0; 2];
     if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
         bail!("pipe: {}", std::io::Error::last_os_error());
     }
     let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    let args: Vec<_> = std::env::args_os().skip(1).filter(|a| a != "--daemon").collect();
     let exe = std::env::current_exe().context("cannot find the tdefs executable")?;
     let wr_fd = wr.as_raw_fd();
     let mut cmd = Command::new(exe);
@@ -43,7 +42,8 @@ pub fn spawn_and_wait() -> anyhow::Result<()> {
 }
 
 /// In the daemon: tell the waiting parent the mount is ready, then detach from the
-/// parent's output: stdout to /dev/null, stderr (the log) to `log_file` or /dev/null.
+/// parent's output: stdout to /dev/null, stderr (the log) to `log_file`, else kept when
+/// it is the journal (started by systemd, e.g. from an fstab mount unit), else /dev/null.
 pub fn notify_ready(log_file: Option<&std::path::Path>) {
     let Some(fd) = std::env::var(READY_ENV).ok().and_then(|v| v.parse::<i32>().ok()) else { return };
     std::env::remove_var(READY_ENV);
@@ -55,11 +55,27 @@ pub fn notify_ready(log_file: Option<&std::path::Path>) {
         unsafe {
             libc::dup2(null.as_raw_fd(), 0);
             libc::dup2(null.as_raw_fd(), 1);
-            libc::dup2(log.as_ref().map(|f| f.as_raw_fd()).unwrap_or(null.as_raw_fd()), 2);
+            match &log {
+                Some(f) => libc::dup2(f.as_raw_fd(), 2),
+                None if stderr_is_journal() => 2,
+                None => libc::dup2(null.as_raw_fd(), 2),
+            };
         }
     }
 }
 
 pub fn is_daemon_child() -> bool {
     std::env::var_os(READY_ENV).is_some()
+}
+
+/// systemd sets JOURNAL_STREAM=DEV:INODE for the stream it connected to stdout/stderr;
+/// stderr is the journal only if it is still that very stream.
+fn stderr_is_journal() -> bool {
+    let Some(v) = std::env::var_os("JOURNAL_STREAM") else { return false };
+    let Some((dev, ino)) = v.to_str().and_then(|v| v.split_once(':')) else { return false };
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(2, &mut st) } != 0 {
+        return false;
+    }
+    dev.parse() == Ok(st.st_dev as u64) && ino.parse() == Ok(st.st_ino as u64)
 }

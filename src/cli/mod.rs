@@ -1,18 +1,23 @@
 //! Command line: `tdefs mount`, `tdefs check`, `tdefs dump`, `tdefs rotate-master-key`, `tdefs status`,
-//! `tdefs encrypt`, `tdefs decrypt`, `tdefs genkey`.
+//! `tdefs encrypt`, `tdefs decrypt`, `tdefs genkey`, and `mount.fuse.tdefs` (the mount(8) helper: the
+//! same binary under that name).
 
 mod check;
 mod convert;
 mod daemon;
 mod dump;
+mod helper;
 mod mount;
 mod rotate;
+mod sdnotify;
 mod status;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+use crate::config::LogLevel;
 
 #[derive(Parser)]
 #[command(
@@ -23,7 +28,8 @@ use clap::{Parser, Subcommand};
 mountpoint. Point the database at the mountpoint; every byte that reaches the backing disk is \
 encrypted (AES-CTR or SM4-CTR, same length and offset), while names, sizes and layout stay as they are.",
     after_help = "Examples:\n  tdefs genkey /run/keys/tdefs.key\n  tdefs mount --config /etc/tdefs/tdefs.toml\n  \
-tdefs mount --config tdefs.toml /var/lib/tdefs/backing /var/lib/postgresql/15/main"
+tdefs mount --config tdefs.toml /var/lib/tdefs/backing /var/lib/postgresql/15/main\n  \
+mount -t fuse.tdefs /etc/tdefs/tdefs.toml /srv/db   # after: ln -s /usr/local/bin/tdefs /sbin/mount.fuse.tdefs"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -45,16 +51,30 @@ enum Command {
         /// Where to write the key; an existing file is never overwritten.
         path: PathBuf,
     },
+    /// The mount(8) helper for `mount -t fuse.tdefs` and /etc/fstab (see its --help).
+    #[command(
+        name = "mount.fuse.tdefs",
+        hide = true,
+        disable_help_flag = true,
+        after_help = "Examples:\n  tdefs mount.fuse.tdefs --help\n  tdefs mount.fuse.tdefs /etc/tdefs/tdefs.toml /srv/db -o backing=/srv/backing"
+    )]
+    MountHelper {
+        /// CONFIG MOUNTPOINT [-sfnv] [-o OPTIONS], as mount(8) passes them.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
-/// Logs go to stderr; RUST_LOG filters them (default: info for tdefs, warnings elsewhere).
+/// Logs go to stderr; RUST_LOG filters them (default: `level` for tdefs, warnings elsewhere).
 /// fuser's own noise is filtered: it warns when its unmount finds the mount already gone,
 /// and it logs an error whenever the kernel drops its (ENOSYS) answer to a FUSE_INTERRUPT
 /// for a request already answered, which databases that signal their workers cause often.
-fn init_logging() {
+/// A second call (the mount, once its config is read) is a no-op.
+pub(crate) fn init_logging(level: LogLevel) {
     use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,fuser=error,fuser::reply=off,tdefs=info"));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("warn,fuser=error,fuser::reply=off,tdefs={}", level.as_str()))
+    });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
@@ -63,13 +83,22 @@ fn init_logging() {
 }
 
 pub fn main() -> ExitCode {
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    if std::path::Path::new(&argv0).file_name() == Some(helper::NAME.as_ref()) {
+        let args: Vec<_> = std::env::args_os().skip(1).collect();
+        return report(helper::run(&args));
+    }
     let cli = Cli::parse();
-    init_logging();
+    // The mount sets up logging once it has read its config (log-level).
+    if !matches!(cli.cmd, Command::Mount(_) | Command::MountHelper { .. }) {
+        init_logging(LogLevel::default());
+    }
     let r = match cli.cmd {
         Command::Check(args) => return check::run(args),
         Command::Encrypt(args) => return convert::run_encrypt(args),
         Command::Decrypt(args) => return convert::run_decrypt(args),
         Command::Mount(args) => mount::run(args),
+        Command::MountHelper { args } => helper::run(&args),
         Command::Dump(args) => dump::run(args),
         Command::RotateMasterKey(args) => rotate::run(args),
         Command::Status(args) => status::run(args),
@@ -77,6 +106,10 @@ pub fn main() -> ExitCode {
             .map(|()| eprintln!("wrote a new master key to {} (mode 0600)", path.display()))
             .map_err(anyhow::Error::from),
     };
+    report(r)
+}
+
+fn report(r: anyhow::Result<()>) -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -6,37 +6,43 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::Args;
 
-use super::daemon;
+use super::{daemon, sdnotify};
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
 use crate::fs::{fuser_config, Core, FsOptions, Housekeeping, MountSpec, TdeFs};
 use crate::control;
 use crate::crypto::Method;
 use crate::meta::{rotate_master_key, status, MasterKeys, Metadata, OpenOptions};
+use crate::metrics;
 
 /// Mount a backing directory (ciphertext) at a mountpoint (plaintext view).
 #[derive(Args, Debug)]
-#[command(after_help = "Runs in the foreground until unmounted (SIGINT/SIGTERM or `fusermount3 -u MOUNTPOINT`).\n\n\
+#[command(after_help = "Runs in the foreground until unmounted (SIGINT/SIGTERM, `umount MOUNTPOINT` or \
+`fusermount3 -u MOUNTPOINT`). Under systemd (Type=notify) it reports READY=1 once the mount is live. \
+`metrics-addr` in the config serves Prometheus metrics; `log-level` sets the log level (RUST_LOG overrides it). \
+For /etc/fstab and `mount -t fuse.tdefs`, see `tdefs mount.fuse.tdefs --help`.\n\n\
 Examples:\n  tdefs mount --config /etc/tdefs/tdefs.toml\n  tdefs mount --config tdefs.toml --daemon /srv/backing /srv/db\n  \
-tdefs mount --config tdefs.toml --init /srv/existing-data /srv/db   # adopt existing files as plaintext")]
+tdefs mount --config tdefs.toml --init /srv/existing-data /srv/db   # adopt existing files as plaintext\n  \
+RUST_LOG=tdefs=debug tdefs mount --config tdefs.toml               # every failed request, with its errno")]
 pub struct MountArgs {
     /// Configuration file (TOML).
     #[arg(short, long, value_name = "FILE", default_value = DEFAULT_CONFIG_PATH)]
-    config: PathBuf,
+    pub(super) config: PathBuf,
     /// Return once the mount is ready and keep serving it in the background. Start-up
-    /// errors still print here; later logs go to --log-file (else they are discarded).
+    /// errors still print here; later logs go to --log-file (else to the journal when
+    /// started by systemd, else they are discarded).
     #[arg(long)]
-    daemon: bool,
+    pub(super) daemon: bool,
     /// With --daemon: append the daemon's log to this file.
     #[arg(long, value_name = "FILE")]
-    log_file: Option<PathBuf>,
+    pub(super) log_file: Option<PathBuf>,
     /// Adopt a backing directory that already holds files but no tdefs metadata: its files
     /// stay readable (tracked as plaintext), new files are encrypted.
     #[arg(long)]
-    init: bool,
+    pub(super) init: bool,
     /// Backing directory (overrides `backing-dir` in the config).
-    backing: Option<PathBuf>,
+    pub(super) backing: Option<PathBuf>,
     /// Mountpoint (overrides `mountpoint` in the config).
-    mountpoint: Option<PathBuf>,
+    pub(super) mountpoint: Option<PathBuf>,
 }
 
 /// Process hygiene for a daemon that holds keys: no core dumps, no ptrace by other users,
@@ -100,17 +106,34 @@ fn pick(arg: Option<PathBuf>, cfg: &Option<PathBuf>, what: &str, key: &str) -> a
     }
 }
 
+/// The daemon's command line: this mount in the foreground, everything resolved.
+fn foreground_args(args: &MountArgs, backing: &Path, mountpoint: &Path) -> Vec<std::ffi::OsString> {
+    let mut v: Vec<std::ffi::OsString> = vec!["mount".into(), "--config".into(), args.config.clone().into()];
+    if let Some(l) = &args.log_file {
+        v.extend(["--log-file".into(), l.clone().into()]);
+    }
+    if args.init {
+        v.push("--init".into());
+    }
+    v.extend([backing.into(), mountpoint.into()]);
+    v
+}
+
 pub fn run(args: MountArgs) -> anyhow::Result<()> {
     let cfg = Config::load(&args.config)?;
-    let backing = pick(args.backing, &cfg.backing_dir, "backing directory", "backing-dir")?;
-    let mountpoint = pick(args.mountpoint, &cfg.mountpoint, "mountpoint", "mountpoint")?;
+    super::init_logging(cfg.log_level);
+    let backing = pick(args.backing.clone(), &cfg.backing_dir, "backing directory", "backing-dir")?;
+    let mountpoint = pick(args.mountpoint.clone(), &cfg.mountpoint, "mountpoint", "mountpoint")?;
     if !Path::new(&mountpoint).is_dir() {
         bail!("mountpoint {} is not an existing directory", mountpoint.display());
     }
     if args.daemon {
-        return daemon::spawn_and_wait();
+        return daemon::spawn_and_wait(foreground_args(&args, &backing, &mountpoint));
     }
     harden_process();
+    // Bound before anything is opened or mounted: the operator asked for metrics, so a
+    // taken port stops the mount.
+    let metrics_endpoint = cfg.metrics_addr.map(metrics::bind).transpose()?;
     let enc = &cfg.security.encryption;
     let opts = OpenOptions { adopt: args.init, rewrite_threshold: enc.file_dictionary_rewrite_threshold };
     let meta = Metadata::open_or_init(&backing, &MasterKeys::from_config(enc), &opts)
@@ -148,6 +171,10 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot mount at {}", mountpoint.display()))?;
     let _ = notifier.set(session.notifier());
     let control = start_control(&mountpoint, meta.backing(), core.clone(), enc.data_encryption_method);
+    if let Some(ep) = metrics_endpoint {
+        let (core, method) = (core.clone(), enc.data_encryption_method);
+        ep.serve(move || metrics::Gauges::of(&core, method)).context("cannot start the metrics thread")?;
+    }
     let mut unmounter = session.unmount_callable();
     let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])?;
     let signal_handle = signals.handle();
@@ -155,16 +182,20 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
     let sig_thread = std::thread::Builder::new().name("tdefs-signals".into()).spawn(move || {
         if let Some(sig) = signals.forever().next() {
             tracing::info!(signal = sig, mountpoint = %mp.display(), "unmounting");
+            sdnotify::stopping();
             if let Err(e) = unmounter.unmount() {
                 tracing::error!(error = %e, "unmount failed");
             }
         }
     })?;
     tracing::info!(mountpoint = %mountpoint.display(), method = %enc.data_encryption_method, "mounted");
+    sdnotify::ready(&mountpoint);
     if daemon::is_daemon_child() {
         daemon::notify_ready(args.log_file.as_deref());
     }
+    // Returns after an unmount by signal, by fusermount3 -u or by the kernel (`umount`).
     let result = session.run();
+    sdnotify::stopping();
     signal_handle.close();
     let _ = sig_thread.join();
     drop(control);

@@ -4,6 +4,7 @@
 //! not silently fall back to a default.
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -21,9 +22,38 @@ pub struct Config {
     pub backing_dir: Option<PathBuf>,
     /// Where the plaintext view is mounted.
     pub mountpoint: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. "127.0.0.1:9184"); absent: none.
+    #[serde(default, deserialize_with = "de_metrics_addr")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Log level of tdefs' own messages; RUST_LOG, when set, overrides it.
+    #[serde(default)]
+    pub log_level: LogLevel,
     #[serde(default)]
     pub mount: MountConfig,
     pub security: Security,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    #[default]
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -209,6 +239,15 @@ fn de_method<'de, D: Deserializer<'de>>(d: D) -> Result<Method, D::Error> {
     s.parse().map_err(serde::de::Error::custom)
 }
 
+fn de_metrics_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map(Some).map_err(|_| {
+        serde::de::Error::custom(format!(
+            "invalid address {s:?}; write IP:PORT, e.g. \"127.0.0.1:9184\" (or \"0.0.0.0:9184\" for every interface)"
+        ))
+    })
+}
+
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let s = String::deserialize(d)?;
     humantime::parse_duration(&s).map_err(|e| {
@@ -306,6 +345,21 @@ path = "/run/keys/tdefs.key"
         assert!(e.contains("vendor") && e.contains("aws"), "{e}");
         let e = err(&text.replace("key-id = \"alias/tdefs\"\n", ""));
         assert!(e.contains("key-id"), "{e}");
+    }
+
+    #[test]
+    fn metrics_addr_and_log_level() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!((c.metrics_addr, c.log_level), (None, LogLevel::Info));
+        let c = Config::parse(&format!("metrics-addr = \"127.0.0.1:9184\"\nlog-level = \"debug\"\n{GOOD}")).unwrap();
+        assert_eq!(c.metrics_addr, Some("127.0.0.1:9184".parse().unwrap()));
+        assert_eq!(c.log_level, LogLevel::Debug);
+        let e = err(&format!("metrics-addr = \"localhost\"\n{GOOD}"));
+        assert!(e.contains("metrics-addr") && e.contains("127.0.0.1:9184"), "{e}");
+        let e = err(&format!("log-level = \"loud\"\n{GOOD}"));
+        assert!(e.contains("log-level") && e.contains("debug") && e.contains("warn"), "{e}");
+        let e = err(&format!("metrics_addr = \"127.0.0.1:1\"\n{GOOD}"));
+        assert!(e.contains("metrics_addr"), "strict parsing names the misspelt key: {e}");
     }
 
     #[test]

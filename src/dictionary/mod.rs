@@ -161,6 +161,7 @@ impl FileDict {
 
     /// Read the snapshot and replay the logs. Changes nothing on disk.
     pub fn load(dir: &Path, seal: &SealKey, instance: &[u8; 16]) -> Result<Loaded, DictError> {
+        let started = Instant::now();
         let snap_path = dir.join(SNAPSHOT_FILE);
         let f = File::open(&snap_path).map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => DictError::Missing { dir: dir.into(), what: format!("{SNAPSHOT_FILE} is missing") },
@@ -247,6 +248,7 @@ impl FileDict {
                 torn_tail = c.torn.map(|why| ((bytes.len() as u64 - c.valid_len), why));
             }
         }
+        crate::metrics::dictionary_loaded(started.elapsed());
         Ok(Loaded {
             dir: dir.to_path_buf(),
             tree,
@@ -352,7 +354,10 @@ impl FileDict {
     }
 
     pub fn get(&self, path: &[u8]) -> Option<FileEntry> {
-        self.tree.read().get(path)
+        let started = Instant::now();
+        let e = self.tree.read().get(path);
+        crate::metrics::dictionary_read(started);
+        e
     }
 
     /// Run `f` with read access to the whole tree (status, dumps, key reference counts).
@@ -435,6 +440,7 @@ impl FileDict {
         let barriers = std::mem::take(&mut st.barriers);
         let (file, off, prealloc) = (st.file.clone(), st.written, st.preallocated);
         st.syncing = true;
+        let started = Instant::now();
         let (write_res, sync_res, new_prealloc) = MutexGuard::unlocked(st, || {
             for dir in &barriers {
                 // A directory that cannot be synced (EIO) fails the batch like the log would.
@@ -455,6 +461,7 @@ impl FileDict {
             let s = if w.is_ok() { sys::fdatasync(fd) } else { Ok(()) };
             (w, s, new_prealloc)
         });
+        crate::metrics::dictionary_write(started);
         st.syncing = false;
         st.preallocated = new_prealloc;
         match (write_res, sync_res) {
@@ -552,6 +559,7 @@ impl FileDict {
         }
         sys::fsync_dir(&self.dir).map_err(io_err("fsync", &self.dir))?;
         *self.last_compaction.lock() = Some(Instant::now());
+        crate::metrics::dictionary_compacted();
         tracing::info!(entries = self.tree.read().len(), generation = new_gen, "file dictionary compacted");
         Ok(())
     }

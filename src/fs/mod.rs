@@ -30,6 +30,7 @@ use self::core::KillPrivs;
 pub use self::data::BLOCK;
 pub use self::housekeeping::Housekeeping;
 use self::errno::errno;
+use crate::metrics::{self, Op};
 pub use self::namespace::Caller;
 
 /// How to mount.
@@ -54,11 +55,12 @@ pub struct TdeFs {
 
 const GEN: Generation = Generation(0);
 
-/// The errno for a failed request; `RUST_LOG=tdefs=debug` shows each one and where it
-/// was answered.
+/// The errno for a failed request, counted in `tdefs_errors_total`; `RUST_LOG=tdefs=debug`
+/// shows each one and where it was answered.
 #[track_caller]
 fn fail(e: &errno::Error) -> Errno {
     let n = errno(e);
+    metrics::error(n);
     tracing::debug!(errno = n, error = %e, at = %std::panic::Location::caller(), "request failed");
     Errno::from_i32(n)
 }
@@ -182,15 +184,18 @@ impl Filesystem for TdeFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        metrics::request(Op::Lookup);
         let r = self.core.inode(parent.0).and_then(|p| self.core.lookup(&p, name));
         self.entry(r, reply);
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        metrics::request(Op::Forget);
         self.core.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+        metrics::request(Op::Getattr);
         match self.core.getattr(ino.0, fh.map(|f| f.0)) {
             Ok(st) => reply.attr(&self.ttl(), &attr::to_attr(ino.0, &st)),
             Err(e) => reply.error(fail(&e)),
@@ -215,6 +220,7 @@ impl Filesystem for TdeFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        metrics::request(Op::Setattr);
         let kill = if size.is_some() { lacks_fsetid(req) } else { None };
         match self.core.setattr(ino.0, mode, uid, gid, size, atime, mtime, fh.map(|f| f.0), kill) {
             Ok(st) => reply.attr(&self.ttl(), &attr::to_attr(ino.0, &st)),
@@ -223,6 +229,7 @@ impl Filesystem for TdeFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        metrics::request(Op::Readlink);
         match self.core.readlink(ino.0) {
             Ok(t) => reply.data(std::os::unix::ffi::OsStrExt::as_bytes(t.as_os_str())),
             Err(e) => reply.error(fail(&e)),
@@ -230,24 +237,29 @@ impl Filesystem for TdeFs {
     }
 
     fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
+        metrics::request(Op::Mknod);
         let mode = self.creation_mode(parent, mode, umask);
         self.entry(self.core.mknod(parent.0, name, mode, rdev, caller(req)), reply);
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        metrics::request(Op::Mkdir);
         let mode = self.creation_mode(parent, mode, umask);
         self.entry(self.core.mkdir(parent.0, name, mode, caller(req)), reply);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        metrics::request(Op::Unlink);
         Self::empty(self.core.unlink(parent.0, name), reply);
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        metrics::request(Op::Rmdir);
         Self::empty(self.core.rmdir(parent.0, name), reply);
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        metrics::request(Op::Symlink);
         self.entry(self.core.symlink(parent.0, link_name, target.as_os_str(), caller(req)), reply);
     }
 
@@ -261,14 +273,17 @@ impl Filesystem for TdeFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        metrics::request(Op::Rename);
         Self::empty(self.core.rename(parent.0, name, newparent.0, newname, flags.bits()), reply);
     }
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        metrics::request(Op::Link);
         self.entry(self.core.link(ino.0, newparent.0, newname), reply);
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        metrics::request(Op::Open);
         match self.core.open(ino.0, flags.0, lacks_fsetid(req)) {
             Ok((fh, mode_changed)) => {
                 reply.opened(FileHandle(fh), Self::open_flags());
@@ -293,11 +308,15 @@ impl Filesystem for TdeFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        metrics::request(Op::Read);
         if misaligned_direct(flags, offset, size as usize) {
-            return reply.error(Errno::from_i32(libc::EINVAL));
+            return reply.error(fail(&errno::Error::Os(libc::EINVAL)));
         }
         self.core.read(fh.0, offset, size, |r| match r {
-            Ok(data) => reply.data(data),
+            Ok(data) => {
+                metrics::read_bytes(data.len());
+                reply.data(data)
+            }
             Err(e) => reply.error(fail(&e)),
         });
     }
@@ -314,9 +333,10 @@ impl Filesystem for TdeFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        metrics::request(Op::Write);
         // Page-cache writeback through an O_DIRECT descriptor is not the caller's I/O.
         if !write_flags.contains(WriteFlags::FUSE_WRITE_CACHE) && misaligned_direct(flags, offset, data.len()) {
-            return reply.error(Errno::from_i32(libc::EINVAL));
+            return reply.error(fail(&errno::Error::Os(libc::EINVAL)));
         }
         if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
             match self.core.kill_privs(fh.0, &killer(req)) {
@@ -326,12 +346,16 @@ impl Filesystem for TdeFs {
             }
         }
         match self.core.write(fh.0, offset, data) {
-            Ok(n) => reply.written(n),
+            Ok(n) => {
+                metrics::written_bytes(n as usize);
+                reply.written(n)
+            }
             Err(e) => reply.error(fail(&e)),
         }
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        metrics::request(Op::Flush);
         reply.ok(); // nothing is buffered in the daemon
     }
 
@@ -345,15 +369,18 @@ impl Filesystem for TdeFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        metrics::request(Op::Release);
         self.core.release(fh.0);
         reply.ok();
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+        metrics::request(Op::Fsync);
         Self::empty(self.core.fsync(fh.0, datasync), reply);
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        metrics::request(Op::Opendir);
         match self.core.opendir(ino.0) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(fail(&e)),
@@ -361,6 +388,7 @@ impl Filesystem for TdeFs {
     }
 
     fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        metrics::request(Op::Readdir);
         let r = self.core.readdir(fh.0, offset, |name, nodeid, kind, off| reply.add(INodeNo(nodeid), off, kind, name));
         match r {
             Ok(()) => reply.ok(),
@@ -369,6 +397,7 @@ impl Filesystem for TdeFs {
     }
 
     fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        metrics::request(Op::Readdirplus);
         let dir = match self.core.inode(ino.0) {
             Ok(d) => d,
             Err(e) => return reply.error(fail(&e)),
@@ -402,15 +431,18 @@ impl Filesystem for TdeFs {
     }
 
     fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        metrics::request(Op::Releasedir);
         self.core.releasedir(fh.0);
         reply.ok();
     }
 
     fn fsyncdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        metrics::request(Op::Fsyncdir);
         Self::empty(self.core.fsyncdir(fh.0), reply);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        metrics::request(Op::Statfs);
         match self.core.statfs() {
             Ok(s) => reply.statfs(
                 s.f_blocks,
@@ -427,10 +459,12 @@ impl Filesystem for TdeFs {
     }
 
     fn setxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32, _position: u32, reply: ReplyEmpty) {
+        metrics::request(Op::Setxattr);
         Self::empty(self.core.setxattr(ino.0, name, value, flags), reply);
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        metrics::request(Op::Getxattr);
         let mut buf = vec![0u8; size as usize];
         match self.core.getxattr(ino.0, name, &mut buf) {
             Ok(n) if size == 0 => reply.size(n as u32),
@@ -440,6 +474,7 @@ impl Filesystem for TdeFs {
     }
 
     fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        metrics::request(Op::Listxattr);
         let mut buf = vec![0u8; size as usize];
         match self.core.listxattr(ino.0, &mut buf, req.uid() != 0) {
             Ok(n) if size == 0 => reply.size(n as u32),
@@ -449,15 +484,18 @@ impl Filesystem for TdeFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        metrics::request(Op::Removexattr);
         Self::empty(self.core.removexattr(ino.0, name), reply);
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        metrics::request(Op::Access);
         // With default_permissions the kernel checks access itself and never asks.
         reply.ok();
     }
 
     fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
+        metrics::request(Op::Create);
         let mode = self.creation_mode(parent, mode, umask);
         match self.core.create(parent.0, name, mode, flags, caller(req)) {
             Ok((i, st, fh)) => {
@@ -468,10 +506,12 @@ impl Filesystem for TdeFs {
     }
 
     fn fallocate(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
+        metrics::request(Op::Fallocate);
         Self::empty(self.core.fallocate(fh.0, offset, length, mode), reply);
     }
 
     fn lseek(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+        metrics::request(Op::Lseek);
         match self.core.lseek(fh.0, offset, whence) {
             Ok(o) => reply.offset(o),
             Err(e) => reply.error(fail(&e)),
@@ -491,8 +531,14 @@ impl Filesystem for TdeFs {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
+        metrics::request(Op::CopyFileRange);
         match self.core.copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len) {
-            Ok(n) => reply.written(n),
+            Ok(n) => {
+                // Read from one file and written to another inside the daemon.
+                metrics::read_bytes(n as usize);
+                metrics::written_bytes(n as usize);
+                reply.written(n)
+            }
             Err(e) => reply.error(fail(&e)),
         }
     }

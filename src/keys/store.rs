@@ -256,6 +256,7 @@ impl KeyStore {
         self.persist(&next)?;
         *self.state.write() = next;
         tracing::info!(key_id = format_args!("{id:#018x}"), %method, "new data key");
+        crate::metrics::data_key_rotated();
         Ok(Some(key))
     }
 

@@ -1,0 +1,139 @@
+//! The Prometheus endpoint (`metrics-addr`) of a real mount, scraped while I/O runs
+//! through it, and the refusal to mount when its port is taken.
+
+mod common;
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+
+/// A port nobody listens on right now (the OS picks it; the race is negligible).
+fn free_addr() -> String {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string()
+}
+
+/// GET `path` with a plain HTTP/1.0 request: (status line, body).
+fn get(addr: &str, path: &str) -> (String, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").expect("a complete HTTP answer");
+    (head.lines().next().unwrap().to_string(), body.to_string())
+}
+
+fn scrape(addr: &str) -> String {
+    let (status, body) = get(addr, "/metrics");
+    assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
+    body
+}
+
+/// Value of one series (`name` or `name{labels}`), if present.
+fn value(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+fn must(text: &str, series: &str) -> f64 {
+    value(text, series).unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+}
+
+#[test]
+fn counters_move_while_io_runs() {
+    const FILES: usize = 4;
+    const LEN: usize = 256 * 1024 + 4096;
+    let addr = free_addr();
+    let mut m = Mount::prepare_with("aes256-ctr", &format!("metrics-addr = {addr:?}"));
+    m.start();
+    let first = scrape(&addr);
+    assert_eq!(must(&first, "tdefs_encryption_initialized"), 1.0);
+    assert_eq!(must(&first, "tdefs_new_file_method{method=\"aes256-ctr\"}"), 1.0);
+
+    // A scraper runs the whole time; counters may only grow between its scrapes.
+    let stop = Arc::new(AtomicBool::new(false));
+    let scraper = {
+        let (stop, addr) = (stop.clone(), addr.clone());
+        std::thread::spawn(move || {
+            let (mut n, mut last_writes) = (0, 0.0);
+            while !stop.load(Ordering::Relaxed) {
+                let t = scrape(&addr);
+                let w = must(&t, "tdefs_requests_total{op=\"write\"}");
+                assert!(w >= last_writes, "write requests went from {last_writes} to {w}");
+                last_writes = w;
+                n += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            n
+        })
+    };
+    let data: Vec<u8> = (0..LEN).map(|i| (i * 7 % 251) as u8).collect();
+    for i in 0..FILES {
+        let mut f = fs::File::create(m.path(&format!("f{i}"))).unwrap();
+        f.write_all(&data).unwrap();
+        f.sync_all().unwrap();
+    }
+    // O_DIRECT: the reads reach the daemon instead of being served from the page cache.
+    for i in 0..FILES {
+        let mut f = fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(m.path(&format!("f{i}"))).unwrap();
+        let mut back = Vec::new();
+        f.read_to_end(&mut back).unwrap();
+        assert!(back == data, "f{i} reads back differently");
+    }
+    assert_eq!(errno_of(fs::File::open(m.path("no-such-file"))), libc::ENOENT);
+    // A removed file (a recycled WAL segment): its dictionary entry is looked up and dropped.
+    fs::write(m.path("wal.old"), b"x").unwrap();
+    fs::remove_file(m.path("wal.old")).unwrap();
+    std::thread::sleep(Duration::from_millis(50)); // let the scraper see some of it
+    stop.store(true, Ordering::Relaxed);
+    let scrapes = scraper.join().unwrap();
+    assert!(scrapes >= 2, "only {scrapes} scrapes during the I/O");
+
+    let t = scrape(&addr);
+    let written = must(&t, "tdefs_written_bytes_total");
+    assert!(written >= (FILES * LEN) as f64, "written {written} < {}", FILES * LEN);
+    let read = must(&t, "tdefs_read_bytes_total");
+    assert!(read >= (FILES * LEN) as f64, "read {read} < {}", FILES * LEN);
+    for op in ["write", "read", "create", "fsync", "lookup"] {
+        assert!(must(&t, &format!("tdefs_requests_total{{op=\"{op}\"}}")) > 0.0, "no {op} requests:\n{t}");
+    }
+    assert!(must(&t, "tdefs_errors_total{errno=\"ENOENT\"}") >= 1.0);
+    assert_eq!(must(&t, "tdefs_encrypted_files{method=\"aes256-ctr\"}"), FILES as f64);
+    assert_eq!(must(&t, "tdefs_encrypted_files{method=\"sm4-ctr\"}"), 0.0);
+    assert_eq!(must(&t, "tdefs_encryption_initialized"), 1.0);
+    assert_eq!(must(&t, "tdefs_data_keys"), 1.0);
+    assert!(must(&t, "tdefs_current_data_key_age_seconds") < 3600.0);
+    assert!(must(&t, "tdefs_dictionary_size_bytes") > 0.0);
+    // Each create made its dictionary entry durable: at least one group commit.
+    assert!(must(&t, "tdefs_dictionary_write_duration_seconds_count") > 0.0);
+    assert!(must(&t, "tdefs_dictionary_write_duration_seconds_bucket{le=\"+Inf\"}") > 0.0);
+    assert!(must(&t, "tdefs_dictionary_read_duration_seconds_count") > 0.0);
+    assert_eq!(must(&t, "tdefs_data_key_rotations_total"), 1.0, "the first key of a new backing directory");
+    assert!(t.contains("# TYPE tdefs_dictionary_write_duration_seconds histogram"), "{t}");
+
+    // Only /metrics is served.
+    let (status, _) = get(&addr, "/");
+    assert!(status.starts_with("HTTP/1.1 404"), "{status}");
+    m.stop();
+    assert!(TcpStream::connect(&addr).is_err(), "the endpoint goes away with the mount");
+}
+
+#[test]
+fn a_taken_port_stops_the_mount_with_a_clear_error() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let m = Mount::prepare_with("aes256-ctr", &format!("metrics-addr = {addr:?}"));
+    let want = format!("cannot serve metrics on {addr}: address in use; change metrics-addr or stop the other process");
+    for args in [&[][..], &["--daemon"][..]] {
+        let out = m.mount_fails(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&want), "{args:?}: {err}");
+        assert!(!is_mounted(&m.mnt));
+        assert!(!m.bpath(".tdefs").exists(), "{args:?}: stopped before touching the backing directory");
+    }
+}
