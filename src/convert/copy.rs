@@ -140,12 +140,23 @@ pub fn copy_attrs(src: &File, md: &std::fs::Metadata, dst: &File, strict: bool) 
     if let Err(e) = cvt(unsafe { libc::fchmod(dst.as_raw_fd(), md.mode() & 0o7777) }) {
         soft(format!("cannot set mode {:o}", md.mode() & 0o7777), e)?;
     }
-    let times = [
-        libc::timespec { tv_sec: md.atime(), tv_nsec: md.atime_nsec() },
-        libc::timespec { tv_sec: md.mtime(), tv_nsec: md.mtime_nsec() },
-    ];
+    let times = times_of(md);
     cvt(unsafe { libc::futimens(dst.as_raw_fd(), times.as_ptr()) })?;
     Ok(warnings)
+}
+
+/// atime and mtime of `md`, as utimensat/futimens take them.
+pub fn times_of(md: &std::fs::Metadata) -> [libc::timespec; 2] {
+    [
+        libc::timespec { tv_sec: md.atime(), tv_nsec: md.atime_nsec() },
+        libc::timespec { tv_sec: md.mtime(), tv_nsec: md.mtime_nsec() },
+    ]
+}
+
+/// Set the times of `path` itself (a symlink is not followed).
+pub fn set_times(path: &std::path::Path, md: &std::fs::Metadata) {
+    let Ok(c) = sys::cstr(path.as_os_str()) else { return };
+    unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times_of(md).as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
 }
 
 fn cvt(r: libc::c_int) -> io::Result<()> {

@@ -14,7 +14,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use super::copy::{copy_attrs, transform};
+use super::copy::{copy_attrs, set_times, transform};
 use super::progress::{Display, Progress};
 use super::{io_err, select, show, ConvertError, Item, Kind, Summary};
 use crate::crypto::{FileCipher, Method};
@@ -238,11 +238,7 @@ fn set_link_attrs(dest: &Path, md: &std::fs::Metadata, warnings: &mut Vec<String
     if unsafe { libc::lchown(c.as_ptr(), md.uid(), md.gid()) } != 0 {
         warnings.push(format!("{}: cannot set owner: {}", dest.display(), std::io::Error::last_os_error()));
     }
-    let times = [
-        libc::timespec { tv_sec: md.atime(), tv_nsec: md.atime_nsec() },
-        libc::timespec { tv_sec: md.mtime(), tv_nsec: md.mtime_nsec() },
-    ];
-    unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
+    set_times(dest, md);
 }
 
 fn export_special(item: &Item, dest: &Path, summary: &mut Summary) -> Result<(), String> {

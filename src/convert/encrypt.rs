@@ -20,7 +20,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::copy::{copy_attrs, transform};
+use super::copy::{copy_attrs, set_times, transform};
 use super::progress::{Display, Progress};
 use super::{io_err, select, show, ConvertError, Kind, Summary};
 use crate::crypto::{random_iv, random_u64, Method};
@@ -201,7 +201,7 @@ fn encrypt_one(ctx: &mut Ctx<'_>, rel: &[u8], md: &std::fs::Metadata, progress: 
     sys::fault_point("convert:after-rename");
     if let Some(pm) = parent_md {
         // The rename is an implementation detail: keep the directory's times as they were.
-        restore_times(parent, &pm);
+        set_times(parent, &pm);
     }
     // The outcome may be recorded only once the rename is durable.
     sys::fsync_dir(parent).map_err(io_err("fsync", parent))?;
@@ -239,11 +239,3 @@ fn copy_verified(
     Ok(())
 }
 
-fn restore_times(dir: &Path, md: &std::fs::Metadata) {
-    let Ok(c) = sys::cstr(dir.as_os_str()) else { return };
-    let times = [
-        libc::timespec { tv_sec: md.atime(), tv_nsec: md.atime_nsec() },
-        libc::timespec { tv_sec: md.mtime(), tv_nsec: md.mtime_nsec() },
-    ];
-    unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), 0) };
-}
