@@ -143,8 +143,23 @@ impl Mount {
 
     /// Unmount as an operator would and require a clean exit.
     pub fn stop(&mut self) {
-        let st = Command::new("fusermount3").arg("-u").arg(&self.mnt).status().unwrap();
-        assert!(st.success(), "fusermount3 -u failed:\n{}", self.log_text());
+        // A child another test thread forks inherits this thread's open files until it
+        // execs (close-on-exec), which briefly keeps the mount busy: retry EBUSY a little.
+        let mut tries = 0;
+        let st = loop {
+            let out = Command::new("fusermount3").arg("-u").arg(&self.mnt).output().unwrap();
+            tries += 1;
+            if out.status.success() || tries == 20 || !String::from_utf8_lossy(&out.stderr).contains("busy") {
+                break out;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert!(
+            st.status.success(),
+            "fusermount3 -u failed: {}\n{}",
+            String::from_utf8_lossy(&st.stderr),
+            self.log_text()
+        );
         let status = wait_timeout(self.child.take().unwrap(), Duration::from_secs(30));
         assert!(status.success(), "tdefs exited with {status} after unmount:\n{}", self.log_text());
     }
