@@ -14,22 +14,10 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::MetadataExt;
 
 use crate::crypto::FileCipher;
-use crate::fs::data::BLOCK;
+use crate::fs::data::{all_zero, down, up, BLOCK};
 use crate::sys;
 
 const CHUNK: usize = 1 << 20;
-
-fn down(x: u64) -> u64 {
-    x & !(BLOCK - 1)
-}
-
-fn up(x: u64) -> u64 {
-    down(x + BLOCK - 1)
-}
-
-fn all_zero(b: &[u8]) -> bool {
-    b.iter().all(|&x| x == 0)
-}
 
 /// Copy the first `size` bytes of `src` to `dst` through `cipher` (`None`: as they are),
 /// skipping holes. `progress` is told how many bytes of the file were covered as it goes.

@@ -33,15 +33,15 @@ pub trait Store {
     fn fallocate(&self, mode: i32, off: u64, len: u64) -> io::Result<()>;
 }
 
-fn down(x: u64) -> u64 {
+pub(crate) fn down(x: u64) -> u64 {
     x & !(BLOCK - 1)
 }
 
-fn up(x: u64) -> u64 {
+pub(crate) fn up(x: u64) -> u64 {
     down(x + BLOCK - 1)
 }
 
-fn all_zero(b: &[u8]) -> bool {
+pub(crate) fn all_zero(b: &[u8]) -> bool {
     let (head, words, tail) = unsafe { b.align_to::<u128>() };
     head.iter().all(|&x| x == 0) && words.iter().all(|&x| x == 0) && tail.iter().all(|&x| x == 0)
 }
