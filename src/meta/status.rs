@@ -89,15 +89,25 @@ pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
+/// Files with a dictionary entry, per method name.
+pub fn files_by_method(tree: &Tree) -> BTreeMap<String, u64> {
+    let mut by_method = BTreeMap::new();
+    tree.for_each(|_, e| *by_method.entry(e.method.to_string()).or_insert(0u64) += 1);
+    by_method
+}
+
+/// Bytes of every metadata file in `meta_dir` (key and file dictionaries).
+pub fn dictionary_bytes(meta_dir: &Path) -> u64 {
+    std::fs::read_dir(meta_dir)
+        .map(|d| d.flatten().filter_map(|e| e.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum())
+        .unwrap_or(0)
+}
+
 /// Status of an initialized backing directory.
 pub fn collect(backing: &Path, keys: &KeyStore, tree: &Tree, method: Method, mounted: bool) -> Status {
     let now = SystemTime::now();
-    let mut by_method = BTreeMap::new();
-    tree.for_each(|_, e| *by_method.entry(e.method.to_string()).or_insert(0u64) += 1);
     let meta_dir = backing.join(META_DIR);
-    let dictionary_bytes = std::fs::read_dir(&meta_dir)
-        .map(|d| d.flatten().filter_map(|e| e.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum())
-        .unwrap_or(0);
+    let dictionary_bytes = dictionary_bytes(&meta_dir);
     let last_compaction = std::fs::metadata(meta_dir.join(SNAPSHOT_FILE)).and_then(|m| m.modified()).ok().map(rfc3339);
     let current_key = keys.current().map(|k| CurrentKey {
         id: format!("{:#018x}", k.id),
@@ -113,7 +123,7 @@ pub fn collect(backing: &Path, keys: &KeyStore, tree: &Tree, method: Method, mou
         master_key: Some(keys.backend_kind()),
         data_keys: keys.keys().len(),
         current_key,
-        files_by_method: by_method,
+        files_by_method: files_by_method(tree),
         plaintext_files: 0,
         encrypted_bytes: 0,
         plaintext_bytes: 0,

@@ -20,6 +20,7 @@ use prometheus::{
 
 pub use self::http::{bind, Endpoint, MetricsError};
 use crate::crypto::Method;
+use crate::meta::status;
 
 macro_rules! ops {
     ($($v:ident = $n:literal),* $(,)?) => {
@@ -94,18 +95,13 @@ impl Gauges {
     /// plaintext files (a walk over the whole backing tree, too slow for every scrape).
     pub fn of(core: &crate::fs::Core, method: Method) -> Gauges {
         let keys = core.keys();
-        let mut files_by_method = BTreeMap::new();
-        core.dict().with_tree(|t| t.for_each(|_, e| *files_by_method.entry(e.method.to_string()).or_insert(0u64) += 1));
-        // Every metadata file, as `tdefs status` counts it (key dictionary included).
-        let dictionary_bytes = std::fs::read_dir(core.dict().dir())
-            .map(|d| d.flatten().filter_map(|e| e.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum())
-            .unwrap_or(0);
         Gauges {
             method: Some(method),
             data_keys: keys.keys().len(),
             current_key_age: keys.current().map(|k| k.age(std::time::SystemTime::now())),
-            files_by_method,
-            dictionary_bytes,
+            files_by_method: core.dict().with_tree(status::files_by_method),
+            // Every metadata file, as `tdefs status` counts it (key dictionary included).
+            dictionary_bytes: status::dictionary_bytes(core.dict().dir()),
         }
     }
 }
