@@ -65,13 +65,15 @@ fn gather(args: &StatusArgs) -> anyhow::Result<Status> {
     }
     let off = match Offline::open(&backing, &MasterKeys::from_config(enc)) {
         Ok(off) => off,
-        // Held by a running `tdefs encrypt`/`decrypt`: its progress file has the picture.
-        Err(MetaError::Locked { .. }) if running_conversion(&backing).is_some() => {
-            return Ok(running_conversion(&backing).expect("checked"));
-        }
         Err(e) => {
+            // Held by a running `tdefs encrypt`/`decrypt`: its progress file has the picture.
+            if matches!(e, MetaError::Locked { .. }) {
+                if let Some(st) = running_conversion(&backing) {
+                    return Ok(st);
+                }
+            }
             return Err(anyhow::Error::from(e))
-                .with_context(|| format!("cannot read {} (if it is mounted, give its MOUNTPOINT)", backing.display()))
+                .with_context(|| format!("cannot read {} (if it is mounted, give its MOUNTPOINT)", backing.display()));
         }
     };
     let loaded = off.load()?;
