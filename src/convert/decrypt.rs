@@ -16,9 +16,9 @@ use std::path::{Path, PathBuf};
 
 use super::copy::{copy_attrs, set_times, transform};
 use super::progress::{Display, Progress};
-use super::{io_err, select, show, ConvertError, Item, Kind, Summary};
+use super::{create_staging, ensure_dir, io_err, remove_staging, select, show, ConvertError, Item, Kind, Summary};
 use crate::crypto::{FileCipher, Method};
-use crate::meta::{status, Metadata, PROGRESS_FILE, STAGING_DIR};
+use crate::meta::{status, Metadata, PROGRESS_FILE};
 use crate::sys;
 
 pub struct Options {
@@ -51,9 +51,9 @@ pub fn run(meta: &Metadata, paths: &[PathBuf], opts: &Options) -> Result<Summary
     let files: Vec<&Item> = items.iter().filter(|i| i.kind == Kind::File).collect();
     let bytes_total = files.iter().map(|i| i.md.len()).sum();
     let mut progress = Progress::new("decrypt", opts.display, files.len() as u64, bytes_total);
-    let staging = backing.join(STAGING_DIR);
-    let published = std::fs::create_dir(&staging).is_ok() || staging.is_dir();
-    if published {
+    // Progress for `tdefs status` is a convenience: an export goes on without it.
+    let published = create_staging(backing).ok();
+    if let Some(staging) = &published {
         let snapshot = meta.dict.with_tree(|t| status::collect(backing, &meta.keys, t, opts.method, false));
         progress.publish_to(staging.join(PROGRESS_FILE), snapshot);
     }
@@ -96,8 +96,8 @@ pub fn run(meta: &Metadata, paths: &[PathBuf], opts: &Options) -> Result<Summary
     }
     sys::fsync_dir(&to).map_err(io_err("fsync", &to))?;
     progress.finish();
-    if published {
-        let _ = std::fs::remove_dir(&staging);
+    if published.is_some() {
+        let _ = remove_staging(backing);
     }
     for w in ctx.warnings.iter().take(20) {
         tracing::warn!("{w}");
@@ -125,12 +125,7 @@ fn resolve(p: &Path) -> std::io::Result<PathBuf> {
 }
 
 fn export_dir(dest: &Path) -> Result<(), String> {
-    use std::os::unix::fs::DirBuilderExt;
-    match std::fs::DirBuilder::new().mode(0o700).create(dest) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dest.is_dir() => Ok(()),
-        Err(e) => Err(format!("cannot create {}: {e}", dest.display())),
-    }
+    ensure_dir(dest).map_err(|e| format!("cannot create {}: {e}", dest.display()))
 }
 
 /// Whether `dest` already holds the export of a file with metadata `md` (a resumed run).

@@ -22,10 +22,10 @@ use std::time::Duration;
 
 use super::copy::{copy_attrs, set_times, transform};
 use super::progress::{Display, Progress};
-use super::{io_err, select, show, ConvertError, Kind, Summary};
+use super::{create_staging, io_err, remove_staging, select, show, ConvertError, Kind, Summary};
 use crate::crypto::{random_iv, random_u64, Method};
 use crate::dictionary::{FileEntry, Record};
-use crate::meta::{status, Metadata, PROGRESS_FILE, STAGING_DIR, STAGING_PREFIX};
+use crate::meta::{status, Metadata, PROGRESS_FILE, STAGING_PREFIX};
 use crate::sys;
 
 pub struct Options {
@@ -80,8 +80,7 @@ pub fn run(meta: &Metadata, paths: &[PathBuf], opts: &Options) -> Result<Summary
     }
     let bytes_total = todo.iter().map(|i| i.md.len()).sum();
     let mut progress = Progress::new("encrypt", opts.display, todo.len() as u64, bytes_total);
-    let staging = backing.join(STAGING_DIR);
-    create_staging(&staging)?;
+    let staging = create_staging(backing)?;
     let snapshot = meta.dict.with_tree(|t| status::collect(backing, &meta.keys, t, opts.method, false));
     progress.publish_to(staging.join(PROGRESS_FILE), snapshot);
     let mut ctx = Ctx { meta, opts, staging, buf: Vec::new() };
@@ -110,25 +109,8 @@ pub fn run(meta: &Metadata, paths: &[PathBuf], opts: &Options) -> Result<Summary
         meta.dict.compact()?;
     }
     progress.finish();
-    remove_staging(backing, &ctx.staging)?;
+    remove_staging(backing)?;
     Ok(summary)
-}
-
-fn create_staging(dir: &Path) -> Result<(), ConvertError> {
-    use std::os::unix::fs::DirBuilderExt;
-    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(io_err("create", dir)(e)),
-    }
-}
-
-fn remove_staging(backing: &Path, dir: &Path) -> Result<(), ConvertError> {
-    match std::fs::remove_dir(dir) {
-        Ok(()) => sys::fsync_dir(backing).map_err(io_err("fsync", backing)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_err("remove", dir)(e)),
-    }
 }
 
 fn failed(what: &str, e: impl std::fmt::Display) -> FileError {

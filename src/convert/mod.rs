@@ -15,9 +15,12 @@ pub mod encrypt;
 pub mod progress;
 mod select;
 
-use std::path::PathBuf;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
 
 pub use self::select::{select, Item, Kind};
+use crate::meta::STAGING_DIR;
+use crate::sys;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConvertError {
@@ -61,6 +64,32 @@ impl Summary {
 /// A dictionary path for messages.
 pub fn show(rel: &[u8]) -> String {
     String::from_utf8_lossy(rel).into_owned()
+}
+
+/// Create directory `dir` (mode 0700: filled in, then given its final mode), or accept it
+/// if it exists as a directory.
+fn ensure_dir(dir: &Path) -> std::io::Result<()> {
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        r => r,
+    }
+}
+
+/// The staging directory of `backing` (staged copies, the progress file), created.
+fn create_staging(backing: &Path) -> Result<PathBuf, ConvertError> {
+    let dir = backing.join(STAGING_DIR);
+    ensure_dir(&dir).map_err(io_err("create", &dir))?;
+    Ok(dir)
+}
+
+/// Remove the (empty) staging directory once a run is complete, durably.
+fn remove_staging(backing: &Path) -> Result<(), ConvertError> {
+    let dir = backing.join(STAGING_DIR);
+    match std::fs::remove_dir(&dir) {
+        Ok(()) => sys::fsync_dir(backing).map_err(io_err("fsync", backing)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err("remove", dir)(e)),
+    }
 }
 
 fn io_err(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> ConvertError {
