@@ -234,3 +234,50 @@ fn crash_torture_with_power_cuts() {
     assert!(out.status.success(), "{text}");
     assert!(text.contains("24 cycles") && text.contains("power cut after each kill"), "{text}");
 }
+
+/// `tdefs encrypt` stopped at each of its steps (and after finishing), then the power cut:
+/// every file still reads as its plaintext through the mount, and a second run finishes.
+#[test]
+fn power_cuts_during_tdefs_encrypt() {
+    for point in ["convert:after-put", "convert:after-copy", "convert:after-intent", "convert:after-rename", "finished"] {
+        let mut c = CutMount::prepare("aes256-ctr");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+        fs::create_dir(c.m.bpath("db")).unwrap();
+        let mut files = Vec::new();
+        for i in 0..4 {
+            let mut data = vec![0u8; rng.gen_range(1000..300_000)];
+            rng.fill(&mut data[..]);
+            data[..9].copy_from_slice(b"PLAINTEXT");
+            write_synced(&c.m.bpath(&format!("db/f{i}")), &data);
+            files.push((format!("db/f{i}"), data));
+        }
+        let cfg = c.m.config.to_str().unwrap().to_string();
+        let backing = c.m.backing.to_str().unwrap().to_string();
+        let mut cmd = std::process::Command::new(TDEFS);
+        cmd.args(["encrypt", "--init", "--config", &cfg, &backing]);
+        if point != "finished" {
+            cmd.env("TDEFS_FAULT", point);
+        }
+        let out = cmd.output().unwrap();
+        assert_eq!(out.status.success(), point == "finished", "{point}: {}", String::from_utf8_lossy(&out.stderr));
+        c.pc.cut();
+        let check = |c: &mut CutMount, when: &str| {
+            let (code, text) = c.m.check(&[]);
+            assert_eq!(code, 0, "{when}: {text}");
+            c.m.start();
+            for (p, d) in &files {
+                assert!(fs::read(c.m.path(p)).unwrap() == *d, "{when}: {p} does not read as its plaintext");
+            }
+            c.m.stop();
+        };
+        check(&mut c, &format!("a cut at {point}"));
+        let out = std::process::Command::new(TDEFS).args(["encrypt", "--config", &cfg, &backing]).output().unwrap();
+        assert!(out.status.success(), "{point}: {}", String::from_utf8_lossy(&out.stderr));
+        c.pc.cut();
+        check(&mut c, &format!("a second run after {point}, and another cut"));
+        for (p, _) in &files {
+            let on_disk = fs::read(c.pc.lower.join(p)).unwrap();
+            assert!(!on_disk.windows(9).any(|w| w == b"PLAINTEXT"), "{point}: {p} is still plaintext on disk");
+        }
+    }
+}
