@@ -1,9 +1,15 @@
 //! The in-memory file dictionary: a trie of path components. A directory rename moves one
 //! subtree (O(depth), not O(files below it)); lookups walk the components.
+//!
+//! Nothing here recurses per path component: any user of the mount can create a tree tens
+//! of thousands of directories deep, and one stack frame per level would overflow a
+//! request thread's stack on unlink, compaction or drop. Walks keep explicit stacks, and
+//! `Node`'s drop takes its subtree apart iteratively.
 
 use std::collections::{BTreeMap, HashMap};
 
 use super::record::{FileEntry, Intent, Record};
+use crate::crypto::Method;
 
 #[derive(Default)]
 pub struct Node {
@@ -16,12 +22,28 @@ impl Node {
         self.entry.is_none() && self.children.is_none()
     }
 
-    fn visit(&self, f: &mut impl FnMut(&FileEntry)) {
-        if let Some(e) = &self.entry {
-            f(e);
+    /// Every entry at or below this node, in no particular order.
+    fn visit(&self, mut f: impl FnMut(&FileEntry)) {
+        let mut stack = vec![self];
+        while let Some(n) = stack.pop() {
+            if let Some(e) = &n.entry {
+                f(e);
+            }
+            stack.extend(n.children.iter().flat_map(|c| c.values()));
         }
-        for c in self.children.iter().flat_map(|c| c.values()) {
-            c.visit(f);
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        // Detach every descendant onto a heap stack first, so each node is dropped with no
+        // children left: the default drop would recurse once per level.
+        let Some(children) = self.children.take() else { return };
+        let mut stack: Vec<Node> = children.into_values().collect();
+        while let Some(mut n) = stack.pop() {
+            if let Some(c) = n.children.take() {
+                stack.extend(c.into_values());
+            }
         }
     }
 }
@@ -36,6 +58,9 @@ pub struct Tree {
     entries: usize,
     /// Data key id -> number of entries using it (decides which keys may be dropped).
     key_refs: HashMap<u64, u64>,
+    /// Entries per method, kept as entries come and go so that metrics and status never
+    /// walk the tree for them.
+    by_method: BTreeMap<Method, u64>,
     /// Renames announced but not yet resolved, by intent sequence number.
     intents: BTreeMap<u64, Intent>,
 }
@@ -73,39 +98,36 @@ impl Tree {
 
     /// Whether anything (an entry, or entries below) is recorded at `path`.
     pub fn has_node(&self, path: &[u8]) -> bool {
-        let mut n = &self.root;
-        for c in components(path) {
-            match n.children.as_ref().and_then(|ch| ch.get(c)) {
-                Some(c) => n = c,
-                None => return false,
-            }
-        }
-        true
+        self.node(&components(path)).is_some()
     }
 
     pub fn get(&self, path: &[u8]) -> Option<FileEntry> {
-        let mut n = &self.root;
-        for c in components(path) {
-            n = n.children.as_ref()?.get(c)?;
-        }
-        n.entry
+        self.node(&components(path))?.entry
+    }
+
+    /// Entries per method (methods without entries are absent).
+    pub fn by_method(&self) -> &BTreeMap<Method, u64> {
+        &self.by_method
     }
 
     fn count(&mut self, e: &FileEntry, add: bool) {
+        let decrement = |m: &mut u64| {
+            *m -= 1;
+            *m == 0
+        };
         if add {
             self.entries += 1;
+            *self.by_method.entry(e.method).or_default() += 1;
             if e.key_id != 0 {
                 *self.key_refs.entry(e.key_id).or_default() += 1;
             }
         } else {
             self.entries -= 1;
-            if e.key_id != 0 {
-                if let Some(n) = self.key_refs.get_mut(&e.key_id) {
-                    *n -= 1;
-                    if *n == 0 {
-                        self.key_refs.remove(&e.key_id);
-                    }
-                }
+            if self.by_method.get_mut(&e.method).is_some_and(decrement) {
+                self.by_method.remove(&e.method);
+            }
+            if e.key_id != 0 && self.key_refs.get_mut(&e.key_id).is_some_and(decrement) {
+                self.key_refs.remove(&e.key_id);
             }
         }
     }
@@ -129,40 +151,82 @@ impl Tree {
     /// Remove the entry at `path` (not what lies below it).
     pub fn remove(&mut self, path: &[u8]) -> Option<FileEntry> {
         let comps = components(path);
-        let removed = Self::edit(&mut self.root, &comps, &mut |n| n.entry.take())?;
+        let removed = self.take(&comps, false)?.entry?;
         self.count(&removed, false);
         Some(removed)
-    }
-
-    /// Walk to `comps`, run `f` on that node, then prune nodes left empty on the way back.
-    fn edit<T>(n: &mut Node, comps: &[&[u8]], f: &mut impl FnMut(&mut Node) -> Option<T>) -> Option<T> {
-        let (first, rest) = comps.split_first()?;
-        let children = n.children.as_mut()?;
-        let child = children.get_mut(*first)?;
-        let r = if rest.is_empty() { f(child) } else { Self::edit(child, rest, f) };
-        if child.is_empty() {
-            children.remove(*first);
-            if children.is_empty() {
-                n.children = None;
-            }
-        }
-        r
     }
 
     /// Detach the whole subtree at `path`.
     fn detach(&mut self, path: &[u8]) -> Option<Node> {
         let comps = components(path);
-        Self::edit(&mut self.root, &comps, &mut |n| {
-            let taken = std::mem::take(n);
-            (!taken.is_empty()).then_some(taken)
-        })
+        self.take(&comps, true).filter(|n| !n.is_empty())
+    }
+
+    fn node(&self, comps: &[&[u8]]) -> Option<&Node> {
+        let mut n = &self.root;
+        for c in comps {
+            n = n.children.as_ref()?.get(*c)?;
+        }
+        Some(n)
+    }
+
+    fn node_mut(&mut self, comps: &[&[u8]]) -> Option<&mut Node> {
+        let mut n = &mut self.root;
+        for c in comps {
+            n = n.children.as_mut()?.get_mut(*c)?;
+        }
+        Some(n)
+    }
+
+    /// Take the node at `comps` out of the tree: the whole subtree (`whole`), or only its
+    /// entry (the returned node then has no children). Ancestors left empty are pruned.
+    /// Iterative: one pass down to find how far up the pruning reaches, then one cut.
+    fn take(&mut self, comps: &[&[u8]], whole: bool) -> Option<Node> {
+        if comps.is_empty() {
+            return None;
+        }
+        // `single[j]`: the node at comps[..j] holds nothing but the child comps[j], so it
+        // becomes empty when that child does.
+        let mut single = Vec::with_capacity(comps.len());
+        let mut n = &self.root;
+        for c in comps {
+            let ch = n.children.as_ref()?;
+            single.push(n.entry.is_none() && ch.len() == 1);
+            n = ch.get(*c)?;
+        }
+        if !whole && n.children.is_some() {
+            // The target keeps its children: take the entry only, nothing to prune.
+            let entry = self.node_mut(comps)?.entry.take();
+            return Some(Node { entry, children: None });
+        }
+        // Cut below the deepest ancestor that keeps something (never the root itself).
+        let mut cut = comps.len() - 1;
+        while cut > 0 && single[cut] {
+            cut -= 1;
+        }
+        let parent = self.node_mut(&comps[..cut]).expect("walked above");
+        let children = parent.children.as_mut().expect("walked above");
+        let mut chain = children.remove(comps[cut]).expect("walked above");
+        if children.is_empty() {
+            parent.children = None;
+        }
+        // Down the detached chain of otherwise empty nodes to the target.
+        for c in &comps[cut + 1..] {
+            let mut ch = chain.children.take().expect("a chain node has its one child");
+            chain = ch.remove(*c).expect("walked above");
+        }
+        if whole {
+            Some(chain)
+        } else {
+            Some(Node { entry: chain.entry.take(), children: None })
+        }
     }
 
     /// Drop the subtree at `path`, un-counting its entries.
     fn drop_subtree(&mut self, path: &[u8]) {
         if let Some(old) = self.detach(path) {
             let mut dropped = Vec::new();
-            old.visit(&mut |e| dropped.push(*e));
+            old.visit(|e| dropped.push(*e));
             for e in dropped {
                 self.count(&e, false);
             }
@@ -262,21 +326,25 @@ impl Tree {
         Ok(())
     }
 
-    /// Every entry with its full path, depth first.
+    /// Every entry with its full path, depth first (an explicit stack: see the module doc).
     pub fn for_each(&self, mut f: impl FnMut(&[u8], &FileEntry)) {
-        fn walk(n: &Node, path: &mut Vec<u8>, f: &mut impl FnMut(&[u8], &FileEntry)) {
-            if let Some(e) = &n.entry {
-                f(path, e);
-            }
-            for (name, c) in n.children.iter().flat_map(|c| c.iter()) {
-                let len = path.len();
-                path.push(b'/');
-                path.extend_from_slice(name);
-                walk(c, path, f);
-                path.truncate(len);
-            }
+        let mut path: Vec<u8> = Vec::new();
+        // (length of the parent's path, name, node)
+        let mut stack: Vec<(usize, &[u8], &Node)> = Vec::new();
+        if let Some(e) = &self.root.entry {
+            f(&path, e);
         }
-        walk(&self.root, &mut Vec::new(), &mut f);
+        stack.extend(self.root.children.iter().flat_map(|c| c.iter()).map(|(k, n)| (0, &k[..], n)));
+        while let Some((parent_len, name, n)) = stack.pop() {
+            path.truncate(parent_len);
+            path.push(b'/');
+            path.extend_from_slice(name);
+            if let Some(e) = &n.entry {
+                f(&path, e);
+            }
+            let here = path.len();
+            stack.extend(n.children.iter().flat_map(|c| c.iter()).map(|(k, c)| (here, &k[..], c)));
+        }
     }
 }
 
@@ -358,4 +426,63 @@ mod tests {
         t.complete_rename(1).unwrap();
         assert_eq!(all(&t), vec![("/e/g".into(), 1)]);
     }
+
+    /// A tree 100,000 directories deep (any user of the mount can make one): every
+    /// operation, and dropping it, runs on a thread with a 256 KiB stack, where one frame
+    /// per level would overflow.
+    #[test]
+    fn hundred_thousand_levels_need_no_stack() {
+        std::thread::Builder::new()
+            .stack_size(256 << 10)
+            .spawn(|| {
+                let deep: Vec<u8> = (0..100_000).flat_map(|_| *b"/d").collect();
+                let mut t = Tree::default();
+                let file = [&deep[..], b"/f"].concat();
+                t.put(&file, e(1));
+                t.put(b"/top", e(2));
+                assert_eq!(t.get(&file), Some(e(1)));
+                assert!(t.has_node(&deep));
+                let mut seen = 0;
+                t.for_each(|p, _| seen += p.len());
+                assert_eq!(seen, file.len() + 4);
+                // A directory rename near the top moves the whole chain.
+                t.apply(1, &Record::RenameIntent { from: b"/d".to_vec(), to: b"/e".to_vec(), from_ino: 1, exchange: false }).unwrap();
+                t.apply(2, &Record::RenameDone { intent: 1 }).unwrap();
+                let moved = [b"/e".as_slice(), &file[2..]].concat();
+                assert_eq!(t.get(&moved), Some(e(1)));
+                assert_eq!(t.remove(&moved), Some(e(1)));
+                assert!(!t.has_node(b"/e"), "the emptied chain is pruned");
+                t.put(&moved, e(3));
+                t.put(&[&moved[..], b"/under"].concat(), e(4));
+                assert_eq!(t.remove(&moved), Some(e(3)), "an entry with children below it");
+                assert_eq!(t.len(), 2);
+                assert_eq!(t.by_method().get(&Method::Aes256Ctr), Some(&2));
+                drop(t);
+                let mut t = Tree::default();
+                t.put(&file, e(5));
+                t.apply(3, &Record::RenameIntent { from: b"/x".to_vec(), to: b"/d".to_vec(), from_ino: 1, exchange: false }).unwrap();
+                t.apply(4, &Record::RenameDone { intent: 3 }).unwrap(); // replaces the deep chain
+                assert!(t.is_empty());
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    #[test]
+    fn counts_per_method_follow_puts_and_removes() {
+        let mut t = Tree::default();
+        let sm4 = FileEntry { method: Method::Sm4Ctr, key_id: 9, iv: [0; 16] };
+        t.put(b"/a", e(1));
+        t.put(b"/b", sm4);
+        t.put(b"/c", FileEntry::plaintext());
+        t.put(b"/a", sm4); // replaced
+        assert_eq!(t.by_method().get(&Method::Sm4Ctr), Some(&2));
+        assert_eq!(t.by_method().get(&Method::Aes256Ctr), None);
+        assert_eq!(t.by_method().get(&Method::Plaintext), Some(&1));
+        t.remove(b"/b");
+        t.remove(b"/c");
+        assert_eq!(t.by_method().iter().collect::<Vec<_>>(), vec![(&Method::Sm4Ctr, &1)]);
+    }
+
 }
