@@ -10,6 +10,8 @@
 //! - [`control`]: the control socket of a running mount.
 //! - [`convert`]: `tdefs encrypt` / `decrypt`: converting existing data, offline.
 //! - [`metrics`]: Prometheus metrics of a running mount.
+//! - [`hooks`]: named points where crash and interleaving tests step in.
+//! - [`walk`]: the one walker of a backing tree (iterative, by descriptors).
 //! - [`cli`]: the command line.
 
 pub mod cli;
@@ -19,7 +21,9 @@ pub mod convert;
 pub mod crypto;
 pub mod dictionary;
 pub mod fs;
+pub mod hooks;
 pub mod keys;
 pub mod meta;
 pub mod metrics;
 pub mod sys;
+pub mod walk;

@@ -307,20 +307,10 @@ pub fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
     f.write_all(bytes)?;
     f.sync_all()?;
     drop(f);
-    fault_point(&format!("{name}:before-rename"));
+    crate::hooks::crash(&format!("{name}:before-rename"));
     std::fs::rename(&tmp, dir.join(name))?;
-    fault_point(&format!("{name}:after-rename"));
+    crate::hooks::crash(&format!("{name}:after-rename"));
     fsync_dir(dir)
-}
-
-/// Crash tests: when the environment variable TDEFS_FAULT names this point, the process
-/// aborts here, as a crash at that instant would stop it. Unset, it costs one comparison.
-pub fn fault_point(name: &str) {
-    static WANT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    if WANT.get_or_init(|| std::env::var("TDEFS_FAULT").ok()).as_deref() == Some(name) {
-        eprintln!("tdefs: TDEFS_FAULT: crashing at {name}");
-        std::process::abort();
-    }
 }
 
 /// Open options with mode 0600: metadata is nobody else's business.
@@ -390,6 +380,15 @@ pub fn stat_below(dir: BorrowedFd<'_>, rel: &[u8]) -> io::Result<Stat> {
     }
     let base = cur.as_ref().map(|f| f.as_fd()).unwrap_or(dir);
     fstatat(base, OsStr::from_bytes(last), libc::AT_SYMLINK_NOFOLLOW)
+}
+
+/// Open directory `rel` ("a/b") below `dir` for reading, without following any symlink.
+pub fn open_dir_below(dir: BorrowedFd<'_>, rel: &[u8]) -> io::Result<OwnedFd> {
+    let mut cur = openat(dir, OsStr::new("."), libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+    for c in rel.split(|&b| b == b'/').filter(|c| !c.is_empty()) {
+        cur = openat(cur.as_fd(), OsStr::from_bytes(c), libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_DIRECTORY, 0)?;
+    }
+    Ok(cur)
 }
 
 /// A file handle (`name_to_handle_at`): names a backing inode, generation included,

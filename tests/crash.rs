@@ -51,8 +51,10 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-/// Two sessions: ten files compacted into the snapshot, then a few logged records.
-fn dictionary_with_snapshot_and_log() -> Mount {
+/// Two sessions: ten files compacted into the snapshot, then a few logged records. With
+/// `crash`, the second session ends with kill -9 once its records are on disk (a clean
+/// unmount records where the log ends, and then any cut of it is a rollback).
+fn dictionary_with_snapshot_and_log_ending(crash: bool) -> Mount {
     let mut m = Mount::prepare("aes256-ctr");
     m.set_encryption_extra("aes256-ctr", "file-dictionary-rewrite-threshold = 8");
     m.start();
@@ -66,13 +68,22 @@ fn dictionary_with_snapshot_and_log() -> Mount {
         fs::write(m.path(&format!("l{i}")), format!("log file {i}")).unwrap();
     }
     fs::remove_file(m.path("l2")).unwrap();
-    m.stop();
+    if crash {
+        std::thread::sleep(std::time::Duration::from_millis(2500)); // the unlink's record is flushed within a second
+        m.kill();
+    } else {
+        m.stop();
+    }
     m
+}
+
+fn dictionary_with_snapshot_and_log() -> Mount {
+    dictionary_with_snapshot_and_log_ending(false)
 }
 
 #[test]
 fn torn_last_log_record_at_every_offset_still_mounts() {
-    let mut m = dictionary_with_snapshot_and_log();
+    let mut m = dictionary_with_snapshot_and_log_ending(true);
     let log = log_file(&m);
     let full = fs::read(&log).unwrap();
     // The last record is the Delete of l2 (its file is already gone): find where it starts
@@ -135,7 +146,7 @@ fn damaged_metadata_is_refused_clearly_and_left_unchanged() {
     for f in [keys.clone(), snap.clone(), log.clone()] {
         cases.push((format!("newer format in {}", f.display()), Box::new(move || {
             let mut b = fs::read(&f).unwrap();
-            b[8] = 2;
+            b[8] = 9;
             fs::write(&f, b).unwrap();
         }), vec!["newer than this build", "upgrade tdefs"]));
     }
@@ -187,7 +198,14 @@ fn check_reports_stale_entries_repairs_them_and_refuses_a_mounted_directory() {
     assert_eq!(code, 2, "mounted: {text}");
     assert!(text.contains("in use"), "{text}");
     m.stop();
+    // A file put into the backing directory behind tdefs' back has no record: a problem
+    // (the mount refuses it) until someone who knows it is plaintext adopts it.
     fs::write(m.bpath("plain.txt"), b"legacy").unwrap();
+    let (code, text) = m.check(&[]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("UNRECORDED") && text.contains("/plain.txt") && text.contains("files plaintext:        0"), "{text}");
+    let out = Command::new(TDEFS).args(["adopt", "--config"]).arg(&m.config).arg("plain.txt").output().unwrap();
+    assert!(out.status.success(), "{out:?}");
     let (code, text) = m.check(&[]);
     assert_eq!(code, 0, "{text}");
     assert!(text.contains("files aes128-ctr:       3") && text.contains("files plaintext:        1"), "{text}");
@@ -202,4 +220,142 @@ fn check_reports_stale_entries_repairs_them_and_refuses_a_mounted_directory() {
     assert_eq!(code, 0);
     m.start();
     assert_eq!(fs::read(m.path("a2")).unwrap(), b"a");
+}
+
+/// A backing directory written by tdefs 0.1 (format 1: files without a record were
+/// plaintext, no dictionary mark, one sealing key) mounts with this build: every file reads
+/// as before, the file that had no record is recorded as plaintext, and the metadata is
+/// format 2 from then on.
+#[test]
+fn format_1_backing_directory_is_upgraded() {
+    let mut m = Mount::prepare("aes256-ctr");
+    fs::remove_dir(&m.backing).unwrap();
+    let tar = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v1-backing.tar.gz");
+    let st = Command::new("tar").arg("-xzf").arg(&tar).arg("-C").arg(m.dir.path()).status().unwrap();
+    assert!(st.success());
+    // The fixture was made with the plaintext master key type.
+    let cfg = fs::read_to_string(&m.config).unwrap();
+    let cfg = cfg[..cfg.find("[security.encryption.master-key]").unwrap()].to_string()
+        + "[security.encryption.master-key]\ntype = \"plaintext\"\n";
+    fs::write(&m.config, cfg).unwrap();
+    let metadir = m.bpath(".tdefs");
+    let version = |name: &str| fs::read(metadir.join(name)).unwrap()[8];
+    assert_eq!(version("keys"), 1);
+    m.start();
+    assert_eq!(fs::read_to_string(m.path("adopted.txt")).unwrap(), "hello adopted plaintext\n");
+    assert_eq!(fs::read_to_string(m.path("enc.txt")).unwrap(), "secret aes256 contents TDEFS-MARKER-v1enc\n");
+    let sm4 = Command::new("sha256sum").arg(m.path("dir/sm4.bin")).output().unwrap();
+    assert!(String::from_utf8_lossy(&sm4.stdout).starts_with("ad51b2b00b0da530a9ef72e51f7df443a8e897c2f2532d8a56f83d9998f60b12"));
+    assert_eq!(fs::read(m.path("empty")).unwrap(), b"");
+    m.stop();
+    assert!(m.log_text().contains("upgraded the metadata from format 1 to format 2"), "{}", m.log_text());
+    assert_eq!(version("keys"), 2);
+    assert_eq!(version("files.snap"), 2);
+    assert_eq!(version(log_file(&m).file_name().unwrap().to_str().unwrap()), 2);
+    let (code, text) = m.check(&["-v"]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("plaintext /adopted.txt") && text.contains("files plaintext:        1"), "{text}");
+    // The encrypted file is still ciphertext on disk; a second mount upgrades nothing.
+    assert!(!fs::read_to_string(m.bpath("enc.txt")).unwrap_or_default().contains("TDEFS-MARKER"));
+    m.start();
+    assert_eq!(fs::read_to_string(m.path("enc.txt")).unwrap(), "secret aes256 contents TDEFS-MARKER-v1enc\n");
+    m.stop();
+    assert_eq!(m.log_text().matches("upgraded the metadata").count(), 1);
+}
+
+/// `.tdefs` put back from an older backup: a file created since then has no record, and
+/// the mount refuses its bytes instead of serving (and writing) them as plaintext. Put back
+/// only in part (the file dictionary older than the key dictionary), the mount is refused.
+#[test]
+fn restored_older_dictionary_never_means_plaintext() {
+    let mut m = Mount::new("aes256-ctr");
+    fs::write(m.path("old"), b"from before the backup").unwrap();
+    m.stop();
+    let backup = m.dir.path().join("backup");
+    copy_dir(&m.bpath(".tdefs"), &backup);
+    m.start();
+    let marker = "TDEFS-MARKER-after-backup";
+    fs::write(m.path("new"), format!("written after the backup {marker}")).unwrap();
+    fs::write(m.path("new-empty"), b"").unwrap();
+    m.stop();
+    let newest = fs::read(m.bpath(".tdefs/keys")).unwrap();
+
+    // Only the file dictionary put back: refused, nothing changed.
+    for f in fs::read_dir(m.bpath(".tdefs")).unwrap() {
+        let f = f.unwrap().path();
+        if f.file_name().unwrap() != "keys" {
+            fs::remove_file(f).unwrap();
+        }
+    }
+    for f in fs::read_dir(&backup).unwrap() {
+        let f = f.unwrap().path();
+        if f.file_name().unwrap() != "keys" {
+            fs::copy(&f, m.bpath(".tdefs").join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    let before = tree_digest(&m.backing);
+    let out = m.mount_fails(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("older than the key dictionary records") && err.contains("Restore the whole .tdefs"), "{err}");
+    assert_eq!(tree_digest(&m.backing), before, "nothing on disk changed");
+    assert_eq!(m.check(&[]).0, 2);
+
+    // The whole .tdefs put back: it mounts, and the file made since has no record.
+    copy_dir(&backup, &m.bpath(".tdefs"));
+    m.start();
+    assert_eq!(fs::read(m.path("old")).unwrap(), b"from before the backup");
+    let ciphertext = fs::read(m.bpath("new")).unwrap();
+    assert_eq!(errno_of(fs::read(m.path("new"))), libc::EIO);
+    assert_eq!(errno_of(fs::OpenOptions::new().write(true).open(m.path("new"))), libc::EIO);
+    assert_eq!(errno_of(fs::OpenOptions::new().append(true).open(m.path("new"))), libc::EIO);
+    assert_eq!(errno_of(fs::OpenOptions::new().write(true).truncate(true).open(m.path("new"))), libc::EIO);
+    assert_eq!(errno_of(fs::File::options().write(true).open(m.path("new")).and_then(|f| f.set_len(0))), libc::EIO);
+    // An empty file has no bytes to misread: it is recorded (encrypted) when opened.
+    fs::write(m.path("new-empty"), b"now encrypted").unwrap();
+    m.stop();
+    assert_eq!(fs::read(m.bpath("new")).unwrap(), ciphertext, "never written, never truncated");
+    assert_ne!(fs::read(m.bpath("new-empty")).unwrap(), b"now encrypted");
+    let log = m.log_text();
+    assert_eq!(log.matches("this file has no record").count(), 1, "one line per file:\n{log}");
+    assert!(log.contains("file=/new") && log.contains("tdefs check"), "{log}");
+    let (code, text) = m.check(&[]);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("UNRECORDED") && text.contains("/new "), "{text}");
+    // The newest key dictionary and file dictionary together are consistent again.
+    let _ = newest;
+}
+
+/// A newest log deleted, or the log cut at a record boundary, after a clean unmount: the
+/// mount is refused (before, it mounted and the lost files read as plaintext).
+#[test]
+fn deleted_or_cut_logs_are_refused() {
+    let mut m = Mount::prepare("aes256-ctr");
+    m.set_encryption_extra("aes256-ctr", "file-dictionary-rewrite-threshold = 5");
+    m.start();
+    for i in 0..8 {
+        fs::write(m.path(&format!("f{i}")), format!("file {i}")).unwrap();
+    }
+    m.stop(); // compacts: a new log generation
+    m.set_encryption_extra("aes256-ctr", "file-dictionary-rewrite-threshold = 1000");
+    m.start();
+    fs::write(m.path("g"), b"after the compaction").unwrap();
+    m.stop();
+    let log = log_file(&m);
+    let full = fs::read(&log).unwrap();
+    let frames: Vec<usize> = full.windows(4).enumerate().filter(|(_, w)| *w == b"tREc").map(|(i, _)| i).collect();
+    assert!(!frames.is_empty());
+    fs::write(&log, &full[..*frames.last().unwrap()]).unwrap();
+    let err = String::from_utf8_lossy(&m.mount_fails(&[]).stderr).into_owned();
+    assert!(err.contains("but records up to"), "{err}");
+    fs::remove_file(&log).unwrap();
+    let err = String::from_utf8_lossy(&m.mount_fails(&[]).stderr).into_owned();
+    assert!(err.contains("incomplete") || err.contains("is missing"), "{err}");
+    // `check --repair` accepts the dictionary as it is, and names what it cannot vouch for.
+    fs::write(&log, &full[..*frames.last().unwrap()]).unwrap();
+    let (code, text) = m.check(&["--repair"]);
+    assert!(text.contains("accepted the file dictionary as it is") && text.contains("UNRECORDED") && text.contains("/g"), "{text}");
+    assert_eq!(code, 1, "{text}");
+    m.start();
+    assert_eq!(fs::read(m.path("f3")).unwrap(), b"file 3");
+    assert_eq!(errno_of(fs::read(m.path("g"))), libc::EIO);
 }

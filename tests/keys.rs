@@ -257,12 +257,8 @@ fn method_changes_across_remounts_keep_every_file_readable() {
     let f = files(&m.config);
     for (i, method) in steps.iter().enumerate() {
         let name = format!("/f{i}-{method}");
-        if *method == "plaintext" {
-            // A file without an entry is plaintext: that is how it is tracked.
-            assert!(!f.contains_key(&name), "{name} has an entry: {f:?}");
-        } else {
-            assert_eq!(&f[&name].0, method, "{name} recorded with the wrong method: {f:?}");
-        }
+        // Plaintext files are recorded too (a file without a record is refused).
+        assert_eq!(&f[&name].0, method, "{name} recorded with the wrong method: {f:?}");
         let backing = fs::read(m.bpath(&name[1..])).unwrap();
         if *method == "plaintext" {
             assert_eq!(backing, payload(&name[1..]), "plaintext method stores the bytes as they are");

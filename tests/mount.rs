@@ -220,8 +220,21 @@ fn renames_of_files_and_directories() {
     assert_eq!(read_all(&m.path("n2/in")), b"inside");
     assert_eq!(read_all(&m.path("ex")), b"one");
 
-    // A plaintext-tracked file renamed over an encrypted one.
+    // A file written into the backing directory behind tdefs' back has no record: its
+    // bytes are refused (it could be ciphertext whose record was lost), renamed or not.
+    fs::write(m.bpath("stray"), b"who knows").unwrap();
+    assert_eq!(errno_of(fs::read(m.path("stray"))), libc::EIO);
+    fs::rename(m.path("stray"), m.path("stray2")).unwrap();
+    assert_eq!(errno_of(fs::read(m.path("stray2"))), libc::EIO);
+    assert_eq!(errno_of(OpenOptions::new().write(true).truncate(true).open(m.path("stray2"))), libc::EIO);
+    assert_eq!(fs::read(m.bpath("stray2")).unwrap(), b"who knows", "nothing was overwritten");
+    fs::remove_file(m.path("stray2")).unwrap();
+    // A file recorded as plaintext (`tdefs adopt`) renamed over an encrypted one.
+    m.stop();
     fs::write(m.bpath("legacy"), b"legacy plaintext").unwrap();
+    let out = Command::new(TDEFS).args(["adopt", "--config"]).arg(&m.config).arg("legacy").output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    m.start();
     fs::rename(m.path("legacy"), m.path("y")).unwrap();
     assert_eq!(read_all(&m.path("y")), b"legacy plaintext");
 

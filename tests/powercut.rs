@@ -193,7 +193,10 @@ fn cut_right_after_a_data_key_rotation() {
     c.m.stop();
     let (code, text) = c.m.check(&[]);
     assert_eq!(code, 0, "{text}");
-    assert!(text.contains("data keys:              2"), "{text}");
+    // Two keys for the two files; a third when the remount came more than a second after
+    // the rotation (the period is 1 s): timing, not a failure.
+    assert!(text.contains("data keys:              2") || text.contains("data keys:              3"), "{text}");
+    assert!(!text.contains("MISSING"), "{text}");
 }
 
 #[test]

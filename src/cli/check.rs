@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Args;
 
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
-use crate::dictionary::{FileDict, Record};
+use crate::dictionary::{DictError, FileDict, Record};
 use crate::meta::check::{check, CheckReport};
 use crate::meta::{MasterKeys, OpenOptions, OpenReport, Offline};
 
@@ -38,11 +38,17 @@ fn print_report(r: &CheckReport, verbose: bool) {
     for (m, n) in &r.encrypted {
         println!("files {:<17} {n}", format!("{m}:"));
     }
-    println!("files plaintext:        {} (no entry: written before tdefs, or while the method was plaintext)", r.plaintext_files.len());
+    println!(
+        "files plaintext:        {} (recorded as plaintext: adopted with --init, or written while the method was plaintext)",
+        r.plaintext_files.len()
+    );
     if verbose {
         for p in &r.plaintext_files {
             println!("  plaintext {}", show(p));
         }
+    }
+    if r.unrecorded_empty > 0 {
+        println!("empty, no record:       {} (harmless: recorded when next opened)", r.unrecorded_empty);
     }
     if r.pending_renames > 0 {
         println!("pending renames:        {} (settled at the next mount)", r.pending_renames);
@@ -58,6 +64,13 @@ fn print_report(r: &CheckReport, verbose: bool) {
     }
     for (p, k) in &r.missing_keys {
         println!("MISSING data key {k:#018x} for {} (the file cannot be decrypted)", show(p));
+    }
+    for p in &r.unrecorded {
+        println!(
+            "UNRECORDED file without a record: {} (the mount refuses it: restore .tdefs from the backup that \
+             matches the data, or `tdefs adopt` it if it really is plaintext)",
+            show(p)
+        );
     }
     for (a, b) in &r.link_mismatches {
         println!("MISMATCH hard links {} and {} have different entries (one reads as noise)", show(a), show(b));
@@ -93,15 +106,24 @@ fn run_inner(args: CheckArgs) -> anyhow::Result<bool> {
         Err(e) if args.repair => {
             println!("the file dictionary does not load: {e}");
             let kept = FileDict::salvage(&e)?;
-            if kept.is_empty() {
+            if !kept.is_empty() {
+                println!("repair: cut the damaged log before the damage; copies kept:");
+                for k in &kept {
+                    println!("  {}", k.display());
+                }
+                println!("repair: records after the damage are lost: files created, linked or renamed after that point are listed below as UNRECORDED (refused by the mount) or may read as noise; check them");
+            } else if !matches!(e, DictError::RolledBack { .. }) {
                 return Err(e.into());
             }
-            println!("repair: cut the damaged log before the damage; copies kept:");
-            for k in &kept {
-                println!("  {}", k.display());
-            }
-            println!("repair: records after the damage are lost: files created, linked or renamed after that point may read as noise; check them");
-            off.load()?
+            let l = off.load_unchecked()?;
+            off.accept(&l)?;
+            println!(
+                "repair: accepted the file dictionary as it is (generation {}, record {}); files whose records were lost \
+                 are listed below as UNRECORDED",
+                l.generation(),
+                l.last_seq()
+            );
+            l
         }
         Err(e) => return Err(e.into()),
     };
@@ -110,8 +132,11 @@ fn run_inner(args: CheckArgs) -> anyhow::Result<bool> {
     if report.problems() == 0 || !args.repair {
         return Ok(report.problems() == 0);
     }
-    if !report.missing_keys.is_empty() || !report.link_mismatches.is_empty() {
-        println!("repair can drop stale entries only; missing keys and mismatched links need the key dictionary or the files restored from a backup");
+    if !report.missing_keys.is_empty() || !report.link_mismatches.is_empty() || !report.unrecorded.is_empty() {
+        println!(
+            "repair can drop stale entries only; missing keys, mismatched links and files without a record need the \
+             dictionaries or the files restored from a backup (or `tdefs adopt` for files that really are plaintext)"
+        );
     }
     if report.stale.is_empty() {
         return Ok(false);
@@ -127,8 +152,8 @@ fn run_inner(args: CheckArgs) -> anyhow::Result<bool> {
             meta.dict.submit(Record::Delete { path: p.clone() })?;
         }
     }
-    meta.dict.flush()?;
     meta.dict.compact()?;
+    meta.close()?;
     let backing = meta.backing().to_path_buf();
     drop(meta);
     let off = Offline::open(&backing, &MasterKeys::from_config(enc))?;

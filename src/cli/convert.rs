@@ -150,6 +150,7 @@ pub fn run_decrypt(args: DecryptArgs) -> ExitCode {
             method: cfg.security.encryption.data_encryption_method,
         };
         let s = decrypt::run(&meta, &args.paths, &opts)?;
+        meta.close()?;
         Ok(report("decrypted", &s, false))
     })())
 }

@@ -2,6 +2,7 @@
 //! `tdefs encrypt`, `tdefs decrypt`, `tdefs genkey`, and `mount.fuse.tdefs` (the mount(8) helper: the
 //! same binary under that name).
 
+mod adopt;
 mod check;
 mod convert;
 mod daemon;
@@ -45,6 +46,7 @@ enum Command {
     Status(status::StatusArgs),
     Encrypt(convert::EncryptArgs),
     Decrypt(convert::DecryptArgs),
+    Adopt(adopt::AdoptArgs),
     /// Write a new random 256-bit master key (64 hex characters + newline, mode 0600).
     #[command(after_help = "Example:\n  tdefs genkey /run/keys/tdefs.key   # keep it on tmpfs or in a secrets manager")]
     Genkey {
@@ -82,6 +84,18 @@ pub(crate) fn init_logging(level: LogLevel) {
         .try_init();
 }
 
+/// Process hygiene for every command that holds keys: no core dumps, no ptrace or
+/// /proc/PID/mem by other users (PR_SET_DUMPABLE=0 also makes /proc/PID/* root-owned).
+pub(crate) fn harden_process() {
+    unsafe {
+        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
+        let zero = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        libc::setrlimit(libc::RLIMIT_CORE, &zero);
+    }
+    // Crash tests stop the process here to inspect it (TDEFS_FAULT=stop:hardened).
+    crate::hooks::crash("hardened");
+}
+
 pub fn main() -> ExitCode {
     let argv0 = std::env::args_os().next().unwrap_or_default();
     if std::path::Path::new(&argv0).file_name() == Some(helper::NAME.as_ref()) {
@@ -93,6 +107,10 @@ pub fn main() -> ExitCode {
     if !matches!(cli.cmd, Command::Mount(_) | Command::MountHelper { .. }) {
         init_logging(LogLevel::default());
     }
+    // Every command that may hold key material; `genkey` too (it writes one).
+    if !matches!(cli.cmd, Command::MountHelper { .. }) {
+        harden_process();
+    }
     let r = match cli.cmd {
         Command::Check(args) => return check::run(args),
         Command::Encrypt(args) => return convert::run_encrypt(args),
@@ -100,6 +118,7 @@ pub fn main() -> ExitCode {
         Command::Mount(args) => mount::run(args),
         Command::MountHelper { args } => helper::run(&args),
         Command::Dump(args) => dump::run(args),
+        Command::Adopt(args) => adopt::run(args),
         Command::RotateMasterKey(args) => rotate::run(args),
         Command::Status(args) => status::run(args),
         Command::Genkey { path } => crate::keys::generate_key_file(&path)

@@ -45,17 +45,6 @@ pub struct MountArgs {
     pub(super) mountpoint: Option<PathBuf>,
 }
 
-/// Process hygiene for a daemon that holds keys: no core dumps, no ptrace by other users,
-/// new files get exactly the modes the kernel asks for.
-fn harden_process() {
-    unsafe {
-        libc::umask(0);
-        libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0);
-        let zero = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-        libc::setrlimit(libc::RLIMIT_CORE, &zero);
-    }
-    crate::sys::raise_nofile_limit();
-}
 
 /// The control socket (`tdefs rotate-master-key`). A mount without one still works, so a
 /// failure here is a warning.
@@ -71,7 +60,7 @@ fn start_control(mountpoint: &Path, backing: &Path, core: Arc<Core>, method: Met
     let handler = move |req: control::Request| -> Result<String, String> {
         match req {
             control::Request::Status => {
-                let st = core.dict().with_tree(|t| status::collect(&backing, core.keys(), t, method, true));
+                let st = status::collect(&backing, core.keys(), core.dict().as_ref(), method, true);
                 serde_json::to_string(&st).map_err(|e| e.to_string())
             }
             control::Request::Ping => Ok(format!("tdefs {} serving {}", env!("CARGO_PKG_VERSION"), backing.display())),
@@ -130,7 +119,11 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
     if args.daemon {
         return daemon::spawn_and_wait(foreground_args(&args, &backing, &mountpoint));
     }
-    harden_process();
+    // (Hardened in cli::main; the helper path reaches here through `run` too.)
+    super::harden_process();
+    // New files get exactly the modes the kernel asks for; one descriptor per cached inode.
+    unsafe { libc::umask(0) };
+    crate::sys::raise_nofile_limit();
     // Bound before anything is opened or mounted: the operator asked for metrics, so a
     // taken port stops the mount.
     let metrics_endpoint = cfg.metrics_addr.map(metrics::bind).transpose()?;
@@ -200,10 +193,10 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
     let _ = sig_thread.join();
     drop(control);
     drop(maintenance);
-    meta.dict.flush().context("final dictionary flush")?;
     if meta.dict.compaction_due() {
         meta.dict.compact().context("final dictionary compaction")?;
     }
+    meta.close().context("final dictionary flush")?;
     result.context("FUSE session ended with an error")?;
     tracing::info!("unmounted cleanly");
     Ok(())

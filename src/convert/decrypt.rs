@@ -54,7 +54,7 @@ pub fn run(meta: &Metadata, paths: &[PathBuf], opts: &Options) -> Result<Summary
     // Progress for `tdefs status` is a convenience: an export goes on without it.
     let published = create_staging(backing).ok();
     if let Some(staging) = &published {
-        let snapshot = meta.dict.with_tree(|t| status::collect(backing, &meta.keys, t, opts.method, false));
+        let snapshot = status::collect(backing, &meta.keys, meta.dict.as_ref(), opts.method, false);
         progress.publish_to(staging.join(PROGRESS_FILE), snapshot);
     }
     let mut links: HashMap<(u64, u64), Vec<PathBuf>> = HashMap::new();
@@ -143,7 +143,9 @@ fn already_exported(dest: &Path, md: &std::fs::Metadata) -> Result<bool, String>
 
 fn cipher_for(ctx: &Ctx<'_>, rel: &[u8]) -> Result<Option<FileCipher>, String> {
     match ctx.meta.dict.get(rel) {
-        None => Ok(None),
+        None => Err("it has no record in the file dictionary, so whether it is ciphertext is unknown: it is not \
+                     exported (`tdefs check` lists such files)"
+            .into()),
         Some(e) if e.method.is_plaintext() => Ok(None),
         Some(e) => match ctx.meta.keys.get(e.key_id) {
             Some(k) => Ok(Some(k.cipher(&e.iv))),
@@ -195,7 +197,7 @@ fn export_file(ctx: &mut Ctx<'_>, item: &Item, dest: &Path, progress: &mut Progr
         let w = copy_attrs(&src, md, &dst, false).map_err(|e| format!("cannot copy its attributes: {e}"))?;
         ctx.warnings.extend(w.into_iter().map(|w| format!("{}: {w}", show(&item.rel))));
         dst.sync_all().map_err(|e| format!("cannot fsync {}: {e}", tmp.display()))?;
-        sys::fault_point("decrypt:before-rename");
+        crate::hooks::crash("decrypt:before-rename");
         std::fs::rename(&tmp, dest).map_err(|e| format!("cannot rename {} into place: {e}", tmp.display()))
     })();
     if r.is_err() {

@@ -68,6 +68,11 @@ pub fn run(meta: &Metadata, paths: &[PathBuf], opts: &Options) -> Result<Summary
         }
         match meta.dict.get(&item.rel) {
             Some(e) if !e.method.is_plaintext() => summary.files_unchanged += 1,
+            None => summary.skip(
+                &item.rel,
+                "has no record in the file dictionary, so whether it is plaintext is unknown; `tdefs check` explains \
+                 (record it with `tdefs adopt` only if it really is plaintext)",
+            ),
             _ if item.md.nlink() > 1 => summary.skip(
                 &item.rel,
                 format!(
@@ -81,7 +86,7 @@ pub fn run(meta: &Metadata, paths: &[PathBuf], opts: &Options) -> Result<Summary
     let bytes_total = todo.iter().map(|i| i.md.len()).sum();
     let mut progress = Progress::new("encrypt", opts.display, todo.len() as u64, bytes_total);
     let staging = create_staging(backing)?;
-    let snapshot = meta.dict.with_tree(|t| status::collect(backing, &meta.keys, t, opts.method, false));
+    let snapshot = status::collect(backing, &meta.keys, meta.dict.as_ref(), opts.method, false);
     progress.publish_to(staging.join(PROGRESS_FILE), snapshot);
     let mut ctx = Ctx { meta, opts, staging, buf: Vec::new() };
     for item in &todo {
@@ -104,10 +109,10 @@ pub fn run(meta: &Metadata, paths: &[PathBuf], opts: &Options) -> Result<Summary
         }
         progress.file_done();
     }
-    meta.dict.flush()?;
     if meta.dict.compaction_due() {
         meta.dict.compact()?;
     }
+    meta.close()?;
     progress.finish();
     remove_staging(backing)?;
     Ok(summary)
@@ -152,7 +157,7 @@ fn encrypt_one(ctx: &mut Ctx<'_>, rel: &[u8], md: &std::fs::Metadata, progress: 
         .map_err(|e| failed("cannot create its staged copy", e))?;
     let seq = dict.submit(Record::Put { path: staged_rel.clone(), entry })?;
     dict.sync(seq)?;
-    sys::fault_point("convert:after-put");
+    crate::hooks::crash("convert:after-put");
     let undo = |why: FileError| -> FileError {
         // Entry first, then the file (a crash in between leaves a file without entry in
         // the hidden staging directory, which the next open removes).
@@ -165,7 +170,7 @@ fn encrypt_one(ctx: &mut Ctx<'_>, rel: &[u8], md: &std::fs::Metadata, progress: 
     if let Err(why) = copy_verified(ctx, &src, md, &dst, &cipher, &full, progress) {
         return Err(undo(why));
     }
-    sys::fault_point("convert:after-copy");
+    crate::hooks::crash("convert:after-copy");
     let staged_ino = match dst.metadata() {
         Ok(m) => m.ino(),
         Err(e) => return Err(undo(failed("cannot stat its staged copy", e))),
@@ -173,14 +178,14 @@ fn encrypt_one(ctx: &mut Ctx<'_>, rel: &[u8], md: &std::fs::Metadata, progress: 
     drop(dst);
     let intent = dict.submit(Record::RenameIntent { from: staged_rel.clone(), to: rel.to_vec(), from_ino: staged_ino, exchange: false })?;
     dict.sync(intent)?;
-    sys::fault_point("convert:after-intent");
+    crate::hooks::crash("convert:after-intent");
     let parent = full.parent().unwrap_or(Path::new("/"));
     let parent_md = std::fs::metadata(parent).ok();
     if let Err(e) = std::fs::rename(&staged, &full) {
         dict.submit(Record::RenameAbort { intent })?;
         return Err(undo(failed("cannot rename its encrypted copy into place", e)));
     }
-    sys::fault_point("convert:after-rename");
+    crate::hooks::crash("convert:after-rename");
     if let Some(pm) = parent_md {
         // The rename is an implementation detail: keep the directory's times as they were.
         set_times(parent, &pm);

@@ -18,7 +18,7 @@ mod select;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
-pub use self::select::{select, Item, Kind};
+pub use self::select::{normalize, select, Item, Kind};
 use crate::meta::STAGING_DIR;
 use crate::sys;
 

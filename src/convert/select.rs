@@ -58,8 +58,9 @@ pub fn select(backing: &Path, paths: &[PathBuf]) -> Result<Vec<Item>, ConvertErr
     Ok(out.into_values().collect())
 }
 
-/// "db/x", "/db/x/" or "./db/x" → "/db/x"; refuses "..", tdefs' own directories and the root.
-fn normalize(p: &Path) -> Result<Vec<u8>, ConvertError> {
+/// A command-line path ("db/x", "/db/x/" or "./db/x") as a dictionary path "/db/x"; refuses "..",
+/// tdefs' own directories and the root.
+pub fn normalize(p: &Path) -> Result<Vec<u8>, ConvertError> {
     let bad = |problem: &str| ConvertError::Select { path: p.to_path_buf(), problem: problem.into() };
     let mut rel = Vec::new();
     for c in p.components() {

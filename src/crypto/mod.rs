@@ -9,7 +9,7 @@ mod sm4;
 
 pub use self::ctr::FileCipher;
 pub use self::method::{Method, UnknownMethod};
-pub use self::seal::{AuthError, SealKey, SEAL_OVERHEAD};
+pub use self::seal::{AuthError, SealKey, SealKeys, SEAL_OVERHEAD};
 pub use self::secret::{random_bytes, random_u64, Secret};
 
 /// Length of the per-file IV (one AES/SM4 block: the initial counter).

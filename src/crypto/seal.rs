@@ -2,6 +2,7 @@ use std::fmt;
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
+use zeroize::Zeroize;
 
 use super::{random_bytes, Secret};
 
@@ -54,6 +55,56 @@ impl SealKey {
     }
 }
 
+/// The sealing keys of the file dictionary, derived from the dictionary key with
+/// HKDF-SHA256: one per log generation and one per snapshot. Each seal picks a random
+/// 96-bit nonce, which is safe for up to 2^32 seals per key (NIST SP 800-38D); a
+/// generation seals at most `file-dictionary-rewrite-threshold` records (at most 2^30,
+/// and compaction starts a new generation), so no key comes near that bound however long
+/// a mount runs. The key dictionary itself is sealed with the dictionary key directly,
+/// once per rewrite of that small file.
+pub struct SealKeys {
+    root: Secret,
+    salt: [u8; 16],
+}
+
+impl SealKeys {
+    /// `salt`: the instance id, so two instances never share a derived key.
+    pub fn new(root: &Secret, salt: [u8; 16]) -> SealKeys {
+        SealKeys { root: root.clone(), salt }
+    }
+
+    fn derive(&self, label: &[u8], gen: u64) -> SealKey {
+        let hk = hkdf::Hkdf::<sha2::Sha256>::new(Some(&self.salt), self.root.expose());
+        let mut okm = [0u8; 32];
+        let info = [label, &gen.to_le_bytes()].concat();
+        hk.expand(&info, &mut okm).expect("32 bytes is a valid HKDF-SHA256 length");
+        let key = Secret::new(okm.to_vec());
+        okm.zeroize();
+        SealKey::new(&key)
+    }
+
+    /// Seals the records of log generation `gen`.
+    pub fn log(&self, gen: u64) -> SealKey {
+        self.derive(b"tdefs file dictionary log", gen)
+    }
+
+    /// Seals the chunks of the snapshot that covers the logs up to generation `gen`.
+    pub fn snapshot(&self, gen: u64) -> SealKey {
+        self.derive(b"tdefs file dictionary snapshot", gen)
+    }
+
+    /// Format 1 sealed every log record and snapshot chunk with the dictionary key itself.
+    pub fn legacy(&self) -> SealKey {
+        SealKey::new(&self.root)
+    }
+}
+
+impl fmt::Debug for SealKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SealKeys([REDACTED])")
+    }
+}
+
 impl fmt::Debug for SealKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("SealKey([REDACTED])")
@@ -80,5 +131,18 @@ mod tests {
         let other = SealKey::new(&Secret::random(32));
         assert_eq!(other.open(b"aad", &a), Err(AuthError));
         assert_eq!(k.open(b"aad", &a[..10]), Err(AuthError));
+    }
+
+    #[test]
+    fn derived_keys_differ_per_generation_kind_and_instance() {
+        let root = Secret::random(32);
+        let ks = SealKeys::new(&root, [1; 16]);
+        let blob = ks.log(7).seal(b"", b"record");
+        assert!(ks.log(7).open(b"", &blob).is_ok(), "deterministic derivation");
+        assert_eq!(ks.log(8).open(b"", &blob), Err(AuthError));
+        assert_eq!(ks.snapshot(7).open(b"", &blob), Err(AuthError));
+        assert_eq!(ks.legacy().open(b"", &blob), Err(AuthError));
+        assert_eq!(SealKeys::new(&root, [2; 16]).log(7).open(b"", &blob), Err(AuthError));
+        assert_eq!(format!("{ks:?}"), "SealKeys([REDACTED])");
     }
 }

@@ -4,9 +4,11 @@
 //! Record frame: magic u32 | len u32 | seq u64 | sealed[len] | crc32 of all preceding frame
 //! bytes. The CRC covers the whole frame (lengths, sequence and payload), so a torn or
 //! garbled frame is recognised before decryption; the GCM tag (associated data: instance,
-//! generation, sequence) then proves the record is ours and unaltered.
+//! generation, sequence) then proves the record is ours and unaltered. Format 2 seals each
+//! generation's records with its own subkey (`SealKeys::log`); format 1 used the
+//! dictionary key for all of them.
 
-use crate::crypto::SealKey;
+use crate::crypto::{SealKey, SealKeys};
 use crate::meta::format::{check_header, write_header, Dec, Enc, FileKind, HeaderError, HEADER_LEN};
 
 use super::record::Record;
@@ -44,8 +46,9 @@ pub enum HeaderProblem {
     Instance,
 }
 
-pub fn check_log_header(bytes: &[u8], gen: u64, instance: &[u8; 16]) -> Result<(), HeaderProblem> {
-    check_header(bytes, FileKind::Log).map_err(HeaderProblem::Format)?;
+/// Check the header of log `gen`; returns its format version.
+pub fn check_log_header(bytes: &[u8], gen: u64, instance: &[u8; 16]) -> Result<u16, HeaderProblem> {
+    let version = check_header(bytes, FileKind::Log).map_err(HeaderProblem::Format)?;
     if bytes.len() < LOG_HEADER_LEN {
         return Err(HeaderProblem::Format(HeaderError::TooShort));
     }
@@ -60,18 +63,27 @@ pub fn check_log_header(bytes: &[u8], gen: u64, instance: &[u8; 16]) -> Result<(
     if &inst != instance {
         return Err(HeaderProblem::Instance);
     }
-    Ok(())
+    Ok(version)
 }
 
-fn aad(instance: &[u8; 16], gen: u64, seq: u64) -> Vec<u8> {
+/// The key that seals the records of log `gen`, written in format `version`.
+pub fn log_seal(keys: &SealKeys, gen: u64, version: u16) -> SealKey {
+    if version == 1 {
+        keys.legacy()
+    } else {
+        keys.log(gen)
+    }
+}
+
+fn aad(instance: &[u8; 16], gen: u64, seq: u64, version: u16) -> Vec<u8> {
     let mut e = Enc::default();
-    e.raw(b"tdefs log v1").raw(instance).u64(gen).u64(seq);
+    e.raw(if version == 1 { b"tdefs log v1" } else { b"tdefs log v2" }).raw(instance).u64(gen).u64(seq);
     e.0
 }
 
-/// Seal and frame one record.
-pub fn frame(seal: &SealKey, instance: &[u8; 16], gen: u64, seq: u64, rec: &Record) -> Vec<u8> {
-    let sealed = seal.seal(&aad(instance, gen, seq), &rec.encode());
+/// Seal and frame one record of log `gen` (format `version`, sealed with `seal`).
+pub fn frame(seal: &SealKey, instance: &[u8; 16], gen: u64, version: u16, seq: u64, rec: &Record) -> Vec<u8> {
+    let sealed = seal.seal(&aad(instance, gen, seq, version), &rec.encode());
     let mut e = Enc(Vec::with_capacity(FRAME_FIXED + sealed.len()));
     e.u32(FRAME_MAGIC).u32(sealed.len() as u32).u64(seq).raw(&sealed);
     let crc = crc32fast::hash(&e.0);
@@ -136,6 +148,7 @@ pub fn read_log(
     seal: &SealKey,
     instance: &[u8; 16],
     gen: u64,
+    version: u16,
     mut next_seq: u64,
     is_last: bool,
 ) -> Result<LogContents, Damage> {
@@ -152,7 +165,7 @@ pub fn read_log(
                     });
                 }
                 let sealed = &rest[FRAME_FIXED - 4..FRAME_FIXED - 4 + len];
-                let plain = seal.open(&aad(instance, gen, seq), sealed).map_err(|_| Damage {
+                let plain = seal.open(&aad(instance, gen, seq, version), sealed).map_err(|_| Damage {
                     offset: off as u64,
                     reason: "record fails authentication (altered, or sealed with another key)".into(),
                 })?;
@@ -205,7 +218,7 @@ mod tests {
         let mut b = encode_header(7, &inst);
         let mut ends = vec![b.len()];
         for seq in 1..=n {
-            b.extend(frame(&seal, &inst, 7, seq, &Record::Delete { path: format!("/f{seq}").into_bytes() }));
+            b.extend(frame(&seal, &inst, 7, 2, seq, &Record::Delete { path: format!("/f{seq}").into_bytes() }));
             ends.push(b.len());
         }
         (seal, inst, b, ends)
@@ -214,11 +227,12 @@ mod tests {
     #[test]
     fn reads_back_and_checks_sequence() {
         let (seal, inst, b, _) = setup(5);
-        let c = read_log(&b, &seal, &inst, 7, 1, true).unwrap();
+        let c = read_log(&b, &seal, &inst, 7, 2, 1, true).unwrap();
         assert_eq!(c.records.len(), 5);
         assert_eq!((c.valid_len, c.torn), (b.len() as u64, None));
-        assert!(read_log(&b, &seal, &inst, 7, 2, true).is_err(), "wrong first seq");
-        assert!(read_log(&b, &seal, &inst, 8, 1, true).is_err(), "wrong generation in AAD");
+        assert!(read_log(&b, &seal, &inst, 7, 2, 2, true).is_err(), "wrong first seq");
+        assert!(read_log(&b, &seal, &inst, 8, 2, 1, true).is_err(), "wrong generation in AAD");
+        assert!(read_log(&b, &seal, &inst, 7, 1, 1, true).is_err(), "format 1 framing differs");
     }
 
     #[test]
@@ -226,15 +240,15 @@ mod tests {
         let (seal, inst, b, ends) = setup(4);
         let (start, end) = (ends[3], ends[4]);
         for cut in start..end {
-            let c = read_log(&b[..cut], &seal, &inst, 7, 1, true).unwrap();
+            let c = read_log(&b[..cut], &seal, &inst, 7, 2, 1, true).unwrap();
             assert_eq!((c.records.len(), c.valid_len), (3, start as u64), "cut at {cut}");
             assert_eq!(c.torn.is_some(), cut > start);
-            assert!(read_log(&b[..cut], &seal, &inst, 7, 1, false).is_err() || cut == start);
+            assert!(read_log(&b[..cut], &seal, &inst, 7, 2, 1, false).is_err() || cut == start);
         }
         // Zeros after the last record (a preallocated or power-cut tail) are a torn tail too.
         let mut z = b.clone();
         z.extend([0u8; 4096]);
-        let c = read_log(&z, &seal, &inst, 7, 1, true).unwrap();
+        let c = read_log(&z, &seal, &inst, 7, 2, 1, true).unwrap();
         assert_eq!((c.records.len(), c.valid_len), (4, b.len() as u64));
     }
 
@@ -244,7 +258,7 @@ mod tests {
         for i in ends[1]..ends[2] {
             let mut t = b.clone();
             t[i] ^= 0x10;
-            let e = read_log(&t, &seal, &inst, 7, 1, true).unwrap_err();
+            let e = read_log(&t, &seal, &inst, 7, 2, 1, true).unwrap_err();
             assert_eq!(e.offset, ends[1] as u64, "flip at {i}: {e:?}");
         }
     }
@@ -253,7 +267,7 @@ mod tests {
     fn header_checks() {
         let inst = [1u8; 16];
         let h = encode_header(5, &inst);
-        assert_eq!(check_log_header(&h, 5, &inst), Ok(()));
+        assert_eq!(check_log_header(&h, 5, &inst), Ok(2));
         assert_eq!(check_log_header(&h, 6, &inst), Err(HeaderProblem::Generation(5)));
         assert_eq!(check_log_header(&h, 5, &[2; 16]), Err(HeaderProblem::Instance));
         let mut t = h.clone();

@@ -5,9 +5,14 @@
 //! write + fdatasync. Compaction starts a new log generation, writes a snapshot covering the
 //! older ones, and deletes them; a crash at any step leaves a loadable set of files.
 //!
-//! Ordering with the FUSE adapter (DESIGN.md §5): `submit` applies a record to the in-memory
-//! tree and queues it; `sync` waits until it is durable. Callers submit under their
-//! namespace lock (so log order matches memory order) and wait outside it.
+//! Ordering with the FUSE adapter (docs/design.md, durability): `submit` applies a record to
+//! the in-memory tree and queues it; `sync` waits until it is durable. Callers submit under
+//! their namespace lock (so log order matches memory order) and wait outside it.
+//!
+//! Rollback: the key dictionary keeps the dictionary's mark (`DictMark`: newest generation,
+//! last record known durable, clean close), written through a [`MarkStore`] when a writer
+//! opens, at every compaction, at checkpoints and at a clean close. `load` refuses a set of
+//! files that ends before the mark.
 
 mod log;
 mod record;
@@ -28,9 +33,21 @@ pub use self::record::{valid_path, FileEntry, Intent, Record};
 pub use self::snapshot::{SnapshotInfo, SNAPSHOT_FILE};
 pub use self::tree::Tree;
 
-use crate::crypto::SealKey;
+use crate::crypto::{SealKey, SealKeys};
+pub use crate::meta::format::DictMark;
 use crate::meta::format::HeaderError;
 use crate::sys;
+
+/// Where the dictionary's mark is kept (the key dictionary). Writing it must be durable on
+/// return.
+pub trait MarkStore: Send + Sync {
+    fn store_mark(&self, mark: DictMark) -> Result<(), String>;
+}
+
+/// Seals in one log generation after which compaction is due whatever the configured
+/// threshold (the config refuses thresholds above it): keeps every subkey far below the
+/// 2^32 random-nonce seals GCM allows.
+pub const MAX_RECORDS_PER_GENERATION: u64 = 1 << 30;
 
 /// Preallocate the log this far ahead so that appends keep working on a nearly full disk.
 const PREALLOC: u64 = 1 << 20;
@@ -63,6 +80,16 @@ pub enum DictError {
 
     #[error("internal inconsistency in the file dictionary: {0}")]
     Inconsistent(String),
+
+    #[error("the file dictionary in {dir} is older than the key dictionary records: {what}. The .tdefs \
+             directory was partly restored from an older backup, a log file was deleted, or a log was cut. \
+             Nothing was modified. Restore the whole .tdefs directory from one backup, the one that matches \
+             the data; `tdefs check --repair` accepts the dictionary as it is and lists every file that then \
+             has no record (those are refused, never read or written as plaintext)")]
+    RolledBack { dir: PathBuf, what: String },
+
+    #[error("cannot record the file dictionary's position in the key dictionary: {0}")]
+    Mark(String),
 }
 
 fn repair_hint(what: &str) -> &'static str {
@@ -111,11 +138,62 @@ pub struct Loaded {
     /// Paths written by the replayed records: the only entries a crash can have left stale.
     pub touched: Vec<Vec<u8>>,
     stale_logs: Vec<PathBuf>,
+    /// Format version of the newest log (appends continue in it).
+    log_version: u16,
+    /// Records in the newest log.
+    newest_records: u64,
+    /// The oldest format among the files read (1: upgrade due).
+    pub format: u16,
+}
+
+impl Loaded {
+    /// Sequence number of the last record.
+    pub fn last_seq(&self) -> u64 {
+        self.next_seq - 1
+    }
+
+    /// The newest log generation.
+    pub fn generation(&self) -> u64 {
+        *self.log_gens.last().expect("load guarantees one log")
+    }
+
+    /// Refuse a set of files that ends before `mark` (see the module doc).
+    pub fn check_mark(&self, mark: DictMark) -> Result<(), DictError> {
+        let (newest, last) = (self.generation(), self.last_seq());
+        let refuse = |what: String| Err(DictError::RolledBack { dir: self.dir.clone(), what });
+        if newest < mark.gen {
+            return refuse(format!("log generation {} is missing (the newest present is {newest})", mark.gen));
+        }
+        // Compaction creates the next log before it records the new generation, so an
+        // empty log one generation ahead is an interrupted compaction; anything more means
+        // the key dictionary is the older one.
+        if newest > mark.gen && (newest > mark.gen + 1 || self.newest_records > 0) {
+            return refuse(format!(
+                "log generation {newest} is newer than the generation {} the key dictionary knows (was the key \
+                 dictionary restored from an older backup?)",
+                mark.gen
+            ));
+        }
+        if last < mark.seq {
+            return refuse(format!("the log ends at record {last}, but records up to {} were written", mark.seq));
+        }
+        if mark.clean && last > mark.seq {
+            return refuse(format!(
+                "the log holds records up to {last} after a clean close at record {} (was the key dictionary \
+                 restored from an older backup?)",
+                mark.seq
+            ));
+        }
+        Ok(())
+    }
 }
 
 struct LogState {
     file: Arc<File>,
     gen: u64,
+    /// Format of the current log and the key its records are sealed with.
+    version: u16,
+    seal: SealKey,
     next_seq: u64,
     /// Framed records not yet written.
     pending: Vec<u8>,
@@ -135,8 +213,11 @@ struct LogState {
 
 pub struct FileDict {
     dir: PathBuf,
-    seal: SealKey,
+    keys: Arc<SealKeys>,
     instance: [u8; 16],
+    marks: Arc<dyn MarkStore>,
+    /// The last mark stored (checkpoints skip unchanged ones).
+    mark: Mutex<DictMark>,
     tree: RwLock<Tree>,
     log: Mutex<LogState>,
     log_cv: Condvar,
@@ -150,24 +231,36 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Dic
 }
 
 impl FileDict {
-    /// Create an empty dictionary in `dir` (durably).
-    pub fn create(dir: &Path, seal: &SealKey, instance: &[u8; 16]) -> Result<(), DictError> {
+    /// Create a dictionary in `dir` holding `initial` (durably): generation 1, mark
+    /// `DictMark { gen: 1, seq: 0, clean: true }` for the caller to store.
+    pub fn create(dir: &Path, keys: &SealKeys, instance: &[u8; 16], initial: &Tree) -> Result<(), DictError> {
         let info = SnapshotInfo { covers_gen: 0, last_seq: 0 };
-        let snap = snapshot::encode(&Tree::default(), seal, instance, info);
+        let snap = snapshot::encode(initial, keys, instance, info);
         sys::write_durably(dir, SNAPSHOT_FILE, &snap).map_err(io_err("write", &dir.join(SNAPSHOT_FILE)))?;
         let name = log_file_name(1);
         sys::write_durably(dir, &name, &log::encode_header(1, instance)).map_err(io_err("write", &dir.join(&name)))
     }
 
-    /// Read the snapshot and replay the logs. Changes nothing on disk.
-    pub fn load(dir: &Path, seal: &SealKey, instance: &[u8; 16]) -> Result<Loaded, DictError> {
+    /// Read the snapshot and replay the logs, and check them against `mark` (none: a
+    /// format 1 key dictionary, which kept no mark). Changes nothing on disk.
+    pub fn load(dir: &Path, keys: &SealKeys, instance: &[u8; 16], mark: Option<DictMark>) -> Result<Loaded, DictError> {
         let started = Instant::now();
+        let loaded = Self::replay(dir, keys, instance, None)?;
+        if let Some(m) = mark {
+            loaded.check_mark(m)?;
+        }
+        crate::metrics::dictionary_loaded(started.elapsed());
+        Ok(loaded)
+    }
+
+    /// The snapshot plus the logs after it, up to generation `upto` (all of them: `None`).
+    fn replay(dir: &Path, keys: &SealKeys, instance: &[u8; 16], upto: Option<u64>) -> Result<Loaded, DictError> {
         let snap_path = dir.join(SNAPSHOT_FILE);
         let f = File::open(&snap_path).map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => DictError::Missing { dir: dir.into(), what: format!("{SNAPSHOT_FILE} is missing") },
             _ => DictError::Io { op: "open", path: snap_path.clone(), err: e },
         })?;
-        let (mut tree, info) = snapshot::decode(&mut io::BufReader::with_capacity(1 << 20, f), seal, instance)
+        let (mut tree, info, mut format) = snapshot::decode(&mut io::BufReader::with_capacity(1 << 20, f), keys, instance)
             .map_err(|e| match e {
                 snapshot::SnapError::Header(err) => DictError::Header { path: snap_path.clone(), err },
                 snapshot::SnapError::Damaged { offset, reason } => {
@@ -186,7 +279,7 @@ impl FileDict {
         }
         gens.sort_unstable();
         let stale_logs = gens.iter().filter(|&&g| g <= info.covers_gen).map(|&g| dir.join(log_file_name(g))).collect();
-        gens.retain(|&g| g > info.covers_gen);
+        gens.retain(|&g| g > info.covers_gen && upto.is_none_or(|u| g <= u));
         if gens.is_empty() {
             return Err(DictError::Missing {
                 dir: dir.into(),
@@ -204,10 +297,11 @@ impl FileDict {
 
         let mut next_seq = info.last_seq + 1;
         let (mut records, mut touched, mut torn_tail, mut last_valid_len) = (0, Vec::new(), None, 0);
+        let (mut log_version, mut newest_records) = (crate::meta::format::FORMAT_VERSION, 0);
         for (i, &gen) in gens.iter().enumerate() {
             let path = dir.join(log_file_name(gen));
             let bytes = std::fs::read(&path).map_err(io_err("read", &path))?;
-            log::check_log_header(&bytes, gen, instance).map_err(|p| match p {
+            let version = log::check_log_header(&bytes, gen, instance).map_err(|p| match p {
                 log::HeaderProblem::Format(err) => DictError::Header { path: path.clone(), err },
                 log::HeaderProblem::Instance => DictError::Foreign { path: path.clone() },
                 log::HeaderProblem::Checksum => DictError::Damaged {
@@ -223,8 +317,12 @@ impl FileDict {
                     reason: format!("header says generation {g}"),
                 },
             })?;
-            let is_last = i + 1 == gens.len();
-            let c = log::read_log(&bytes, seal, instance, gen, next_seq, is_last).map_err(|d| DictError::Damaged {
+            format = format.min(version);
+            // Only the live log may end in a torn record: a log that compaction will read
+            // (`upto`) was closed whole.
+            let is_last = i + 1 == gens.len() && upto.is_none();
+            let seal = log::log_seal(keys, gen, version);
+            let c = log::read_log(&bytes, &seal, instance, gen, version, next_seq, is_last).map_err(|d| DictError::Damaged {
                 path: path.clone(),
                 what: LOG_WHAT,
                 offset: d.offset,
@@ -243,12 +341,13 @@ impl FileDict {
             }
             records += c.records.len() as u64;
             next_seq += c.records.len() as u64;
-            if is_last {
+            if i + 1 == gens.len() {
                 last_valid_len = c.valid_len;
                 torn_tail = c.torn.map(|why| ((bytes.len() as u64 - c.valid_len), why));
+                log_version = version;
+                newest_records = c.records.len() as u64;
             }
         }
-        crate::metrics::dictionary_loaded(started.elapsed());
         Ok(Loaded {
             dir: dir.to_path_buf(),
             tree,
@@ -260,6 +359,9 @@ impl FileDict {
             torn_tail,
             touched,
             stale_logs,
+            log_version,
+            newest_records,
+            format,
         })
     }
 
@@ -301,11 +403,21 @@ impl FileDict {
         Ok(kept)
     }
 
-    /// Turn a loaded dictionary into a writable one: cut a torn tail off the last log and
-    /// remove leftovers of an interrupted compaction.
-    pub fn open_writable(loaded: Loaded, seal: &SealKey, instance: &[u8; 16], rewrite_threshold: u64) -> Result<FileDict, DictError> {
+    /// Turn a loaded dictionary into a writable one: store a mark that says a writer has
+    /// it open (before anything changes, so a crash from here on is never taken for a
+    /// rollback), cut a torn tail off the last log and remove leftovers of an interrupted
+    /// compaction.
+    pub fn open_writable(
+        loaded: Loaded,
+        keys: Arc<SealKeys>,
+        instance: &[u8; 16],
+        rewrite_threshold: u64,
+        marks: Arc<dyn MarkStore>,
+    ) -> Result<FileDict, DictError> {
         let dir = loaded.dir.clone();
-        let gen = *loaded.log_gens.last().expect("load guarantees one log");
+        let gen = loaded.generation();
+        let mark = DictMark { gen, seq: loaded.last_seq(), clean: false };
+        marks.store_mark(mark).map_err(DictError::Mark)?;
         let path = dir.join(log_file_name(gen));
         let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).map_err(io_err("open", &path))?;
         if let Some((bytes, why)) = loaded.torn_tail {
@@ -323,14 +435,19 @@ impl FileDict {
         let _ = std::fs::remove_file(dir.join(format!("{SNAPSHOT_FILE}.tmp")));
         let records_since_snapshot = loaded.records;
         let durable_seq = loaded.next_seq - 1;
+        let seal = log::log_seal(&keys, gen, loaded.log_version);
         Ok(FileDict {
             dir,
-            seal: seal.clone(),
+            keys,
             instance: *instance,
+            marks,
+            mark: Mutex::new(mark),
             tree: RwLock::new(loaded.tree),
             log: Mutex::new(LogState {
                 file: Arc::new(file),
                 gen,
+                version: loaded.log_version,
+                seal,
                 next_seq: loaded.next_seq,
                 pending: Vec::new(),
                 barriers: Vec::new(),
@@ -347,6 +464,41 @@ impl FileDict {
             rewrite_threshold,
             last_compaction: Mutex::new(None),
         })
+    }
+
+    fn store_mark(&self, mark: DictMark) -> Result<(), DictError> {
+        self.marks.store_mark(mark).map_err(DictError::Mark)?;
+        *self.mark.lock() = mark;
+        Ok(())
+    }
+
+    /// Record in the key dictionary how far the log is durable, if it moved since the last
+    /// mark: bounds what a log cut at a record boundary can take unnoticed after a crash.
+    /// Returns whether a mark was written.
+    pub fn checkpoint(&self) -> Result<bool, DictError> {
+        let _one = self.compact_lock.lock(); // marks never go back: one writer at a time
+        let (gen, seq) = {
+            let st = self.log.lock();
+            (st.gen, st.durable_seq)
+        };
+        let m = *self.mark.lock();
+        if (m.gen, m.seq) == (gen, seq) {
+            return Ok(false);
+        }
+        self.store_mark(DictMark { gen, seq, clean: false })?;
+        Ok(true)
+    }
+
+    /// Flush everything and record a clean close: the next open then requires the log to
+    /// end exactly here.
+    pub fn close(&self) -> Result<(), DictError> {
+        let _one = self.compact_lock.lock();
+        self.flush()?;
+        let (gen, seq) = {
+            let st = self.log.lock();
+            (st.gen, st.durable_seq)
+        };
+        self.store_mark(DictMark { gen, seq, clean: true })
     }
 
     pub fn dir(&self) -> &Path {
@@ -386,7 +538,7 @@ impl FileDict {
         }
         let seq = st.next_seq;
         self.tree.write().apply(seq, &rec).map_err(|e| DictError::Inconsistent(e.0))?;
-        let framed = log::frame(&self.seal, &self.instance, st.gen, seq, &rec);
+        let framed = log::frame(&st.seal, &self.instance, st.gen, st.version, seq, &rec);
         st.pending.extend_from_slice(&framed);
         st.next_seq += 1;
         st.records_since_snapshot += 1;
@@ -497,7 +649,7 @@ impl FileDict {
 
     /// Whether enough records accumulated since the last snapshot to compact.
     pub fn compaction_due(&self) -> bool {
-        self.log.lock().records_since_snapshot >= self.rewrite_threshold
+        self.log.lock().records_since_snapshot >= self.rewrite_threshold.min(MAX_RECORDS_PER_GENERATION)
     }
 
     /// Records queued but not yet written.
@@ -510,6 +662,11 @@ impl FileDict {
     }
 
     /// Start a new log generation, write a snapshot covering the older ones, delete them.
+    ///
+    /// The snapshot is rebuilt from the files of the generations it covers (immutable once
+    /// the new generation has started), not from the live tree: creates, lookups and
+    /// renames never wait for it, however large the dictionary. It costs a second copy of
+    /// the tree in memory while it runs.
     pub fn compact(&self) -> Result<(), DictError> {
         let _one = self.compact_lock.lock();
         let mut st = self.log.lock();
@@ -536,17 +693,28 @@ impl FileDict {
         sys::write_durably(&self.dir, &name, &log::encode_header(new_gen, &self.instance))
             .map_err(io_err("create", &new_path))?;
         let file = std::fs::OpenOptions::new().read(true).write(true).open(&new_path).map_err(io_err("open", &new_path))?;
+        // The key dictionary learns the new generation before any record goes into it.
+        self.store_mark(DictMark { gen: new_gen, seq: info.last_seq, clean: false })?;
         st.file = Arc::new(file);
         st.gen = new_gen;
+        st.version = crate::meta::format::FORMAT_VERSION;
+        st.seal = self.keys.log(new_gen);
         st.written = LOG_HEADER_LEN as u64;
         st.preallocated = 0;
         st.records_since_snapshot = 0;
-        // Holding the tree read lock keeps it at `info.last_seq` while it is serialised
-        // (appends need the write lock); the log lock is released so waiters are not held.
-        let tree = self.tree.read();
         drop(st);
-        let bytes = snapshot::encode(&tree, &self.seal, &self.instance, info);
-        drop(tree);
+        crate::hooks::point("compact:building");
+        let old = Self::replay(&self.dir, &self.keys, &self.instance, Some(info.covers_gen))?;
+        if old.last_seq() != info.last_seq {
+            return Err(DictError::Inconsistent(format!(
+                "the logs up to generation {} end at record {}, expected {}",
+                info.covers_gen,
+                old.last_seq(),
+                info.last_seq
+            )));
+        }
+        let bytes = snapshot::encode(&old.tree, &self.keys, &self.instance, info);
+        drop(old);
         let snap_path = self.dir.join(SNAPSHOT_FILE);
         sys::write_durably(&self.dir, SNAPSHOT_FILE, &bytes).map_err(io_err("write", &snap_path))?;
         for g in 1..=info.covers_gen {

@@ -5,10 +5,12 @@
 //! associated data binding it to its instance, generation, index and count (so chunks
 //! cannot be dropped, duplicated or reordered unnoticed).
 //! Chunk plaintext: items, each u8 kind (1 entry, 2 pending rename intent) + fields.
+//! Format 2 seals the chunks with the snapshot's own subkey (`SealKeys::snapshot` of the
+//! generation it covers); format 1 used the dictionary key.
 
 use std::io::Read;
 
-use crate::crypto::SealKey;
+use crate::crypto::{SealKey, SealKeys};
 use crate::meta::format::{check_header, write_header, Dec, Enc, FileKind, HeaderError, HEADER_LEN};
 
 use super::record::{decode_entry, encode_entry, valid_path, FileEntry, Intent, MAX_PATH};
@@ -30,14 +32,25 @@ pub struct SnapshotInfo {
     pub last_seq: u64,
 }
 
-fn chunk_aad(instance: &[u8; 16], info: &SnapshotInfo, idx: u32, count: u32) -> Vec<u8> {
+fn chunk_aad(instance: &[u8; 16], info: &SnapshotInfo, idx: u32, count: u32, version: u16) -> Vec<u8> {
     let mut e = Enc::default();
-    e.raw(b"tdefs snapshot v1").raw(instance).u64(info.covers_gen).u64(info.last_seq).u32(idx).u32(count);
+    e.raw(if version == 1 { b"tdefs snapshot v1" } else { b"tdefs snapshot v2" });
+    e.raw(instance).u64(info.covers_gen).u64(info.last_seq).u32(idx).u32(count);
     e.0
 }
 
-/// Serialise `tree` as a complete snapshot file.
-pub fn encode(tree: &Tree, seal: &SealKey, instance: &[u8; 16], info: SnapshotInfo) -> Vec<u8> {
+fn chunk_seal(keys: &SealKeys, info: &SnapshotInfo, version: u16) -> SealKey {
+    if version == 1 {
+        keys.legacy()
+    } else {
+        keys.snapshot(info.covers_gen)
+    }
+}
+
+/// Serialise `tree` as a complete snapshot file (current format).
+pub fn encode(tree: &Tree, keys: &SealKeys, instance: &[u8; 16], info: SnapshotInfo) -> Vec<u8> {
+    let version = crate::meta::format::FORMAT_VERSION;
+    let seal = chunk_seal(keys, &info, version);
     let mut plains: Vec<Vec<u8>> = Vec::new();
     let mut cur = Enc::default();
     let mut flush = |cur: &mut Enc, force: bool| {
@@ -64,7 +77,7 @@ pub fn encode(tree: &Tree, seal: &SealKey, instance: &[u8; 16], info: SnapshotIn
     let crc = crc32fast::hash(&e.0);
     e.u32(crc);
     for (idx, p) in plains.iter().enumerate() {
-        let sealed = seal.seal(&chunk_aad(instance, &info, idx as u32, count), p);
+        let sealed = seal.seal(&chunk_aad(instance, &info, idx as u32, count, version), p);
         e.bytes(&sealed);
     }
     e.0
@@ -78,11 +91,11 @@ pub enum SnapError {
     Io(std::io::Error),
 }
 
-/// Read a snapshot into a fresh tree.
-pub fn decode(r: &mut impl Read, seal: &SealKey, instance: &[u8; 16]) -> Result<(Tree, SnapshotInfo), SnapError> {
+/// Read a snapshot into a fresh tree; also returns its format version.
+pub fn decode(r: &mut impl Read, keys: &SealKeys, instance: &[u8; 16]) -> Result<(Tree, SnapshotInfo, u16), SnapError> {
     let mut head = [0u8; SNAP_HEADER_LEN];
     read_exact_or(r, &mut head, 0)?;
-    check_header(&head, FileKind::Snapshot).map_err(SnapError::Header)?;
+    let version = check_header(&head, FileKind::Snapshot).map_err(SnapError::Header)?;
     let mut d = Dec::new(&head[HEADER_LEN..]);
     let inst: [u8; 16] = d.array().unwrap();
     let info = SnapshotInfo { covers_gen: d.u64().unwrap(), last_seq: d.u64().unwrap() };
@@ -94,6 +107,7 @@ pub fn decode(r: &mut impl Read, seal: &SealKey, instance: &[u8; 16]) -> Result<
     if &inst != instance {
         return Err(SnapError::ForeignInstance);
     }
+    let seal = chunk_seal(keys, &info, version);
     let mut tree = Tree::default();
     let mut offset = SNAP_HEADER_LEN as u64;
     for idx in 0..count {
@@ -107,14 +121,14 @@ pub fn decode(r: &mut impl Read, seal: &SealKey, instance: &[u8; 16]) -> Result<
         let mut sealed = vec![0u8; len];
         read_exact_or(r, &mut sealed, offset)?;
         let plain = seal
-            .open(&chunk_aad(instance, &info, idx, count), &sealed)
+            .open(&chunk_aad(instance, &info, idx, count, version), &sealed)
             .map_err(|_| damaged("fails authentication (altered, or sealed with another key)"))?;
         decode_items(plain.expose(), &mut tree).ok_or_else(|| damaged("malformed items"))?;
         offset += 4 + len as u64;
     }
     let mut extra = [0u8; 1];
     match r.read(&mut extra) {
-        Ok(0) => Ok((tree, info)),
+        Ok(0) => Ok((tree, info, version)),
         Ok(_) => Err(SnapError::Damaged { offset, reason: "trailing bytes after the last chunk".into() }),
         Err(e) => Err(SnapError::Io(e)),
     }
@@ -161,7 +175,7 @@ mod tests {
 
     #[test]
     fn round_trip_and_damage() {
-        let seal = SealKey::new(&Secret::random(32));
+        let seal = SealKeys::new(&Secret::random(32), [4; 16]);
         let inst = [4u8; 16];
         let mut t = Tree::default();
         for i in 0..30_000u64 {
@@ -170,7 +184,8 @@ mod tests {
         t.add_intent(Intent { seq: 9, from: b"/a".to_vec(), to: b"/b".to_vec(), from_ino: 3, exchange: false });
         let info = SnapshotInfo { covers_gen: 2, last_seq: 99 };
         let b = encode(&t, &seal, &inst, info);
-        let (r, i) = decode(&mut &b[..], &seal, &inst).unwrap();
+        let (r, i, v) = decode(&mut &b[..], &seal, &inst).unwrap();
+        assert_eq!(v, crate::meta::format::FORMAT_VERSION);
         assert_eq!(i, info);
         assert_eq!(r.len(), 30_000);
         assert_eq!(r.get(b"/dir3/file10"), t.get(b"/dir3/file10"));

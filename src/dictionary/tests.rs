@@ -11,8 +11,37 @@ use crate::crypto::{Method, Secret};
 
 const INST: [u8; 16] = [7; 16];
 
-fn seal() -> SealKey {
-    SealKey::new(&Secret::new(vec![0x42; 32]))
+fn seal() -> Arc<SealKeys> {
+    Arc::new(SealKeys::new(&Secret::new(vec![0x42; 32]), INST))
+}
+
+/// Keeps the mark in a file next to the dictionary (the key dictionary's job in tdefs).
+struct FileMarks(std::path::PathBuf);
+
+const MARK_FILE: &str = "test-mark";
+
+impl MarkStore for FileMarks {
+    fn store_mark(&self, m: DictMark) -> Result<(), String> {
+        std::fs::write(self.0.join(MARK_FILE), format!("{} {} {}", m.gen, m.seq, m.clean)).map_err(|e| e.to_string())
+    }
+}
+
+fn mark_of(dir: &Path) -> Option<DictMark> {
+    let t = std::fs::read_to_string(dir.join(MARK_FILE)).ok()?;
+    let v: Vec<&str> = t.split(' ').collect();
+    Some(DictMark { gen: v[0].parse().unwrap(), seq: v[1].parse().unwrap(), clean: v[2] == "true" })
+}
+
+fn marks(dir: &Path) -> Arc<dyn MarkStore> {
+    Arc::new(FileMarks(dir.to_path_buf()))
+}
+
+fn load(dir: &Path) -> Result<Loaded, DictError> {
+    FileDict::load(dir, &seal(), &INST, mark_of(dir))
+}
+
+fn writable(l: Loaded, dir: &Path) -> FileDict {
+    FileDict::open_writable(l, seal(), &INST, 1_000_000, marks(dir)).unwrap()
 }
 
 fn entry(i: u64) -> FileEntry {
@@ -20,13 +49,13 @@ fn entry(i: u64) -> FileEntry {
 }
 
 fn new_dict(dir: &Path) -> FileDict {
-    FileDict::create(dir, &seal(), &INST).unwrap();
+    FileDict::create(dir, &seal(), &INST, &Tree::default()).unwrap();
+    FileMarks(dir.to_path_buf()).store_mark(DictMark { gen: 1, seq: 0, clean: true }).unwrap();
     open(dir)
 }
 
 fn open(dir: &Path) -> FileDict {
-    let l = FileDict::load(dir, &seal(), &INST).unwrap();
-    FileDict::open_writable(l, &seal(), &INST, 1_000_000).unwrap()
+    writable(load(dir).unwrap(), dir)
 }
 
 fn put(d: &FileDict, path: &str, i: u64) {
@@ -42,7 +71,11 @@ fn snapshot_of(d: &FileDict) -> Vec<(Vec<u8>, FileEntry)> {
 }
 
 fn files(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n != MARK_FILE)
+        .collect();
     v.sort();
     v
 }
@@ -114,12 +147,14 @@ fn torn_last_record_at_every_offset() {
     put(&dict, "/last", 99);
     drop(dict);
     let full = std::fs::read(&log).unwrap();
+    let mark = std::fs::read(d.path().join(MARK_FILE)).unwrap();
     for cut in before_last as usize..full.len() {
         std::fs::write(&log, &full[..cut]).unwrap();
-        let l = FileDict::load(d.path(), &seal(), &INST).unwrap();
+        std::fs::write(d.path().join(MARK_FILE), &mark).unwrap(); // as the crash left it
+        let l = load(d.path()).unwrap();
         assert_eq!(l.tree.len(), 5, "cut at {cut}");
         assert_eq!(l.torn_tail.is_some(), cut > before_last as usize);
-        let dict = FileDict::open_writable(l, &seal(), &INST, 1_000_000).unwrap();
+        let dict = writable(l, d.path());
         assert_eq!(std::fs::metadata(&log).unwrap().len(), before_last, "torn bytes cut off");
         put(&dict, "/after", 7);
         drop(dict);
@@ -175,7 +210,7 @@ fn compaction_and_each_crash_point_during_it() {
 }
 
 fn load_err(dir: &Path) -> String {
-    match FileDict::load(dir, &seal(), &INST) {
+    match load(dir) {
         Ok(_) => panic!("damaged dictionary accepted"),
         Err(e) => e.to_string(),
     }
@@ -236,9 +271,9 @@ fn damage_is_refused_with_the_file_named_and_nothing_changed() {
     std::fs::rename(d.path().join("aside"), &snap).unwrap();
 
     // Another key, another instance.
-    let other = SealKey::new(&Secret::new(vec![1; 32]));
-    assert!(FileDict::load(d.path(), &other, &INST).is_err());
-    assert!(matches!(FileDict::load(d.path(), &seal(), &[8; 16]), Err(DictError::Foreign { .. })));
+    let other = SealKeys::new(&Secret::new(vec![1; 32]), INST);
+    assert!(FileDict::load(d.path(), &other, &INST, None).is_err());
+    assert!(matches!(FileDict::load(d.path(), &seal(), &[8; 16], None), Err(DictError::Foreign { .. })));
     assert_eq!(open(d.path()).with_tree(|t| t.len()), 70);
 }
 
@@ -274,7 +309,8 @@ fn mutated_log_case(recs: &[Record], mutation: (u8, usize, u8)) {
     }
     std::fs::write(&log, &b).unwrap();
     // Never a panic; either an error, or exactly some prefix of the history.
-    if let Ok(l) = FileDict::load(d.path(), &seal(), &INST) {
+    // (Without the mark: this is about damage to the bytes; rollback has its own tests.)
+    if let Ok(l) = FileDict::load(d.path(), &seal(), &INST, None) {
         let n = l.records as usize;
         assert!(n <= recs.len());
         let mut got = Vec::new();
@@ -304,13 +340,150 @@ proptest! {
     #[test]
     fn arbitrary_bytes_never_panic(tail in proptest::collection::vec(any::<u8>(), 0..600), header_ok in any::<bool>()) {
         let d = tempfile::tempdir().unwrap();
-        FileDict::create(d.path(), &seal(), &INST).unwrap();
+        FileDict::create(d.path(), &seal(), &INST, &Tree::default()).unwrap();
         let log = d.path().join(log_file_name(1));
         let mut b = if header_ok { std::fs::read(&log).unwrap() } else { Vec::new() };
         b.extend(&tail);
         std::fs::write(&log, &b).unwrap();
-        let _ = FileDict::load(d.path(), &seal(), &INST);
+        let _ = FileDict::load(d.path(), &seal(), &INST, None);
         std::fs::write(d.path().join(SNAPSHOT_FILE), &tail).unwrap();
-        prop_assert!(FileDict::load(d.path(), &seal(), &INST).is_err());
+        prop_assert!(FileDict::load(d.path(), &seal(), &INST, None).is_err());
     }
+}
+
+/// Every way a dictionary can lose records without damage — a log cut at a record
+/// boundary, a deleted newest log, an older snapshot/log set put back — is refused once
+/// the mark says more was written; an interrupted compaction is not.
+#[test]
+fn rolled_back_dictionaries_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let dict = new_dict(dir);
+    for i in 0..10 {
+        put(&dict, &format!("/f{i}"), i);
+    }
+    dict.close().unwrap();
+    assert_eq!(mark_of(dir), Some(DictMark { gen: 1, seq: 10, clean: true }));
+    drop(dict);
+    let log1 = dir.join(log_file_name(1));
+    let full = std::fs::read(&log1).unwrap();
+    // Where each record ends (frame lengths are in the frame headers): cut exactly there.
+    let frame_len = |b: &[u8], off: usize| 4 + 4 + 8 + u32::from_le_bytes(b[off + 4..off + 8].try_into().unwrap()) as usize + 4;
+    let ends = |b: &[u8]| {
+        let mut v = vec![LOG_HEADER_LEN];
+        while *v.last().unwrap() < b.len() {
+            let o = *v.last().unwrap();
+            v.push(o + frame_len(b, o));
+        }
+        v
+    };
+    let boundaries = ends(&full)[1..].to_vec();
+    assert_eq!(boundaries.len(), 10);
+    for &cut in &boundaries[..9] {
+        std::fs::write(&log1, &full[..cut]).unwrap();
+        let e = load_err(dir);
+        assert!(e.contains("older than the key dictionary records") && e.contains("but records up to 10"), "cut at {cut}: {e}");
+        assert_eq!(std::fs::read(&log1).unwrap(), &full[..cut], "nothing modified");
+    }
+    std::fs::write(&log1, &full).unwrap();
+    assert_eq!(open(dir).with_tree(|t| t.len()), 10);
+
+    // Crashed (not closed): the checkpoint bounds what may be missing.
+    let dict = open(dir);
+    for i in 10..20 {
+        put(&dict, &format!("/f{i}"), i);
+    }
+    assert!(dict.checkpoint().unwrap());
+    assert!(!dict.checkpoint().unwrap(), "nothing new: no write");
+    put(&dict, "/after-checkpoint", 1);
+    drop(dict); // a crash: no close
+    assert_eq!(mark_of(dir), Some(DictMark { gen: 1, seq: 20, clean: false }));
+    let full = std::fs::read(&log1).unwrap();
+    let offs = ends(&full); // offs[k]: where record k ends
+    assert_eq!(offs.len(), 22);
+    std::fs::write(&log1, &full[..offs[20]]).unwrap(); // the record after the checkpoint lost: accepted
+    assert!(load(dir).is_ok(), "records after the last checkpoint may be lost to a crash unnoticed");
+    std::fs::write(&log1, &full[..offs[19]]).unwrap();
+    assert!(load_err(dir).contains("ends at record 19"));
+    std::fs::write(&log1, &full).unwrap();
+
+    // An older snapshot/log set put back after a compaction: the newest log is missing.
+    let old_snap = std::fs::read(dir.join(SNAPSHOT_FILE)).unwrap();
+    let dict = open(dir);
+    dict.compact().unwrap();
+    put(&dict, "/gen2", 2);
+    dict.close().unwrap();
+    drop(dict);
+    assert_eq!(mark_of(dir).map(|m| (m.gen, m.clean)), Some((2, true)));
+    let new_snap = std::fs::read(dir.join(SNAPSHOT_FILE)).unwrap();
+    let log2 = std::fs::read(dir.join(log_file_name(2))).unwrap();
+    std::fs::remove_file(dir.join(log_file_name(2))).unwrap();
+    std::fs::write(dir.join(SNAPSHOT_FILE), &old_snap).unwrap();
+    std::fs::write(&log1, &full).unwrap();
+    assert!(load_err(dir).contains("log generation 2 is missing"));
+    std::fs::write(dir.join(SNAPSHOT_FILE), &new_snap).unwrap();
+    std::fs::remove_file(&log1).unwrap();
+    std::fs::write(dir.join(log_file_name(2)), &log2).unwrap();
+    assert_eq!(open(dir).get(b"/gen2"), Some(entry(2)));
+
+    // Compaction made log 3 and crashed before the key dictionary learnt of it: accepted
+    // while log 3 is empty; with a record in it, the mark is the older one.
+    let m = mark_of(dir).unwrap();
+    let dict = open(dir);
+    dict.compact().unwrap();
+    put(&dict, "/gen3", 3);
+    dict.close().unwrap();
+    drop(dict);
+    let log3 = std::fs::read(dir.join(log_file_name(3))).unwrap();
+    FileMarks(dir.to_path_buf()).store_mark(DictMark { gen: 2, ..m }).unwrap();
+    assert!(load_err(dir).contains("newer than the generation 2"));
+    std::fs::write(dir.join(log_file_name(3)), &log3[..LOG_HEADER_LEN]).unwrap();
+    let l = load(dir).unwrap();
+    assert_eq!(l.generation(), 3);
+    let dict = writable(l, dir);
+    assert_eq!(mark_of(dir).map(|m| m.gen), Some(3), "opening records the generation");
+    drop(dict);
+
+    // After a clean close the log may not run past the mark either.
+    let dict = open(dir);
+    put(&dict, "/x", 4);
+    dict.close().unwrap();
+    drop(dict);
+    let m = mark_of(dir).unwrap();
+    FileMarks(dir.to_path_buf()).store_mark(DictMark { seq: m.seq - 1, ..m }).unwrap();
+    assert!(load_err(dir).contains("after a clean close"));
+}
+
+/// Compaction rebuilds the snapshot from the files, not from the live tree: records are
+/// submitted, synced and looked up while it is stopped in the middle.
+#[test]
+fn compaction_never_blocks_the_live_dictionary() {
+    let d = tempfile::tempdir().unwrap();
+    let dict = Arc::new(new_dict(d.path()));
+    for i in 0..2000 {
+        dict.submit(Record::Put { path: format!("/d{}/f{i}", i % 10).into_bytes(), entry: entry(i) }).unwrap();
+    }
+    dict.flush().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let go_rx = parking_lot::Mutex::new(go_rx);
+    let _hook = crate::hooks::install(move |name| {
+        if name == "compact:building" {
+            tx.send(()).unwrap();
+            go_rx.lock().recv_timeout(std::time::Duration::from_secs(30)).unwrap();
+        }
+    });
+    let c = dict.clone();
+    let t = std::thread::spawn(move || c.compact());
+    rx.recv().unwrap(); // compaction is stopped in the middle
+    for i in 0..100 {
+        put(&dict, &format!("/during/{i}"), i);
+        assert_eq!(dict.get(format!("/d3/f{}", 3 + 10 * i).as_bytes()), Some(entry(3 + 10 * i)));
+    }
+    go_tx.send(()).unwrap();
+    t.join().unwrap().unwrap();
+    drop(_hook);
+    dict.close().unwrap();
+    let again = open(d.path());
+    assert_eq!(again.with_tree(|t| t.len()), 2100);
 }

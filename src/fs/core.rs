@@ -44,6 +44,12 @@ pub struct Core {
     /// dictionary record for it" (shared), against "a rename's outcome moves entries and
     /// inode locations" (exclusive). Never held across I/O waits.
     pub(super) ns: RwLock<()>,
+    /// Held shared from the moment a data key is chosen for a file until the file's record
+    /// is queued (create, mknod, re-keying, link), and exclusively while key GC decides
+    /// which keys no file uses: a key taken as "current" and rotated away meanwhile cannot
+    /// be collected before the record that references it exists. Lock order: an inode's
+    /// data lock, then this, then `ns`.
+    pub(super) key_use: RwLock<()>,
     /// Whether the daemon may chown (runs as root): new files then belong to the caller.
     pub(super) can_chown: bool,
     /// Whether inodes are named by file handles (else every inode keeps its descriptor).
@@ -71,7 +77,7 @@ impl Core {
                  cached inode, so the open-file limit bounds how many files the kernel may cache"
             );
         }
-        let root = Arc::new(Inode::new(INodeNo::ROOT.0, FileType::Directory, None, Some(fd), None, FileState::plaintext()));
+        let root = Arc::new(Inode::new(INodeNo::ROOT.0, FileType::Directory, None, Some(fd), None, FileState::none()));
         Ok(Core {
             root,
             root_dev: st.st_dev,
@@ -83,6 +89,7 @@ impl Core {
             keys: meta.keys.clone(),
             opts,
             ns: RwLock::new(()),
+            key_use: RwLock::new(()),
             can_chown: unsafe { libc::geteuid() } == 0,
             handles,
             mount_fd,
@@ -127,20 +134,30 @@ impl Core {
 
     /// Delete data keys that no dictionary entry and no file in use references (never the
     /// current key). Returns how many were deleted.
+    ///
+    /// The decision is taken under `key_use` (exclusive): no file is then between "took
+    /// the current key" and "its record is queued", so every key a file will ever record is
+    /// either referenced already or the current one, which is never deleted. Keys not
+    /// current at that moment can never be handed out again, so the deletion itself (a
+    /// durable rewrite of the key dictionary) runs after the lock is released. Entries of
+    /// staged copies (`.tdefs.convert/`) and of renames not yet concluded are in the tree
+    /// like any other, so their keys count as used.
     pub fn collect_unused_keys(&self) -> Result<usize> {
-        // Keys of files in memory first, without the namespace lock (it is taken after an
-        // inode's data lock elsewhere). A file's key changes only to the current key, which
-        // is never deleted, so this set cannot miss a key that becomes used meanwhile.
+        // Keys of files in memory first, before `key_use` (an inode's data lock comes
+        // before it). A file's key changes only to a key taken under `key_use`.
         let mut used = std::collections::HashSet::new();
         self.inodes.for_each(|i| {
             if let Some(e) = i.data.read().entry {
                 used.insert(e.key_id);
             }
         });
-        // No dictionary record can be queued while the entries are counted and keys go.
-        let _ns = self.ns.write();
-        used.extend(self.dict.with_tree(|t| t.key_refs().keys().copied().collect::<Vec<_>>()));
-        let unused: Vec<u64> = self.keys.keys().iter().map(|k| k.id).filter(|id| !used.contains(id)).collect();
+        let unused = {
+            let _decide = self.key_use.write();
+            crate::hooks::point("gc:deciding");
+            let current = self.keys.current().map(|k| k.id);
+            used.extend(self.dict.with_tree(|t| t.key_refs().keys().copied().collect::<Vec<_>>()));
+            unused_keys(&self.keys.keys().iter().map(|k| k.id).collect::<Vec<_>>(), &used, current)
+        };
         if unused.is_empty() {
             return Ok(0);
         }
@@ -184,10 +201,10 @@ impl Core {
         Ok(())
     }
 
-    /// Encryption state for a file whose dictionary entry is `entry`.
+    /// Encryption state for a regular file whose dictionary entry is `entry`.
     pub(super) fn state_for(&self, entry: Option<FileEntry>) -> FileState {
         match entry {
-            None => FileState::plaintext(),
+            None => FileState::unrecorded(),
             Some(e) if e.method.is_plaintext() => FileState { entry: Some(e), cipher: Some(FileCipher::plaintext()) },
             Some(e) => {
                 let cipher = self.keys.get(e.key_id).map(|k| k.cipher(&e.iv));
@@ -200,15 +217,42 @@ impl Core {
     }
 
     /// A fresh entry for a new (or re-keyed) file under the configured method: current data
-    /// key, random IV. `None` for the plaintext method.
-    pub(super) fn new_entry(&self) -> Result<(Option<FileEntry>, FileCipher)> {
-        match self.keys.key_for_new_file(self.opts.method, self.opts.rotation)? {
-            None => Ok((None, FileCipher::plaintext())),
+    /// key, random IV; a plaintext entry for the plaintext method (plaintext is recorded
+    /// too: a file without a record is refused, never taken for plaintext). Keep the
+    /// returned guard until the entry's record is queued (see `key_use`).
+    pub(super) fn new_entry(&self) -> Result<(FileEntry, FileCipher, KeyUse<'_>)> {
+        let guard = self.key_use.read();
+        let r = match self.keys.key_for_new_file(self.opts.method, self.opts.rotation)? {
+            None => (FileEntry::plaintext(), FileCipher::plaintext(), guard),
             Some(k) => {
                 let iv = random_iv();
-                Ok((Some(FileEntry { method: k.method, key_id: k.id, iv }), k.cipher(&iv)))
+                (FileEntry { method: k.method, key_id: k.id, iv }, k.cipher(&iv), guard)
             }
+        };
+        crate::hooks::point("entry:key-taken");
+        Ok(r)
+    }
+
+    /// A non-empty file without a record: its bytes may be ciphertext whose record was lost
+    /// (a dictionary restored from an older backup, a log cut by `check --repair`) or
+    /// plaintext put into the backing directory behind tdefs' back. Either way tdefs cannot
+    /// know, so it refuses the file's contents (EIO), with one log line per file.
+    pub(super) fn refuse_unrecorded(&self, inode: &Arc<Inode>) -> Error {
+        if !inode.refusal_logged.swap(true, Ordering::Relaxed) {
+            let path = {
+                let _ns = self.ns.read();
+                inode.path()
+            };
+            let path = path.map(|p| String::from_utf8_lossy(&p).into_owned()).unwrap_or_else(|| format!("(inode {})", inode.nodeid));
+            tracing::error!(
+                file = %path,
+                "this file has no record in the file dictionary, so whether its bytes are ciphertext is unknown: \
+                 refusing to read or write it (EIO). Run `tdefs check` (unmounted) to list every such file; if \
+                 .tdefs was restored from a backup, restore the one that matches the data; if the file really is \
+                 plaintext placed in the backing directory, record it with `tdefs adopt`"
+            );
         }
+        Error::Os(libc::EIO)
     }
 
     pub fn lookup(&self, parent: &Arc<Inode>, name: &OsStr) -> Result<(Arc<Inode>, Stat)> {
@@ -263,7 +307,7 @@ impl Core {
                 let _ns = self.ns.read();
                 self.state_for(parent.child_path(name).and_then(|p| self.dict.get(&p)))
             }
-            None => FileState::plaintext(),
+            None => FileState::none(),
         };
         let inode = Inode::new(nodeid, kind, handle, fd, loc(), state);
         Ok((self.inodes.insert_or_ref(inode), st))
@@ -539,6 +583,18 @@ impl Core {
         let fd = self.open_backing(&inode, flags)?;
         let h = Arc::new(FileHandle::new(inode.clone(), fd));
         let mut mode_changed = false;
+        if inode.data.read().entry.is_none() {
+            // No record: an empty file has no bytes to misread, so it is recorded now under
+            // the configured method; any other is refused.
+            let mut st = inode.data.write();
+            if st.entry.is_none() {
+                let stat = sys::fstat(h.fd())?;
+                if stat.st_size != 0 {
+                    return Err(self.refuse_unrecorded(&inode));
+                }
+                self.rekey(&inode, &mut st, h.fd())?;
+            }
+        }
         if flags & libc::O_TRUNC != 0 {
             self.truncate(&inode, Some(h.clone()), 0)?;
             if let Some(who) = &kill_privs {
@@ -554,6 +610,14 @@ impl Core {
     pub fn release(&self, fh: u64) {
         self.files.remove(fh);
     }
+}
+
+/// Proof that `key_use` is held shared (see `new_entry`).
+pub(super) type KeyUse<'a> = parking_lot::RwLockReadGuard<'a, ()>;
+
+/// The keys among `all` that key GC may delete: not in `used`, not the current one.
+pub(super) fn unused_keys(all: &[u64], used: &std::collections::HashSet<u64>, current: Option<u64>) -> Vec<u64> {
+    all.iter().copied().filter(|id| !used.contains(id) && Some(*id) != current).collect()
 }
 
 const CAPS_XATTR: &[u8] = b"security.capability";

@@ -1,6 +1,7 @@
 //! Background upkeep while mounted: dictionary records queued lazily reach the disk within
 //! a second, the dictionary is compacted when due, the data key rotates when its period is
-//! up (not only when a file is next created), and data keys no file uses are deleted.
+//! up (not only when a file is next created), data keys no file uses are deleted, and the
+//! key dictionary learns how far the file dictionary is durable (a checkpoint of its mark).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,9 +15,11 @@ pub struct Housekeeping {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// Seconds between data-key rotation checks and between unused-key collections.
+/// Seconds between data-key rotation checks, unused-key collections and checkpoints of
+/// the dictionary's mark (each a rewrite of the small key dictionary when it has changed).
 const ROTATION_CHECK: u64 = 10;
 const KEY_GC: u64 = 60;
+const CHECKPOINT: u64 = 30;
 
 impl Housekeeping {
     pub fn start(core: Arc<Core>) -> Housekeeping {
@@ -49,6 +52,11 @@ impl Housekeeping {
                     if tick % ROTATION_CHECK == 0 {
                         if let Err(e) = core.rotate_data_key_if_due() {
                             tracing::warn!(error = %e, "data key rotation failed; will retry");
+                        }
+                    }
+                    if tick % CHECKPOINT == 0 {
+                        if let Err(e) = dict.checkpoint() {
+                            tracing::warn!(error = %e, "recording the dictionary's position failed; will retry");
                         }
                     }
                     if tick % KEY_GC == 0 {

@@ -27,15 +27,23 @@ use crate::sys::Handle;
 /// writes hold it shared, operations that change the layout (hole fills, truncate,
 /// re-keying) hold it exclusively.
 pub struct FileState {
-    /// The dictionary entry, `None` for a file tracked as plaintext.
+    /// The dictionary entry (plaintext files have one too); `None`: the file has no record,
+    /// so its encryption is unknown and its contents are refused (fail closed).
     pub entry: Option<FileEntry>,
-    /// The cipher, `None` when the entry names a data key that is missing (I/O fails).
+    /// The cipher; `None` when there is no record or the record names a data key that is
+    /// missing (I/O fails with EIO).
     pub cipher: Option<FileCipher>,
 }
 
 impl FileState {
-    pub fn plaintext() -> FileState {
+    /// Directories, symlinks and other inodes without contents of their own.
+    pub fn none() -> FileState {
         FileState { entry: None, cipher: Some(FileCipher::plaintext()) }
+    }
+
+    /// A regular file without a record.
+    pub fn unrecorded() -> FileState {
+        FileState { entry: None, cipher: None }
     }
 }
 
@@ -58,6 +66,8 @@ pub struct Inode {
     lookups: AtomicU64,
     loc: Mutex<Option<Loc>>,
     pub data: RwLock<FileState>,
+    /// The refusal of this file (no record) was logged already: one line per file.
+    pub refusal_logged: AtomicBool,
     /// Known to have no `security.capability` xattr. The kernel asks for it before every
     /// write (to drop capabilities), a round trip per write; once the answer is known
     /// absent it is given from memory. Only tdefs changes the backing files' xattrs, and
@@ -76,6 +86,7 @@ impl Inode {
             lookups: AtomicU64::new(0),
             loc: Mutex::new(loc),
             data: RwLock::new(state),
+            refusal_logged: AtomicBool::new(false),
             no_caps: AtomicBool::new(false),
         }
     }

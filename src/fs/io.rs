@@ -111,11 +111,13 @@ impl Core {
         };
         let store = Fd(fd);
         let mut st = inode.data.write();
-        if size == 0 {
-            let stat = sys::fstat(fd)?;
-            if stat.st_nlink == 1 && (stat.st_size > 0 || st.entry.is_none()) {
-                return self.rekey(inode, &mut st, fd);
-            }
+        let stat = sys::fstat(fd)?;
+        if st.entry.is_none() && stat.st_size > 0 {
+            // Not even truncation: the bytes may be recoverable with the right dictionary.
+            return Err(self.refuse_unrecorded(inode));
+        }
+        if size == 0 && stat.st_nlink == 1 {
+            return self.rekey(inode, &mut st, fd);
         }
         data::truncate(&store, cipher(&st)?, size)?;
         Ok(())
@@ -128,7 +130,7 @@ impl Core {
     /// unlinked, another link remains) the file keeps its entry and is simply emptied. A new
     /// keystream that only memory knows would turn its next contents into noise at the next
     /// mount.
-    fn rekey(&self, inode: &Arc<Inode>, st: &mut FileState, fd: BorrowedFd<'_>) -> Result<()> {
+    pub(super) fn rekey(&self, inode: &Arc<Inode>, st: &mut FileState, fd: BorrowedFd<'_>) -> Result<()> {
         let named = {
             let _ns = self.ns.read();
             inode.path().is_some()
@@ -137,10 +139,10 @@ impl Core {
             return Ok(data::truncate(&Fd(fd), cipher(st)?, 0)?);
         }
         sys::ftruncate(fd, 0)?;
-        let (entry, cipher) = self.new_entry()?;
-        if entry.is_none() && st.entry.is_none() {
-            *st = FileState { entry: None, cipher: Some(cipher) };
-            return Ok(()); // plaintext stays plaintext: nothing to record
+        let (entry, cipher, key_use) = self.new_entry()?;
+        if entry.method.is_plaintext() && st.entry.is_some_and(|e| e.method.is_plaintext()) {
+            *st = FileState { entry: Some(entry), cipher: Some(cipher) };
+            return Ok(()); // recorded plaintext stays plaintext: nothing to record
         }
         sys::fdatasync(fd)?;
         let seq = {
@@ -148,29 +150,27 @@ impl Core {
             let Some(path) = inode.path() else {
                 // Its last name was unlinked meanwhile (no link left): nothing to record;
                 // the new keystream lives in memory for as long as the file is open.
-                *st = FileState { entry, cipher: Some(cipher) };
+                *st = FileState { entry: Some(entry), cipher: Some(cipher) };
                 return Ok(());
             };
-            let rec = match entry {
-                Some(e) => Record::Put { path, entry: e },
-                None => Record::Delete { path },
-            };
-            self.dict.submit(rec)?
+            self.dict.submit(Record::Put { path, entry })?
         };
+        drop(key_use);
         self.dict.sync(seq)?;
-        *st = FileState { entry, cipher: Some(cipher) };
+        *st = FileState { entry: Some(entry), cipher: Some(cipher) };
         Ok(())
     }
 
-    /// A writer opened an empty file that is tracked as plaintext while the configured
+    /// A writer opened an empty file that is recorded as plaintext while the configured
     /// method encrypts: it has no bytes to keep readable, so encrypt it from now on.
     pub(super) fn adopt_if_empty(&self, inode: &Arc<Inode>, h: &FileHandle) -> Result<()> {
-        if self.opts.method.is_plaintext() || inode.data.read().entry.is_some() {
+        let plaintext = |st: &FileState| st.entry.is_some_and(|e| e.method.is_plaintext());
+        if self.opts.method.is_plaintext() || !plaintext(&inode.data.read()) {
             return Ok(());
         }
         let mut st = inode.data.write();
         let stat = sys::fstat(h.fd())?;
-        if st.entry.is_some() || stat.st_size != 0 || stat.st_nlink != 1 {
+        if !plaintext(&st) || stat.st_size != 0 || stat.st_nlink != 1 {
             return Ok(());
         }
         self.rekey(inode, &mut st, h.fd())

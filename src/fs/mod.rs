@@ -11,6 +11,8 @@ mod housekeeping;
 mod inode;
 mod io;
 mod namespace;
+#[cfg(test)]
+mod tests;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};

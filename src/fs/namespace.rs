@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use fuser::FileType;
 
-use super::core::Core;
+use super::core::{Core, KeyUse};
 use super::errno::{err, Error, Result};
 use super::handle::FileHandle;
 use super::inode::{FileState, Inode, Loc};
@@ -53,8 +53,16 @@ impl Core {
 impl Core {
     /// Record, durably, that `parent/name` will be encrypted as `entry` (or, for `None`,
     /// that it has no entry: needed only when a stale one exists). Returns the path when a
-    /// record was written, so a failed create can undo it.
-    fn record_new_name(&self, parent: &Arc<Inode>, name: &OsStr, entry: Option<FileEntry>) -> Result<Option<Vec<u8>>> {
+    /// record was written, so a failed create can undo it. `key_use`, the guard under which
+    /// `entry`'s key was chosen, is released once the record is queued (before the wait
+    /// for the disk).
+    fn record_new_name(
+        &self,
+        parent: &Arc<Inode>,
+        name: &OsStr,
+        entry: Option<FileEntry>,
+        key_use: KeyUse<'_>,
+    ) -> Result<Option<Vec<u8>>> {
         let seq = {
             let _ns = self.ns.read();
             let path = parent.child_path(name).ok_or(Error::Os(libc::ENOENT))?;
@@ -65,6 +73,7 @@ impl Core {
             };
             (self.dict.submit(rec)?, path)
         };
+        drop(key_use);
         self.dict.sync(seq.0)?;
         Ok(Some(seq.1))
     }
@@ -102,8 +111,8 @@ impl Core {
         if exists(pfd.as_fd(), name)?.is_some() {
             return err(libc::EEXIST);
         }
-        let (entry, cipher) = self.new_entry()?;
-        let recorded = self.record_new_name(&parent, name, entry)?;
+        let (entry, cipher, key_use) = self.new_entry()?;
+        let recorded = self.record_new_name(&parent, name, Some(entry), key_use)?;
         let open_flags = libc::O_CREAT | libc::O_EXCL | libc::O_RDWR | (flags & (libc::O_SYNC | libc::O_DSYNC));
         let fd = match sys::openat(pfd.as_fd(), name, open_flags, mode & 0o7777) {
             Ok(fd) => fd,
@@ -114,7 +123,7 @@ impl Core {
         };
         self.set_owner(fd.as_fd(), &parent, who, mode, false)?;
         let st = sys::fstat(fd.as_fd())?;
-        let (inode, st) = self.register(&parent, name, &st, Some(FileState { entry, cipher: Some(cipher) }))?;
+        let (inode, st) = self.register(&parent, name, &st, Some(FileState { entry: Some(entry), cipher: Some(cipher) }))?;
         let fh = self.files.insert(FileHandle::new(inode.clone(), fd));
         Ok((inode, st, fh))
     }
@@ -130,9 +139,9 @@ impl Core {
         let mut preset = None;
         let mut recorded = None;
         if regular {
-            let (entry, cipher) = self.new_entry()?;
-            recorded = self.record_new_name(&parent, name, entry)?;
-            preset = Some(FileState { entry, cipher: Some(cipher) });
+            let (entry, cipher, key_use) = self.new_entry()?;
+            recorded = self.record_new_name(&parent, name, Some(entry), key_use)?;
+            preset = Some(FileState { entry: Some(entry), cipher: Some(cipher) });
         }
         if let Err(e) = sys::mknodat(pfd.as_fd(), name, mode, rdev as libc::dev_t) {
             self.forget_new_name(recorded);
@@ -174,13 +183,21 @@ impl Core {
         if exists(npfd.as_fd(), newname)?.is_some() {
             return err(libc::EEXIST);
         }
-        let entry = if inode.kind == FileType::RegularFile { inode.data.read().entry } else { None };
-        let recorded = self.record_new_name(&newparent, newname, entry)?;
+        // The file's data lock is held (shared) until the new name exists: a truncation to
+        // zero cannot re-key the file in between (it would leave the new name recording
+        // the old keystream), and once linked the file has two links and is never re-keyed.
+        // The entry is read and recorded under `key_use`, so key GC cannot take its key
+        // meanwhile either.
+        let data_lock = inode.data.read();
+        let key_use = self.key_use.read();
+        let entry = if inode.kind == FileType::RegularFile { data_lock.entry } else { None };
+        let recorded = self.record_new_name(&newparent, newname, entry, key_use)?;
         let ifd = self.pfd(&inode)?;
         if let Err(e) = sys::link_fd(ifd.as_fd(), npfd.as_fd(), newname) {
             self.forget_new_name(recorded);
             return Err(e.into());
         }
+        drop(data_lock);
         let st = sys::fstat(ifd.as_fd())?;
         self.register(&newparent, newname, &st, None)
     }

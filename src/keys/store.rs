@@ -4,7 +4,8 @@
 //! Layout: header | u8 len + master backend kind | u32 len + wrapped dictionary key |
 //! instance id (16) | u32 len + sealed body | crc32 of all preceding bytes.
 //! Body: generation u64 | current key id u64 (0 = none) | u32 count | per key: id u64,
-//! method u8, created (unix seconds) u64, u32 len + key.
+//! method u8, created (unix seconds) u64, u32 len + key | (format 2) u8 mark present +
+//! the file dictionary's mark: generation u64, last durable record u64, clean u8.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -15,8 +16,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use parking_lot::{Mutex, RwLock};
 
 use super::{KeyError, MasterKeyBackend};
-use crate::crypto::{random_bytes, random_u64, FileCipher, Iv, Method, SealKey, Secret};
-use crate::meta::format::{check_header, write_header, Dec, Enc, FileKind, HEADER_LEN};
+use crate::crypto::{random_bytes, random_u64, FileCipher, Iv, Method, SealKey, SealKeys, Secret};
+use crate::meta::format::{check_header, write_header, Dec, DictMark, Enc, FileKind, HEADER_LEN};
 
 pub const KEYS_FILE: &str = "keys";
 const BODY_AAD: &[u8] = b"tdefs key dictionary body v1";
@@ -52,6 +53,8 @@ struct State {
     generation: u64,
     current: u64,
     keys: BTreeMap<u64, Arc<DataKey>>,
+    /// The file dictionary's mark (absent only in a format 1 key dictionary).
+    mark: Option<DictMark>,
 }
 
 /// How the dictionary key is wrapped: master-key backend and blob. Changes on rotation.
@@ -66,7 +69,10 @@ pub struct KeyStore {
     /// The dictionary key itself, kept (locked in memory) so it can be re-wrapped.
     dict_key: Secret,
     seal: SealKey,
+    seals: Arc<SealKeys>,
     instance: [u8; 16],
+    /// Format version of the file as read (1: written by an older tdefs).
+    format: u16,
     state: RwLock<State>,
     /// Serialises rewrites of the file (rotation), never held by readers.
     write_lock: Mutex<()>,
@@ -92,16 +98,20 @@ impl KeyStore {
         }
         let mut instance = [0u8; 16];
         random_bytes(&mut instance);
+        // A new file dictionary is created at generation 1 with no records, closed.
+        let state = State { mark: Some(DictMark { gen: 1, seq: 0, clean: true }), ..State::default() };
         let store = KeyStore {
             dir: dir.to_path_buf(),
             wrapping: Mutex::new(Wrapping { kind: backend.kind().to_string(), blob: wrapped }),
             seal: SealKey::new(&dict_key),
+            seals: Arc::new(SealKeys::new(&dict_key, instance)),
             dict_key,
             instance,
-            state: RwLock::new(State::default()),
+            format: crate::meta::format::FORMAT_VERSION,
+            state: RwLock::new(state.clone()),
             write_lock: Mutex::new(()),
         };
-        store.persist(&State::default())?;
+        store.persist(&state)?;
         Ok(store)
     }
 
@@ -110,7 +120,7 @@ impl KeyStore {
         let path = dir.join(KEYS_FILE);
         let bytes = std::fs::read(&path).map_err(|e| KeyError::Io { op: "read", path: path.clone(), err: e })?;
         let corrupt = |reason: &str| KeyError::Corrupt { path: path.clone(), reason: reason.to_string() };
-        check_header(&bytes, FileKind::Keys).map_err(|err| KeyError::Header { path: path.clone(), err })?;
+        let format = check_header(&bytes, FileKind::Keys).map_err(|err| KeyError::Header { path: path.clone(), err })?;
         if bytes.len() < HEADER_LEN + 4 {
             return Err(corrupt("truncated"));
         }
@@ -138,13 +148,15 @@ impl KeyStore {
         let seal = SealKey::new(&dict_key);
         let aad = [BODY_AAD, &content[..aad_end]].concat();
         let body = seal.open(&aad, sealed).map_err(|_| corrupt("body fails authentication"))?;
-        let state = decode_body(body.expose()).ok_or_else(|| corrupt("body is malformed"))?;
+        let state = decode_body(body.expose(), format).ok_or_else(|| corrupt("body is malformed"))?;
         Ok(KeyStore {
             dir: dir.to_path_buf(),
             wrapping: Mutex::new(Wrapping { kind, blob: wrapped }),
+            seals: Arc::new(SealKeys::new(&dict_key, instance)),
             dict_key,
             seal,
             instance,
+            format,
             state: RwLock::new(state),
             write_lock: Mutex::new(()),
         })
@@ -154,9 +166,29 @@ impl KeyStore {
         self.dir.join(KEYS_FILE)
     }
 
-    /// Key that seals the file dictionary.
-    pub fn seal_key(&self) -> &SealKey {
-        &self.seal
+    /// Keys that seal the file dictionary (derived per generation from the dictionary key).
+    pub fn seal_keys(&self) -> &Arc<SealKeys> {
+        &self.seals
+    }
+
+    /// Format version of the key dictionary as it was read (1: upgrade due).
+    pub fn format(&self) -> u16 {
+        self.format
+    }
+
+    /// The file dictionary's mark as last stored (`None` in a format 1 key dictionary).
+    pub fn dictionary_mark(&self) -> Option<DictMark> {
+        self.state.read().mark
+    }
+
+    /// Store the file dictionary's mark, durably.
+    pub fn set_dictionary_mark(&self, mark: DictMark) -> Result<(), KeyError> {
+        let _w = self.write_lock.lock();
+        let mut next = self.state.read().clone();
+        next.mark = Some(mark);
+        self.persist(&next)?;
+        *self.state.write() = next;
+        Ok(())
     }
 
     /// Random id of this tdefs instance; binds dictionary files to this key dictionary.
@@ -261,7 +293,7 @@ impl KeyStore {
     }
 
     fn persist(&self, st: &State) -> Result<(), KeyError> {
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(256);
         write_header(&mut out, FileKind::Keys);
         let mut e = Enc(out);
         {
@@ -281,15 +313,23 @@ impl KeyStore {
 }
 
 fn encode_body(st: &State) -> Secret {
-    let mut e = Enc::default();
+    // Sized exactly up front: a growing Vec would leave copies of key material behind in
+    // the buffers it outgrows, freed without being zeroized.
+    let len = 8 + 8 + 4 + st.keys.values().map(|k| 8 + 1 + 8 + 4 + k.key.len()).sum::<usize>() + 1 + 17;
+    let mut e = Enc(Vec::with_capacity(len));
     e.u64(st.generation).u64(st.current).u32(st.keys.len() as u32);
     for k in st.keys.values() {
         e.u64(k.id).u8(k.method.code()).u64(k.created).bytes(k.key.expose());
     }
+    match st.mark {
+        Some(m) => e.u8(1).u64(m.gen).u64(m.seq).u8(m.clean as u8),
+        None => e.u8(0),
+    };
+    debug_assert!(e.0.len() <= len && e.0.capacity() == len, "no reallocation");
     Secret::new(e.0)
 }
 
-fn decode_body(b: &[u8]) -> Option<State> {
+fn decode_body(b: &[u8], format: u16) -> Option<State> {
     let mut d = Dec::new(b);
     let generation = d.u64()?;
     let current = d.u64()?;
@@ -305,10 +345,27 @@ fn decode_body(b: &[u8]) -> Option<State> {
         }
         keys.insert(id, Arc::new(DataKey { id, method, created, key: Secret::new(key.to_vec()) }));
     }
+    let mark = if format >= 2 {
+        match d.u8()? {
+            0 => None,
+            1 => Some(DictMark {
+                gen: d.u64()?,
+                seq: d.u64()?,
+                clean: match d.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => return None,
+                },
+            }),
+            _ => return None,
+        }
+    } else {
+        None
+    };
     if !d.is_empty() || (current != 0 && !keys.contains_key(&current)) {
         return None;
     }
-    Some(State { generation, current, keys })
+    Some(State { generation, current, keys, mark })
 }
 
 #[cfg(test)]

@@ -1,10 +1,7 @@
 //! Offline consistency check of a backing directory against its dictionaries (`tdefs check`).
 
 use std::collections::{BTreeMap, HashMap};
-use std::ffi::OsString;
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::os::fd::AsFd;
 
 use crate::crypto::Method;
 use crate::dictionary::{FileEntry, Loaded};
@@ -15,10 +12,16 @@ use super::{is_hidden_name, Offline, STAGING_PREFIX};
 #[derive(Debug, Default)]
 pub struct CheckReport {
     pub entries: usize,
-    /// Regular files with an entry, by method.
+    /// Regular files with a record, by method (plaintext included).
     pub encrypted: BTreeMap<Method, usize>,
-    /// Regular files without an entry (tracked as plaintext).
+    /// Regular files recorded as plaintext (adopted with --init, or written under the
+    /// plaintext method).
     pub plaintext_files: Vec<Vec<u8>>,
+    /// Non-empty regular files without a record: the mount refuses them (their bytes may be
+    /// ciphertext whose record was lost).
+    pub unrecorded: Vec<Vec<u8>>,
+    /// Empty regular files without a record: harmless (recorded when next opened).
+    pub unrecorded_empty: usize,
     /// Entries whose file is gone or is not a regular file.
     pub stale: Vec<Vec<u8>>,
     /// Entries naming a data key the key dictionary does not hold: those files are
@@ -39,14 +42,28 @@ pub struct CheckReport {
 impl CheckReport {
     /// Problems that need attention (stale entries are harmless but reported).
     pub fn problems(&self) -> usize {
-        self.stale.len() + self.missing_keys.len() + self.link_mismatches.len()
+        self.stale.len() + self.missing_keys.len() + self.link_mismatches.len() + self.unrecorded.len()
     }
+}
+
+/// A regular file of the backing tree.
+struct Found {
+    ino: u64,
+    nlink: u64,
+    size: u64,
 }
 
 /// Compare the dictionary with the files in the backing directory.
 pub fn check(off: &Offline, loaded: &Loaded) -> std::io::Result<CheckReport> {
-    let mut files: HashMap<Vec<u8>, (u64, u64)> = HashMap::new();
-    walk(&off.backing, b"", true, &mut files)?;
+    let mut files: HashMap<Vec<u8>, Found> = HashMap::new();
+    let root = std::fs::File::open(&off.backing)?;
+    crate::walk::walk(root.as_fd(), is_hidden_name, |e| {
+        if e.is_file() {
+            let st = e.stat;
+            files.insert(e.path.to_vec(), Found { ino: st.st_ino, nlink: st.st_nlink, size: st.st_size as u64 });
+        }
+        Ok::<(), std::io::Error>(())
+    })?;
     let mut r = CheckReport {
         entries: loaded.tree.len(),
         pending_renames: loaded.tree.intents().count(),
@@ -64,49 +81,35 @@ pub fn check(off: &Offline, loaded: &Loaded) -> std::io::Result<CheckReport> {
             None => r.stale.push(path.to_vec()),
             Some(_) => {
                 *r.encrypted.entry(e.method).or_default() += 1;
-                if e.key_id != 0 && off.keys.get(e.key_id).is_none() {
+                if e.method.is_plaintext() {
+                    r.plaintext_files.push(path.to_vec());
+                } else if off.keys.get(e.key_id).is_none() {
                     r.missing_keys.push((path.to_vec(), e.key_id));
                 }
             }
         }
     });
+    r.plaintext_files.sort();
     let mut paths: Vec<_> = files.iter().collect();
-    paths.sort();
-    for (path, &(ino, nlink)) in paths {
+    paths.sort_by(|a, b| a.0.cmp(b.0));
+    for (path, f) in paths {
         let entry = loaded.tree.get(path);
         if entry.is_none() {
-            r.plaintext_files.push(path.clone());
+            if f.size > 0 {
+                r.unrecorded.push(path.clone());
+            } else {
+                r.unrecorded_empty += 1;
+            }
         }
-        if nlink > 1 {
-            match by_inode.get(&(ino, nlink)) {
+        if f.nlink > 1 {
+            match by_inode.get(&(f.ino, f.nlink)) {
                 Some((other, e)) if *e != entry => r.link_mismatches.push((other.clone(), path.clone())),
                 Some(_) => {}
                 None => {
-                    by_inode.insert((ino, nlink), (path.clone(), entry));
+                    by_inode.insert((f.ino, f.nlink), (path.clone(), entry));
                 }
             }
         }
     }
     Ok(r)
-}
-
-/// Regular files below `dir` as dictionary paths ("/a/b") -> (inode, link count).
-fn walk(dir: &Path, prefix: &[u8], root: bool, out: &mut HashMap<Vec<u8>, (u64, u64)>) -> std::io::Result<()> {
-    for e in std::fs::read_dir(dir)? {
-        let e = e?;
-        let name: OsString = e.file_name();
-        if root && is_hidden_name(&name) {
-            continue;
-        }
-        let mut path = prefix.to_vec();
-        path.push(b'/');
-        path.extend_from_slice(name.as_bytes());
-        let md = e.metadata()?; // does not follow symlinks
-        if md.is_dir() {
-            walk(&e.path(), &path, false, out)?;
-        } else if md.is_file() {
-            out.insert(path, (md.ino(), md.nlink()));
-        }
-    }
-    Ok(())
 }

@@ -4,8 +4,24 @@
 
 use std::fmt;
 
-/// Format version this build writes and the newest it reads.
-pub const FORMAT_VERSION: u16 = 1;
+/// Format version this build writes and the newest it reads. Version 2: every regular file
+/// has a record (plaintext ones too), the key dictionary carries the file dictionary's
+/// mark (rollback detection), and log records and snapshot chunks are sealed with
+/// per-generation subkeys. Version 1 is still read, and upgraded at the first writable
+/// open.
+pub const FORMAT_VERSION: u16 = 2;
+
+/// Where the file dictionary stood when the key dictionary was last written: its newest
+/// log generation and the last record known durable, and whether it was closed cleanly
+/// (then the log must end exactly there). Kept, sealed, in the key dictionary, so that an
+/// older snapshot/log set, a missing newest log or a log cut at a record boundary is
+/// refused instead of mounted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DictMark {
+    pub gen: u64,
+    pub seq: u64,
+    pub clean: bool,
+}
 /// Bytes of the common header: magic (8) + version (2) + reserved (2).
 pub const HEADER_LEN: usize = 12;
 

@@ -9,12 +9,13 @@ use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::config::MasterKeyConfig;
-use crate::dictionary::{DictError, FileDict, Loaded, Record};
+use crate::dictionary::{DictError, DictMark, FileDict, FileEntry, Loaded, MarkStore, Record, Tree};
 use crate::keys::{backend_for, KeyError, KeyStore, MasterKeyBackend};
 use crate::sys;
 
@@ -80,6 +81,9 @@ pub struct OpenReport {
     /// Staged copies of an interrupted `tdefs encrypt` that were removed (their originals
     /// are intact and still plaintext).
     pub staged_copies_removed: usize,
+    /// A format 1 backing directory was upgraded: this many files without a record (format
+    /// 1's plaintext files) were recorded as plaintext.
+    pub upgraded_plaintext: Option<usize>,
 }
 
 pub struct Metadata {
@@ -108,6 +112,12 @@ impl Metadata {
     /// `O_PATH` descriptor of the backing root.
     pub fn backing_fd(&self) -> BorrowedFd<'_> {
         self.backing_fd.as_fd()
+    }
+
+    /// Flush the file dictionary and record a clean close in the key dictionary (the next
+    /// open then requires the log to end exactly here).
+    pub fn close(&self) -> Result<(), DictError> {
+        self.dict.close()
     }
 
     /// Open the metadata of `backing`, initialising it first if the directory is empty
@@ -143,7 +153,7 @@ impl Metadata {
 pub struct Offline {
     pub backing: PathBuf,
     pub meta_dir: PathBuf,
-    pub keys: KeyStore,
+    pub keys: Arc<KeyStore>,
     lock: File,
 }
 
@@ -164,13 +174,27 @@ impl Offline {
         if !sys::try_lock_exclusive(lock.as_fd()).map_err(io_err("lock", &meta_dir))? {
             return Err(MetaError::Locked { path: meta_dir });
         }
-        let keys = open_keys(&meta_dir, master, rotate)?;
+        let keys = Arc::new(open_keys(&meta_dir, master, rotate)?);
         Ok(Offline { backing: backing.to_path_buf(), meta_dir, keys, lock })
     }
 
-    /// Read the file dictionary (changes nothing).
+    /// Read the file dictionary and check it against the mark the key dictionary keeps
+    /// (changes nothing).
     pub fn load(&self) -> Result<Loaded, DictError> {
-        FileDict::load(&self.meta_dir, self.keys.seal_key(), &self.keys.instance())
+        FileDict::load(&self.meta_dir, self.keys.seal_keys(), &self.keys.instance(), self.keys.dictionary_mark())
+    }
+
+    /// Read the file dictionary without checking it against the key dictionary's mark
+    /// (`tdefs check --repair`, which then accepts it as it is).
+    pub fn load_unchecked(&self) -> Result<Loaded, DictError> {
+        FileDict::load(&self.meta_dir, self.keys.seal_keys(), &self.keys.instance(), None)
+    }
+
+    /// Accept the file dictionary as loaded: make the key dictionary's mark match it.
+    pub fn accept(&self, loaded: &Loaded) -> Result<(), MetaError> {
+        let mark = DictMark { gen: loaded.generation(), seq: loaded.last_seq(), clean: true };
+        self.keys.set_dictionary_mark(mark)?;
+        Ok(())
     }
 
     /// Recover what a crash left and make the dictionary writable.
@@ -178,7 +202,7 @@ impl Offline {
         let backing_fd = std::fs::File::open(&self.backing).map_err(io_err("open", &self.backing))?.into();
         let dict = recover(loaded, &self.keys, opts, &backing_fd, &mut report)?;
         report.entries = dict.with_tree(|t| t.len());
-        Ok(Metadata { backing: self.backing, backing_fd, keys: Arc::new(self.keys), dict: Arc::new(dict), report, _lock: self.lock })
+        Ok(Metadata { backing: self.backing, backing_fd, keys: self.keys, dict: Arc::new(dict), report, _lock: self.lock })
     }
 }
 
@@ -258,8 +282,10 @@ fn check_backing(backing: &Path) -> Result<PathBuf, MetaError> {
 }
 
 /// Create the metadata directory atomically: assemble it under a temporary name, make it
-/// durable, rename it into place, make the rename durable. Returns how many existing
-/// entries were adopted as plaintext.
+/// durable, rename it into place, make the rename durable. Adopted files (`--init`) are
+/// recorded as plaintext in the first snapshot: from then on a file without a record is
+/// an error, never silently plaintext. Returns how many entries of the backing root were
+/// adopted.
 fn initialize(backing: &Path, backend: &dyn MasterKeyBackend, adopt: bool) -> Result<usize, MetaError> {
     let tmp = backing.join(INIT_DIR);
     if tmp.exists() {
@@ -281,20 +307,47 @@ fn initialize(backing: &Path, backend: &dyn MasterKeyBackend, adopt: bool) -> Re
     if count > 0 && !adopt {
         return Err(MetaError::NotEmpty { path: backing.to_path_buf(), count, example });
     }
+    let adopted = plaintext_records(backing, &Tree::default())?;
     std::fs::DirBuilder::new().mode(0o700).create(&tmp).map_err(io_err("create", &tmp))?;
     let keys = KeyStore::create(&tmp, backend)?;
-    FileDict::create(&tmp, keys.seal_key(), &keys.instance())?;
+    FileDict::create(&tmp, keys.seal_keys(), &keys.instance(), &adopted)?;
     sys::fsync_dir(&tmp).map_err(io_err("fsync", &tmp))?;
     let dir = backing.join(META_DIR);
     std::fs::rename(&tmp, &dir).map_err(io_err("rename", &tmp))?;
     sys::fsync_dir(backing).map_err(io_err("fsync", backing))?;
-    tracing::info!(backing = %backing.display(), adopted = count, master_key = %backend.describe(), "initialised tdefs metadata");
+    tracing::info!(
+        backing = %backing.display(), adopted = count, plaintext_files = adopted.len(),
+        master_key = %backend.describe(), "initialised tdefs metadata"
+    );
     Ok(count)
+}
+
+/// A plaintext record for every regular file below `backing` that has none in `known`.
+fn plaintext_records(backing: &Path, known: &Tree) -> Result<Tree, MetaError> {
+    let root = File::open(backing).map_err(io_err("open", backing))?;
+    let mut t = Tree::default();
+    crate::walk::walk(root.as_fd(), is_hidden_name, |e| {
+        if e.is_file() && known.get(e.path).is_none() {
+            t.put(e.path, FileEntry::plaintext());
+        }
+        Ok::<(), std::io::Error>(())
+    })
+    .map_err(io_err("list", backing))?;
+    Ok(t)
+}
+
+/// The key dictionary keeps the file dictionary's mark.
+struct KeyMarks(Arc<KeyStore>);
+
+impl MarkStore for KeyMarks {
+    fn store_mark(&self, mark: DictMark) -> Result<(), String> {
+        self.0.set_dictionary_mark(mark).map_err(|e| e.to_string())
+    }
 }
 
 /// Make the loaded dictionary writable and settle what a crash may have left: renames
 /// announced but not concluded, entries of files that no longer exist.
-fn recover(loaded: Loaded, keys: &KeyStore, opts: &OpenOptions, backing: &OwnedFd, report: &mut OpenReport) -> Result<FileDict, MetaError> {
+fn recover(loaded: Loaded, keys: &Arc<KeyStore>, opts: &OpenOptions, backing: &OwnedFd, report: &mut OpenReport) -> Result<FileDict, MetaError> {
     report.records_replayed = loaded.records;
     report.torn_tail_bytes = loaded.torn_tail.map(|t| t.0);
     let intents: Vec<_> = loaded.tree.intents().cloned().collect();
@@ -303,7 +356,9 @@ fn recover(loaded: Loaded, keys: &KeyStore, opts: &OpenOptions, backing: &OwnedF
         // What a crash left in the page cache must be on disk before we reason about it.
         sys::syncfs(backing.as_fd()).map_err(io_err("syncfs", Path::new("backing directory")))?;
     }
-    let dict = FileDict::open_writable(loaded, keys.seal_key(), &keys.instance(), opts.rewrite_threshold)?;
+    let format = loaded.format.min(keys.format());
+    let marks: Arc<dyn MarkStore> = Arc::new(KeyMarks(keys.clone()));
+    let dict = FileDict::open_writable(loaded, keys.seal_keys().clone(), &keys.instance(), opts.rewrite_threshold, marks)?;
     for i in intents {
         // Earlier outcomes may have moved this intent's paths: read them fresh.
         let Some(cur) = dict.pending_intents().into_iter().find(|p| p.seq == i.seq) else { continue };
@@ -331,7 +386,34 @@ fn recover(loaded: Loaded, keys: &KeyStore, opts: &OpenOptions, backing: &OwnedF
     }
     report.staged_copies_removed = remove_staged_copies(&dict, backing)?;
     dict.flush()?;
+    if format < 2 {
+        report.upgraded_plaintext = Some(upgrade_format_1(&dict, backing)?);
+    }
     Ok(dict)
+}
+
+/// Format 1 served a file without a record as plaintext. Record each such file as
+/// plaintext (what format 1 made of it), then compact: the new snapshot and log are format
+/// 2, and the key dictionary was rewritten as format 2 when the dictionary was opened.
+fn upgrade_format_1(dict: &FileDict, backing: &OwnedFd) -> Result<usize, MetaError> {
+    let root = sys::proc_path(std::os::fd::AsRawFd::as_raw_fd(backing));
+    let root = Path::new(OsStr::from_bytes(root.as_bytes()));
+    let adopted = dict.with_tree(|t| plaintext_records(root, t))?;
+    let mut n = 0;
+    let mut paths = Vec::new();
+    adopted.for_each(|p, _| paths.push(p.to_vec()));
+    for path in paths {
+        dict.submit(Record::Put { path, entry: FileEntry::plaintext() })?;
+        n += 1;
+    }
+    dict.flush()?;
+    dict.compact()?;
+    tracing::warn!(
+        plaintext_files = n,
+        "upgraded the metadata from format 1 to format 2: every file that had no record (format 1 read \
+         them as plaintext) is now recorded as plaintext; from now on a file without a record is refused"
+    );
+    Ok(n)
 }
 
 /// An interrupted `tdefs encrypt` leaves staged copies whose rename did not happen (the

@@ -2,7 +2,6 @@
 //! control socket) and from an unmounted backing directory. Never key material.
 
 use std::collections::BTreeMap;
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -10,8 +9,34 @@ use serde::{Deserialize, Serialize};
 
 use super::{is_hidden_name, META_DIR, PROGRESS_FILE, STAGING_DIR};
 use crate::crypto::Method;
-use crate::dictionary::{Tree, SNAPSHOT_FILE};
+use crate::dictionary::{FileDict, FileEntry, Tree, SNAPSHOT_FILE};
 use crate::keys::KeyStore;
+
+/// What status reads from the file dictionary: an offline tree, or a live dictionary whose
+/// lock is taken per lookup (never for a whole walk of the backing tree, which would stall
+/// every create and lookup of the mount behind it).
+pub trait DictView {
+    fn entry(&self, path: &[u8]) -> Option<FileEntry>;
+    fn files_by_method(&self) -> BTreeMap<String, u64>;
+}
+
+impl DictView for Tree {
+    fn entry(&self, path: &[u8]) -> Option<FileEntry> {
+        self.get(path)
+    }
+    fn files_by_method(&self) -> BTreeMap<String, u64> {
+        files_by_method(self)
+    }
+}
+
+impl DictView for FileDict {
+    fn entry(&self, path: &[u8]) -> Option<FileEntry> {
+        self.get(path)
+    }
+    fn files_by_method(&self) -> BTreeMap<String, u64> {
+        self.with_tree(files_by_method)
+    }
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Status {
@@ -26,8 +51,12 @@ pub struct Status {
     pub current_key: Option<CurrentKey>,
     /// Files with a dictionary entry, per method.
     pub files_by_method: BTreeMap<String, u64>,
-    /// Regular files without an entry: stored as plaintext.
+    /// Regular files recorded as plaintext (stored as plaintext).
     pub plaintext_files: u64,
+    /// Non-empty regular files without a record (refused by the mount; `tdefs check`
+    /// lists them).
+    #[serde(default)]
+    pub unrecorded_files: u64,
     /// Bytes (file sizes) stored encrypted and stored as plaintext.
     #[serde(default)]
     pub encrypted_bytes: u64,
@@ -89,11 +118,9 @@ pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
-/// Files with a dictionary entry, per method name.
+/// Files with a dictionary entry, per method name (kept counted by the tree: no walk).
 pub fn files_by_method(tree: &Tree) -> BTreeMap<String, u64> {
-    let mut by_method = BTreeMap::new();
-    tree.for_each(|_, e| *by_method.entry(e.method.to_string()).or_insert(0u64) += 1);
-    by_method
+    tree.by_method().iter().map(|(m, n)| (m.to_string(), *n)).collect()
 }
 
 /// Bytes of every metadata file in `meta_dir` (key and file dictionaries).
@@ -104,7 +131,7 @@ pub fn dictionary_bytes(meta_dir: &Path) -> u64 {
 }
 
 /// Status of an initialized backing directory.
-pub fn collect(backing: &Path, keys: &KeyStore, tree: &Tree, method: Method, mounted: bool) -> Status {
+pub fn collect(backing: &Path, keys: &KeyStore, dict: &dyn DictView, method: Method, mounted: bool) -> Status {
     let now = SystemTime::now();
     let meta_dir = backing.join(META_DIR);
     let dictionary_bytes = dictionary_bytes(&meta_dir);
@@ -123,15 +150,16 @@ pub fn collect(backing: &Path, keys: &KeyStore, tree: &Tree, method: Method, mou
         master_key: Some(keys.backend_kind()),
         data_keys: keys.keys().len(),
         current_key,
-        files_by_method: files_by_method(tree),
+        files_by_method: dict.files_by_method(),
         plaintext_files: 0,
+        unrecorded_files: 0,
         encrypted_bytes: 0,
         plaintext_bytes: 0,
         conversion: read_progress(backing).and_then(|s| s.conversion),
         dictionary_bytes,
         last_compaction,
     }
-    .with_file_counts(backing, tree)
+    .with_file_counts(backing, dict)
 }
 
 /// Status of a backing directory without tdefs metadata.
@@ -146,6 +174,7 @@ pub fn uninitialized(backing: &Path, method: Method) -> Status {
         current_key: None,
         files_by_method: BTreeMap::new(),
         plaintext_files: 0,
+        unrecorded_files: 0,
         encrypted_bytes: 0,
         plaintext_bytes: 0,
         conversion: None,
@@ -153,14 +182,22 @@ pub fn uninitialized(backing: &Path, method: Method) -> Status {
         last_compaction: None,
     }
     .with_file_counts(backing, &Tree::default())
+    .all_plaintext()
 }
 
 impl Status {
-    fn with_file_counts(mut self, backing: &Path, tree: &Tree) -> Status {
-        let c = count_files(backing, tree);
+    fn with_file_counts(mut self, backing: &Path, dict: &dyn DictView) -> Status {
+        let c = count_files(backing, dict);
         self.plaintext_files = c.plaintext_files;
+        self.unrecorded_files = c.unrecorded_files;
         self.plaintext_bytes = c.plaintext_bytes;
         self.encrypted_bytes = c.encrypted_bytes;
+        self
+    }
+
+    /// Before initialisation nothing was ever encrypted: every file is plaintext.
+    fn all_plaintext(mut self) -> Status {
+        self.plaintext_files += std::mem::take(&mut self.unrecorded_files);
         self
     }
 
@@ -178,43 +215,35 @@ impl Status {
 #[derive(Default)]
 struct FileCounts {
     plaintext_files: u64,
+    unrecorded_files: u64,
     plaintext_bytes: u64,
     encrypted_bytes: u64,
 }
 
-/// Regular files under `backing` (outside the metadata): those without an entry (or with a
-/// plaintext one) are stored as plaintext.
-fn count_files(backing: &Path, tree: &Tree) -> FileCounts {
-    fn walk(dir: &Path, rel: &mut Vec<u8>, tree: &Tree, top: bool, n: &mut FileCounts) {
-        let Ok(rd) = std::fs::read_dir(dir) else { return };
-        for e in rd.flatten() {
-            let name = e.file_name();
-            if top && is_hidden_name(&name) {
-                continue;
-            }
-            let len = rel.len();
-            rel.push(b'/');
-            rel.extend_from_slice(name.as_bytes());
-            match e.file_type() {
-                Ok(t) if t.is_dir() => walk(&e.path(), rel, tree, false, n),
-                Ok(t) if t.is_file() => {
-                    let size = e.metadata().map(|m| m.len()).unwrap_or(0);
-                    match tree.get(rel) {
-                        None => {
-                            n.plaintext_files += 1;
-                            n.plaintext_bytes += size;
-                        }
-                        Some(en) if en.method.is_plaintext() => n.plaintext_bytes += size,
-                        Some(_) => n.encrypted_bytes += size,
-                    }
-                }
-                _ => {}
-            }
-            rel.truncate(len);
-        }
-    }
+/// Regular files under `backing` (outside the metadata), by what the dictionary says of
+/// them. Files without a record count as plaintext bytes (they are not known encrypted).
+fn count_files(backing: &Path, dict: &dyn DictView) -> FileCounts {
     let mut n = FileCounts::default();
-    walk(backing, &mut Vec::new(), tree, true, &mut n);
+    let Ok(root) = std::fs::File::open(backing) else { return n };
+    let _ = crate::walk::walk(std::os::fd::AsFd::as_fd(&root), is_hidden_name, |e| {
+        if e.is_file() {
+            crate::hooks::point("status:walking");
+            let size = e.stat.st_size as u64;
+            match dict.entry(e.path) {
+                None if size > 0 => {
+                    n.unrecorded_files += 1;
+                    n.plaintext_bytes += size;
+                }
+                None => {}
+                Some(en) if en.method.is_plaintext() => {
+                    n.plaintext_files += 1;
+                    n.plaintext_bytes += size;
+                }
+                Some(_) => n.encrypted_bytes += size,
+            }
+        }
+        Ok::<(), std::io::Error>(())
+    });
     n
 }
 
@@ -239,12 +268,15 @@ pub fn render(s: &Status) -> String {
         ),
         None => line("current data key", "none (plaintext method)".into()),
     }
-    let enc: u64 = s.files_by_method.values().sum();
-    line("encrypted files", enc.to_string());
-    for (m, n) in &s.files_by_method {
+    let encrypting = || s.files_by_method.iter().filter(|(m, _)| m.as_str() != Method::Plaintext.name());
+    line("encrypted files", encrypting().map(|(_, n)| n).sum::<u64>().to_string());
+    for (m, n) in encrypting() {
         line(&format!("  {m}"), n.to_string());
     }
     line("plaintext files", s.plaintext_files.to_string());
+    if s.unrecorded_files > 0 {
+        line("files without record", format!("{} (refused by the mount; run `tdefs check`)", s.unrecorded_files));
+    }
     line(
         "bytes encrypted",
         format!("{:.1}% ({} of {} bytes)", s.percent_encrypted(), s.encrypted_bytes, s.encrypted_bytes + s.plaintext_bytes),

@@ -1,7 +1,9 @@
-//! Plaintext scanner (issue 4): searches every backing file that the dictionary says is
-//! encrypted for known plaintext (markers a workload wrote, database file signatures). Any
-//! hit is a leak. Files tracked as plaintext are listed separately: they are expected to
-//! hold plaintext. Works on an unmounted backing directory, with the master key.
+//! Plaintext scanner (issue 4): searches every regular backing file that is not recorded as
+//! plaintext — encrypted ones, and files with no record at all (whose bytes nobody vouches
+//! for) — for known plaintext (markers a workload wrote, database file signatures). Any hit
+//! is a leak. Files recorded as plaintext (adopted with --init, or written under the
+//! plaintext method) are listed separately: they are expected to hold plaintext. Works on
+//! an unmounted backing directory, with the master key.
 //!
 //!   tdefs-scan --config FILE [--pattern TEXT]... [--pattern-file FILE]
 //! Exit status: 0 no leak, 1 leak found, 2 could not scan.
@@ -71,24 +73,26 @@ fn run(a: Args) -> Result<bool, String> {
     let mut plaintext = Vec::new();
     let mut hits: HashMap<String, u64> = HashMap::new();
     for (rel, path) in &files {
-        match loaded.tree.get(rel) {
-            Some(e) if !e.method.is_plaintext() => {
+        let entry = loaded.tree.get(rel);
+        match entry {
+            Some(e) if e.method.is_plaintext() => plaintext.push(String::from_utf8_lossy(rel).into_owned()),
+            _ => {
                 let data = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
                 scanned += 1;
                 bytes += data.len() as u64;
+                let what = entry.map_or_else(|| "no record".to_string(), |e| e.method.to_string());
                 for p in &patterns {
                     if !p.is_empty() && data.windows(p.len()).any(|w| w == &p[..]) {
                         leaks += 1;
                         *hits.entry(String::from_utf8_lossy(p).into_owned()).or_default() += 1;
-                        println!("LEAK {} contains {:?} ({})", String::from_utf8_lossy(rel), String::from_utf8_lossy(p), e.method);
+                        println!("LEAK {} contains {:?} ({what})", String::from_utf8_lossy(rel), String::from_utf8_lossy(p));
                     }
                 }
             }
-            _ => plaintext.push(String::from_utf8_lossy(rel).into_owned()),
         }
     }
-    println!("scanned {scanned} encrypted files ({:.1} MiB) for {} patterns: {leaks} leaks", bytes as f64 / 1048576.0, patterns.len());
-    println!("{} files tracked as plaintext{}", plaintext.len(), if plaintext.is_empty() { String::new() } else { format!(": {}", plaintext.join(" ")) });
+    println!("scanned {scanned} files not recorded as plaintext ({:.1} MiB) for {} patterns: {leaks} leaks", bytes as f64 / 1048576.0, patterns.len());
+    println!("{} files recorded as plaintext{}", plaintext.len(), if plaintext.is_empty() { String::new() } else { format!(": {}", plaintext.join(" ")) });
     Ok(leaks == 0)
 }
 
