@@ -628,6 +628,7 @@ impl Sim {
         self.count_n("namespace_undone", ops.len() as u64);
         self.count_n("undo_errors", errors as u64);
         *self.last_cut.lock() = CutReport { files: n, namespace: ops.len(), errors };
+        eprintln!("powercut: cut ({}): {n} files rolled back, {} namespace operations undone, {errors} errors", self.mode.name(), ops.len());
         Ok(n)
     }
 
