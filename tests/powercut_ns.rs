@@ -173,7 +173,10 @@ fn an_unlink_is_undone_and_the_file_returns_with_its_durable_contents() {
     let f = OpenOptions::new().write(true).open(s.p("f")).unwrap();
     f.write_all_at(b"VERSION 2, never fsynced", 0).unwrap();
     drop(f);
+    let open = File::open(s.p("f")).unwrap();
     fs::remove_file(s.p("f")).unwrap();
+    assert_eq!(open.metadata().unwrap().nlink(), 0, "unlinked and open: no name left, as on a disk");
+    drop(open);
     // Two names of one file: removing one leaves the link count the mount shows at 1 (the
     // stashed name does not count), and the stash is invisible.
     assert_eq!(fs::metadata(s.p("a")).unwrap().nlink(), 2);

@@ -9,9 +9,10 @@
 //! of each 4 KiB page the first time it changes after a sync (and the size at the last
 //! sync). fsync and fdatasync of a file make its data and size durable (the undo log is
 //! dropped); writes through an O_SYNC/O_DSYNC handle are durable when they return;
-//! sync_file_range, sync(2) and syncfs(2) never reach a FUSE filesystem and make nothing
-//! durable. Attributes (mode, owner, times) and xattrs are not modelled: they are durable at
-//! once.
+//! sync_file_range never reaches a FUSE filesystem, and neither do sync(2) and syncfs(2)
+//! (the kernel sends FUSE_SYNCFS to virtiofs only, and fuser has no such operation): they
+//! make nothing durable. Attributes (mode, owner, times) and xattrs are not modelled: they
+//! are durable at once.
 //!
 //! # Namespace
 //!
@@ -63,6 +64,16 @@
 //! It serves every file with direct I/O and zero cache lifetimes, so the kernel above holds
 //! nothing a cut would make stale. The control socket also reports how often each directory
 //! was fsynced, to show that directory fsyncs reach the layer below.
+//!
+//! Limits. A cut is meant to follow the death of whatever runs above (it waits until no
+//! file is open). A crash without power loss (kill -9, then a remount) leaves everything in
+//! the page cache of a real disk, where it reaches the disk sooner or later (and tdefs'
+//! recovery calls syncfs, which this simulator never sees): to model that, send `sync`
+//! before the remount, or the simulator stays stricter than a disk. Names are the lower
+//! directory's: the stash's name is reserved in the root (ENOENT on lookup, EPERM on
+//! create). Names in the stash are left out of st_nlink, so an unlinked file still open
+//! shows 0 as on a disk; not so for directories: an rmdir'd directory still open shows its
+//! old count.
 //!
 //!   tdefs-powercut --lower DIR --mount DIR --control SOCKET [--mode strict|ext4]
 //!   control commands (one line each, one line answered):
