@@ -98,7 +98,15 @@ print(s.makefile().readline().strip())
 PY
 }
 
-# _power_cut: the daemon dies and everything not fsynced is lost.
+# _powercut_mode: the simulator's mode (strict: a name is durable once its directory is
+# fsynced; ext4: once anything is fsynced after it).
+_powercut_mode() {
+    local r; r=$(_powercut_cmd mode)
+    case "$r" in "ok "*) echo "${r#ok }" ;; *) _fail "powercut mode: $r" ;; esac
+}
+
+# _power_cut: the daemon dies and everything not durable is lost: data not fsynced, and
+# names (create, rename, unlink, ...) whose directory was not fsynced since (strict mode).
 _power_cut() {
     [ -n "${POWERCUT_CTL:-}" ] || _fail "_power_cut needs '# backing: powercut'"
     _kill_tdefs

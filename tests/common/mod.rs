@@ -280,6 +280,12 @@ pub const METHODS: [&str; 5] = ["aes128-ctr", "aes192-ctr", "aes256-ctr", "sm4-c
 
 pub const POWERCUT: &str = env!("CARGO_BIN_EXE_tdefs-powercut");
 
+/// The simulator binary: $TDEFS_POWERCUT_BIN (e.g. an older build, to show a test fails
+/// on it) or this build's.
+pub fn powercut_bin() -> String {
+    std::env::var("TDEFS_POWERCUT_BIN").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| POWERCUT.to_string())
+}
+
 /// The power-cut simulator mounted at `mnt` over `lower`.
 pub struct PowerCut {
     pub lower: PathBuf,
@@ -288,12 +294,35 @@ pub struct PowerCut {
     child: Option<Child>,
 }
 
+/// What the last cut undid (`lastcut`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CutReport {
+    pub files: usize,
+    pub namespace: usize,
+    pub errors: usize,
+}
+
 impl PowerCut {
+    /// In the simulator's default mode ($POWERCUT_MODE, else strict).
     pub fn start(lower: &Path, mnt: &Path, control: &Path, log: &Path) -> PowerCut {
+        Self::start_in(lower, mnt, control, log, None)
+    }
+
+    /// In `mode` ("strict" or "ext4"). The mode goes through the environment, which an older
+    /// simulator ignores (it then runs, with its own semantics, instead of refusing a flag).
+    pub fn start_mode(lower: &Path, mnt: &Path, control: &Path, log: &Path, mode: &str) -> PowerCut {
+        Self::start_in(lower, mnt, control, log, Some(mode))
+    }
+
+    fn start_in(lower: &Path, mnt: &Path, control: &Path, log: &Path, mode: Option<&str>) -> PowerCut {
         fs::create_dir_all(lower).unwrap();
         fs::create_dir_all(mnt).unwrap();
         let logf = fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-        let child = Command::new(POWERCUT)
+        let mut cmd = Command::new(powercut_bin());
+        if let Some(m) = mode {
+            cmd.env("POWERCUT_MODE", m);
+        }
+        let child = cmd
             .arg("--lower").arg(lower)
             .arg("--mount").arg(mnt)
             .arg("--control").arg(control)
@@ -318,10 +347,42 @@ impl PowerCut {
         line.trim_end().to_string()
     }
 
-    /// Drop everything not fsynced; returns how many files were rolled back.
+    /// Drop everything not durable; returns how many files had data rolled back.
     pub fn cut(&self) -> usize {
         let r = self.command("cut");
-        r.strip_prefix("ok ").and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("cut failed: {r}"))
+        r.strip_prefix("ok ")
+            .and_then(|n| n.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("cut failed: {r}"))
+    }
+
+    /// What the last cut did: files rolled back, namespace operations undone, undo errors.
+    pub fn last_cut(&self) -> CutReport {
+        let r = self.command("lastcut");
+        let field = |k: &str| -> usize {
+            r.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(k)?.strip_prefix('=')?.parse().ok())
+                .unwrap_or_else(|| panic!("lastcut: no {k} in {r:?}"))
+        };
+        assert!(r.starts_with("ok "), "lastcut: {r}");
+        CutReport { files: field("files"), namespace: field("namespace"), errors: field("errors") }
+    }
+
+    /// "strict" or "ext4".
+    pub fn mode(&self) -> String {
+        let r = self.command("mode");
+        r.strip_prefix("ok ").unwrap_or_else(|| panic!("mode: {r}")).to_string()
+    }
+
+    /// Namespace operations not yet durable.
+    pub fn pending(&self) -> usize {
+        let r = self.command("pending");
+        r.strip_prefix("ok ").and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("pending: {r}"))
+    }
+
+    /// Make everything durable now (data and namespace), as sync(2) would.
+    pub fn sync(&self) {
+        let r = self.command("sync");
+        assert_eq!(r, "ok", "sync: {r}");
     }
 
     /// How often the directory `rel` (relative to the lower root) was fsynced.
@@ -362,10 +423,19 @@ pub struct CutMount {
 }
 
 impl CutMount {
+    /// Over a simulator in its default mode ($POWERCUT_MODE, else strict).
     pub fn prepare(method: &str) -> CutMount {
         let m = Mount::prepare(method);
         let lower = m.dir.path().join("lower");
         let pc = PowerCut::start(&lower, &m.backing, &m.dir.path().join("powercut.sock"), &m.dir.path().join("powercut.log"));
+        CutMount { m, pc }
+    }
+
+    /// Over a simulator in `mode` ("strict" or "ext4").
+    pub fn prepare_mode(method: &str, mode: &str) -> CutMount {
+        let m = Mount::prepare(method);
+        let lower = m.dir.path().join("lower");
+        let pc = PowerCut::start_mode(&lower, &m.backing, &m.dir.path().join("powercut.sock"), &m.dir.path().join("powercut.log"), mode);
         CutMount { m, pc }
     }
 
