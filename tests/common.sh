@@ -157,6 +157,9 @@ _pg() {
 }
 _pg_initdb() {
     mkdir -p "$TEST_DIR/pg" && chown postgres "$TEST_DIR/pg" && chmod 700 "$TEST_DIR/pg"
+    # initdb fsyncs pg/ and everything below it, not the directory holding pg/: that name
+    # needs its own fsync to survive a power cut (POSIX; the strict simulator holds us to it).
+    sync "$TEST_DIR"
     _pg "$PGBIN/initdb" -D "$TEST_DIR/pg" --no-instructions >"$SCRATCH/initdb.log" 2>&1 || { tail -5 "$SCRATCH/initdb.log"; return 1; }
 }
 _pg_start() {

@@ -2,8 +2,8 @@
 //! namespace operation whose directory was not fsynced, at each step of tdefs' own
 //! metadata handling (first initialisation, compaction), around renames, unlinks and links
 //! that the application did not make durable, and after tdefs decrypt and check --repair.
-//! Tests marked #[ignore] reproduce a durability bug in tdefs that is not fixed yet (the
-//! reason names it); run them with --ignored.
+//! The decrypt-export and check --repair tests reproduced durability bugs this simulator
+//! found in tdefs (fixed with them).
 
 mod common;
 
@@ -197,7 +197,6 @@ fn unlinks_and_links_not_made_durable() {
 /// durable. It fsyncs every exported directory and DIR itself, but not DIR's parent, so
 /// DIR's own name is not durable: a power cut loses the whole export.
 #[test]
-#[ignore = "tdefs bug: src/convert/decrypt.rs run() creates --to with create_dir_all and never fsyncs its parent"]
 fn a_finished_decrypt_export_survives_a_power_cut() {
     let mut c = CutMount::prepare("aes256-ctr");
     c.m.start();
@@ -226,7 +225,6 @@ fn a_finished_decrypt_export_survives_a_power_cut() {
 /// short. The copy must be durable before the log is cut: after a power cut, the records
 /// after the damage must still be in the copy.
 #[test]
-#[ignore = "tdefs bug: src/dictionary/mod.rs salvage() copies the log with std::fs::copy and never fsyncs the copy before truncating the original"]
 fn the_copy_check_repair_keeps_survives_a_power_cut() {
     let mut c = CutMount::prepare("aes256-ctr");
     c.m.start();

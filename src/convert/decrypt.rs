@@ -46,6 +46,9 @@ pub fn run(meta: &Metadata, paths: &[PathBuf], opts: &Options) -> Result<Summary
             problem: format!("overlaps the backing directory {}: export to a directory outside it", backing.display()),
         });
     }
+    // The directories made for the export: their names become durable once their parents
+    // are fsynced, at the end (else a power cut after a finished export could lose it).
+    let created: Vec<PathBuf> = to.ancestors().take_while(|a| !a.exists()).map(Path::to_path_buf).collect();
     std::fs::create_dir_all(&to).map_err(io_err("create", &opts.to))?;
     let items = select(backing, paths)?;
     let files: Vec<&Item> = items.iter().filter(|i| i.kind == Kind::File).collect();
@@ -95,6 +98,11 @@ pub fn run(meta: &Metadata, paths: &[PathBuf], opts: &Options) -> Result<Summary
         }
     }
     sys::fsync_dir(&to).map_err(io_err("fsync", &to))?;
+    for dir in &created {
+        if let Some(parent) = dir.parent() {
+            sys::fsync_dir(parent).map_err(io_err("fsync", parent))?;
+        }
+    }
     progress.finish();
     if published.is_some() {
         let _ = remove_staging(backing);

@@ -378,9 +378,13 @@ impl FileDict {
         let dir = path.parent().ok_or_else(|| DictError::Missing { dir: path.clone(), what: "no parent".into() })?;
         let gen = path.file_name().and_then(|n| n.to_str()).and_then(log::parse_log_file_name).unwrap_or(0);
         let mut kept = Vec::new();
+        // Each copy is made durable before the log is cut or removed: the copy is what
+        // keeps the records after the damage.
         let aside = |p: &Path, kept: &mut Vec<PathBuf>| -> Result<(), DictError> {
             let copy = PathBuf::from(format!("{}.damaged", p.display()));
             std::fs::copy(p, &copy).map_err(io_err("copy", p))?;
+            File::open(&copy).and_then(|f| f.sync_all()).map_err(io_err("fsync", &copy))?;
+            sys::fsync_dir(dir).map_err(io_err("fsync", dir))?;
             kept.push(copy);
             Ok(())
         };
