@@ -740,3 +740,57 @@ fn writes_and_truncates_by_other_users_drop_set_id_bits_as_on_ext4() {
         assert_eq!(mode(&p), before, "root keeps the set-id bits of a {before:o} file");
     }
 }
+
+/// Any user of the mount can build a tree 100,000 directories deep. A file created and
+/// unlinked at the bottom, compaction, a live `tdefs status`, unmount, `tdefs check` and a
+/// second mount must all work: nothing in tdefs recurses per level (before, the unlink's
+/// dictionary edit overflowed a request thread's stack and killed the daemon).
+#[test]
+fn a_tree_100000_directories_deep() {
+    let mut m = Mount::prepare("aes256-ctr");
+    m.set_encryption_extra("aes256-ctr", "file-dictionary-rewrite-threshold = 10");
+    m.start();
+    let dir_flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC;
+    let open_at = |fd: i32, name: &std::ffi::CStr| {
+        let r = unsafe { libc::openat(fd, name.as_ptr(), dir_flags) };
+        assert!(r >= 0, "openat: {}", std::io::Error::last_os_error());
+        r
+    };
+    let root = cpath(&m.mnt);
+    let mut fd = unsafe { libc::open(root.as_ptr(), dir_flags) };
+    let d = c"d";
+    for _ in 0..100_000 {
+        assert_eq!(unsafe { libc::mkdirat(fd, d.as_ptr(), 0o755) }, 0, "{}", std::io::Error::last_os_error());
+        let next = open_at(fd, d);
+        unsafe { libc::close(fd) };
+        fd = next;
+    }
+    let f = unsafe { libc::openat(fd, c"bottom".as_ptr(), libc::O_CREAT | libc::O_RDWR | libc::O_CLOEXEC, 0o644) };
+    assert!(f >= 0, "{}", std::io::Error::last_os_error());
+    let data = b"at the bottom TDEFS-MARKER-deep";
+    assert_eq!(unsafe { libc::pwrite(f, data.as_ptr().cast(), data.len(), 0) }, data.len() as isize);
+    let mut back = [0u8; 31];
+    assert_eq!(unsafe { libc::pread(f, back.as_mut_ptr().cast(), back.len(), 0) }, 31);
+    assert_eq!(&back, data);
+    unsafe { libc::close(f) };
+    for i in 0..12 {
+        fs::write(m.path(&format!("top{i}")), b"x").unwrap(); // compaction is due
+    }
+    let st = Command::new(TDEFS).arg("status").arg("--json").arg(&m.mnt).output().unwrap();
+    assert!(st.status.success(), "{st:?}");
+    std::thread::sleep(std::time::Duration::from_millis(2500)); // housekeeping compacts
+    assert_eq!(unsafe { libc::unlinkat(fd, c"bottom".as_ptr(), 0) }, 0, "{}", std::io::Error::last_os_error());
+    let g = unsafe { libc::openat(fd, c"second".as_ptr(), libc::O_CREAT | libc::O_RDWR | libc::O_CLOEXEC, 0o644) };
+    assert!(g >= 0);
+    unsafe { libc::close(g) };
+    unsafe { libc::close(fd) };
+    m.stop();
+    assert!(m.log_text().contains("file dictionary compacted"), "{}", m.log_text());
+    let (code, text) = m.check(&[]);
+    assert_eq!(code, 0, "{text}");
+    m.start();
+    assert_eq!(fs::read(m.path("top3")).unwrap(), b"x");
+    m.stop();
+    // std's remove_dir_all recurses: leave the tree to rm.
+    Command::new("rm").arg("-rf").arg(&m.backing).status().unwrap();
+}

@@ -96,24 +96,27 @@ fn kind_of(md: &std::fs::Metadata) -> Kind {
     }
 }
 
+/// Everything below `dir` (whose dictionary path is `rel`). Iterative: a tree of any depth
+/// is listed (or refused with an error, where its paths exceed PATH_MAX), never a stack
+/// overflow.
 fn walk(dir: &Path, rel: &mut Vec<u8>, top: bool, out: &mut BTreeMap<Vec<u8>, Item>) -> Result<(), ConvertError> {
-    let list_err = |e| ConvertError::Io { op: "list", path: dir.to_path_buf(), err: e };
-    for e in std::fs::read_dir(dir).map_err(list_err)? {
-        let e = e.map_err(list_err)?;
-        let name = e.file_name();
-        if top && is_hidden_name(&name) {
-            continue;
+    let mut todo: Vec<(PathBuf, Vec<u8>, bool)> = vec![(dir.to_path_buf(), rel.clone(), top)];
+    while let Some((dir, rel, top)) = todo.pop() {
+        let list_err = |e| ConvertError::Io { op: "list", path: dir.clone(), err: e };
+        for e in std::fs::read_dir(&dir).map_err(list_err)? {
+            let e = e.map_err(list_err)?;
+            let name = e.file_name();
+            if top && is_hidden_name(&name) {
+                continue;
+            }
+            let md = e.metadata().map_err(|err| ConvertError::Io { op: "stat", path: e.path(), err })?;
+            let child = [&rel[..], b"/", name.as_bytes()].concat();
+            let kind = kind_of(&md);
+            out.insert(child.clone(), Item { rel: child.clone(), kind, md });
+            if kind == Kind::Dir {
+                todo.push((e.path(), child, false));
+            }
         }
-        let md = e.metadata().map_err(|err| ConvertError::Io { op: "stat", path: e.path(), err })?;
-        let len = rel.len();
-        rel.push(b'/');
-        rel.extend_from_slice(name.as_bytes());
-        let kind = kind_of(&md);
-        out.insert(rel.clone(), Item { rel: rel.clone(), kind, md });
-        if kind == Kind::Dir {
-            walk(&e.path(), rel, false, out)?;
-        }
-        rel.truncate(len);
     }
     Ok(())
 }

@@ -47,6 +47,21 @@ impl FileState {
     }
 }
 
+impl Drop for Inode {
+    fn drop(&mut self) {
+        // Dropping the last reference to a deep directory's inode drops its parent's, and
+        // so on up the chain: one frame per level by default, and any user can make the
+        // chain 100,000 levels long. Unlink it iteratively instead.
+        let mut next = self.loc.get_mut().take();
+        while let Some(loc) = next {
+            next = match Arc::try_unwrap(loc.parent) {
+                Ok(mut parent) => parent.loc.get_mut().take(), // `parent` then drops shallow
+                Err(_) => None,                                // still referenced elsewhere
+            };
+        }
+    }
+}
+
 /// Where the kernel last saw this inode: parent and name.
 #[derive(Clone)]
 pub struct Loc {
@@ -154,7 +169,7 @@ impl Inode {
             let loc = cur.loc()?;
             parts.push(loc.name);
             cur = loc.parent;
-            if parts.len() > 100_000 {
+            if parts.len() > 1 << 24 {
                 return None; // a cycle would be a bug; never loop forever
             }
         }

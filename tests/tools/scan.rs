@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -35,25 +35,6 @@ struct Args {
 /// Plaintext every database page or header of these formats contains.
 const BUILTIN: &[&str] = &["SQLite format 3", "TDEFS-MARKER-"];
 
-fn walk(dir: &Path, rel: &[u8], root: bool, out: &mut Vec<(Vec<u8>, PathBuf)>) -> std::io::Result<()> {
-    for e in std::fs::read_dir(dir)? {
-        let e = e?;
-        if root && is_hidden_name(&e.file_name()) {
-            continue;
-        }
-        let mut p = rel.to_vec();
-        p.push(b'/');
-        p.extend_from_slice(e.file_name().as_bytes());
-        let md = e.metadata()?;
-        if md.is_dir() {
-            walk(&e.path(), &p, false, out)?;
-        } else if md.is_file() {
-            out.push((p, e.path()));
-        }
-    }
-    Ok(())
-}
-
 fn run(a: Args) -> Result<bool, String> {
     let cfg = Config::load(&a.config).map_err(|e| e.to_string())?;
     let backing = cfg.backing_dir.clone().ok_or("no backing-dir in the config")?;
@@ -68,7 +49,14 @@ fn run(a: Args) -> Result<bool, String> {
         patterns.extend(BUILTIN.iter().map(|p| p.as_bytes().to_vec()));
     }
     let mut files = Vec::new();
-    walk(&backing, b"", true, &mut files).map_err(|e| e.to_string())?;
+    let root = std::fs::File::open(&backing).map_err(|e| format!("{}: {e}", backing.display()))?;
+    tdefs::walk::walk(std::os::fd::AsFd::as_fd(&root), is_hidden_name, |e| {
+        if e.is_file() {
+            files.push((e.path.to_vec(), backing.join(std::ffi::OsStr::from_bytes(&e.path[1..]))));
+        }
+        Ok::<(), std::io::Error>(())
+    })
+    .map_err(|e| e.to_string())?;
     let (mut scanned, mut bytes, mut leaks) = (0u64, 0u64, 0u64);
     let mut plaintext = Vec::new();
     let mut hits: HashMap<String, u64> = HashMap::new();
