@@ -96,8 +96,28 @@ fn wait_exit(pid: u32, log: &Path) {
 
 /// `umount` as root, as systemd and fstab users do: the kernel ends the FUSE session and
 /// the daemon must exit cleanly on its own, its dictionary flushed.
+/// (source, type, per-mount options) of the mount at `mnt`, from /proc/self/mountinfo.
+fn mount_entry(mnt: &Path) -> (String, String, String) {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = info.lines().find(|l| l.split(' ').nth(4) == mnt.to_str()).expect("mounted");
+    let fields: Vec<&str> = line.split(' ').collect();
+    let dash = fields.iter().position(|f| *f == "-").unwrap();
+    (fields[dash + 2].to_string(), fields[dash + 1].to_string(), fields[5].to_string())
+}
+
+/// Whether a shell script on the mount runs (noexec refuses it with EACCES).
+fn script_runs(mnt: &Path) -> std::io::Result<std::process::ExitStatus> {
+    let script = mnt.join("hello.sh");
+    fs::write(&script, "#!/bin/sh\nexit 0\n").unwrap();
+    fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let r = Command::new(&script).status();
+    fs::remove_file(&script).unwrap();
+    r
+}
+
 fn umount_and_wait(mnt: &Path, pid: u32, log: &Path) {
-    let out = run(Command::new("umount").arg(mnt));
+    // By type, as an operator (or `umount -a -t fuse.tdefs` at shutdown) would.
+    let out = run(Command::new("umount").args(["-t", "fuse.tdefs"]).arg(mnt));
     assert!(out.status.success(), "umount: {}", text(&out));
     wait_exit(pid, log);
     assert!(!is_mounted(mnt));
@@ -141,6 +161,12 @@ fn mount_t_fuse_tdefs_then_umount() {
     let pid = daemon_pid(&out);
     let mnt = m.mnt.clone();
     let _cleanup = Cleanup { mnt: &mnt, pid: Some(pid) };
+    // The mount table names it: the config (the "device") as source, type fuse.tdefs, and
+    // tdefs' default flags for a database directory.
+    let (source, fstype, opts) = mount_entry(&m.mnt);
+    assert_eq!((source.as_str(), fstype.as_str()), (fs::canonicalize(&m.config).unwrap().to_str().unwrap(), "fuse.tdefs"));
+    assert!(opts.contains("nosuid") && opts.contains("nodev") && opts.contains("relatime") && !opts.contains("noexec"), "{opts}");
+    assert!(script_runs(&m.mnt).unwrap().success());
     let data = write_and_check_ciphertext(&m.mnt, &backing);
     assert!(fs::read_dir(&m.backing).unwrap().next().is_none(), "the config's backing-dir was used");
     umount_and_wait(&m.mnt, pid, &log);
@@ -157,7 +183,7 @@ fn fstab_line_then_umount() {
     fs::write(
         &fstab,
         format!(
-            "# tdefs under test\n{}  {}  fuse.tdefs  defaults,_netdev,nofail,x-systemd.before=db.service,backing={},log={}  0 0\n",
+            "# tdefs under test\n{}  {}  fuse.tdefs  defaults,_netdev,nofail,noexec,noatime,nodiratime,x-systemd.before=db.service,backing={},log={}  0 0\n",
             m.config.display(), m.mnt.display(), backing.display(), log.display()
         ),
     )
@@ -168,6 +194,13 @@ fn fstab_line_then_umount() {
     let pid = daemon_pid(&out);
     let mnt = m.mnt.clone();
     let _cleanup = Cleanup { mnt: &mnt, pid: Some(pid) };
+    // The fstab line's hardening reaches the kernel (mount(8) leaves it to the helper).
+    let (_, fstype, opts) = mount_entry(&m.mnt);
+    assert_eq!(fstype, "fuse.tdefs");
+    for want in ["nosuid", "nodev", "noexec", "noatime", "nodiratime"] {
+        assert!(opts.split(',').any(|o| o == want), "{want} missing from {opts}");
+    }
+    assert_eq!(script_runs(&m.mnt).map_err(|e| e.raw_os_error()).unwrap_err(), Some(libc::EACCES), "noexec");
     let data = write_and_check_ciphertext(&m.mnt, &backing);
     umount_and_wait(&m.mnt, pid, &log);
     check_and_reread(&mut m, &backing, &data);

@@ -794,3 +794,31 @@ fn a_tree_100000_directories_deep() {
     // std's remove_dir_all recurses: leave the tree to rm.
     Command::new("rm").arg("-rf").arg(&m.backing).status().unwrap();
 }
+
+fn access(p: &Path, mode: i32) -> i32 {
+    let r = unsafe { libc::access(cpath(p).as_ptr(), mode) };
+    if r == 0 { 0 } else { std::io::Error::last_os_error().raw_os_error().unwrap() }
+}
+
+/// Without default_permissions the kernel asks tdefs (FUSE_ACCESS), and tdefs answers from
+/// the mode bits as ext4 would (before, it said yes to everything). With allow-other, that
+/// configuration is refused: tdefs leaves permission checks to the kernel.
+#[test]
+fn access_without_default_permissions_checks_the_mode() {
+    let mut m = Mount::prepare_with("aes256-ctr", "[mount]\ndefault-permissions = false\nallow-other = false");
+    m.start();
+    fs::write(m.path("plain"), b"x").unwrap();
+    fs::set_permissions(m.path("plain"), fs::Permissions::from_mode(0o644)).unwrap();
+    fs::write(m.path("prog"), b"#!/bin/sh\n").unwrap();
+    fs::set_permissions(m.path("prog"), fs::Permissions::from_mode(0o744)).unwrap();
+    assert_eq!(access(&m.path("plain"), libc::R_OK | libc::W_OK), 0);
+    assert_eq!(access(&m.path("plain"), libc::X_OK), libc::EACCES, "root needs an execute bit, as on ext4");
+    assert_eq!(access(&m.path("prog"), libc::X_OK), 0);
+    assert_eq!(access(&m.path(""), libc::X_OK), 0);
+    assert_eq!(access(&m.path("missing"), libc::F_OK), libc::ENOENT);
+    m.stop();
+    let cfg = fs::read_to_string(&m.config).unwrap().replace("allow-other = false", "allow-other = true");
+    fs::write(&m.config, cfg).unwrap();
+    let err = String::from_utf8_lossy(&m.mount_fails(&[]).stderr).into_owned();
+    assert!(err.contains("default-permissions = true"), "{err}");
+}

@@ -33,10 +33,12 @@ tdefs options (-o, comma-separated):
                 systemd, else discarded; log-level in CONFIG sets the level)
   init          adopt a backing directory that holds files but no tdefs metadata
   foreground    do not detach (for debugging)
-Ignored generic options: defaults rw auto noauto user users nouser owner group
-  _netdev nofail dev nodev suid nosuid exec noexec async sync atime noatime relatime
-  norelatime strictatime nostrictatime lazytime nolazytime diratime nodiratime
-  silent loud x-* comment=*
+Kernel flags, applied to the mount as on any filesystem (they override [mount] in
+CONFIG; tdefs' defaults are nosuid,nodev,exec,relatime):
+  suid nosuid dev nodev exec noexec atime noatime relatime norelatime strictatime
+  nostrictatime diratime nodiratime lazytime nolazytime sync async dirsync
+Ignored (mount(8) and systemd act on them): defaults rw auto noauto user users nouser
+  owner group _netdev nofail silent loud x-* comment=*
 Refused: ro (tdefs writes its metadata while mounted). Anything else is an error.
 Flags: -f fake mount (check CONFIG and options, mount nothing), -s -n -v ignored.
 
@@ -60,6 +62,8 @@ pub struct Request {
     pub init: bool,
     pub foreground: bool,
     pub fake: bool,
+    /// Kernel flags asked for (nosuid, noatime, ...), in order.
+    pub flags: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -77,11 +81,8 @@ pub enum HelperError {
 }
 
 /// Generic mount options with no meaning for tdefs: mount(8) and systemd act on them.
-const IGNORED: &[&str] = &[
-    "defaults", "rw", "auto", "noauto", "user", "users", "nouser", "owner", "group", "_netdev", "nofail", "dev",
-    "nodev", "suid", "nosuid", "exec", "noexec", "async", "sync", "atime", "noatime", "relatime", "norelatime",
-    "strictatime", "nostrictatime", "lazytime", "nolazytime", "diratime", "nodiratime", "silent", "loud",
-];
+const IGNORED: &[&str] =
+    &["defaults", "rw", "auto", "noauto", "user", "users", "nouser", "owner", "group", "_netdev", "nofail", "silent", "loud"];
 
 fn apply_options(req: &mut Request, opts: &str) -> Result<(), HelperError> {
     for opt in opts.split(',').filter(|o| !o.is_empty()) {
@@ -102,6 +103,7 @@ fn apply_options(req: &mut Request, opts: &str) -> Result<(), HelperError> {
             "comment" => {}
             k if k.starts_with("x-") || k.starts_with("X-") => {}
             k if value.is_none() && IGNORED.contains(&k) => {}
+            k if value.is_none() && crate::config::MountFlags::default().apply(k) => req.flags.push(k.to_string()),
             _ => return Err(HelperError::UnknownOption(opt.to_string())),
         }
     }
@@ -167,11 +169,16 @@ pub fn run(args: &[OsString]) -> anyhow::Result<()> {
         );
         return Ok(());
     }
+    let source = std::fs::canonicalize(&req.config).unwrap_or(req.config.clone()).display().to_string();
     mount::run(MountArgs {
         config: req.config,
         daemon: !req.foreground,
         log_file: req.log,
         init: req.init,
+        mount_flags: (!req.flags.is_empty()).then(|| req.flags.join(",")),
+        // The fstab "device" is the config file: show it as the mount's source, so the mount
+        // table matches the fstab line (findmnt, systemd, umount).
+        source: Some(source),
         backing: Some(backing),
         mountpoint: Some(req.mountpoint),
     })
@@ -203,6 +210,9 @@ mod tests {
         let r = p(&["c.toml", "/mnt", "-sn", "-v", "-o", "defaults,_netdev,nofail,noatime,x-systemd.requires=a,comment=b", "-t", "fuse.tdefs"])
             .unwrap();
         assert_eq!((r.backing, r.init, r.fake, r.foreground), (None, false, false, false));
+        assert_eq!(r.flags, vec!["noatime".to_string()], "kernel flags are kept, in order");
+        let r = p(&["c", "/m", "-o", "nosuid,nodev,noexec,strictatime,nodiratime,sync,dirsync,lazytime"]).unwrap();
+        assert_eq!(r.flags.join(","), "nosuid,nodev,noexec,strictatime,nodiratime,sync,dirsync,lazytime");
         assert!(p(&["c", "/m", "-f"]).unwrap().fake);
         assert!(p(&["-oforeground", "c", "/m"]).unwrap().foreground);
     }

@@ -8,7 +8,7 @@ use clap::Args;
 
 use super::{daemon, sdnotify};
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
-use crate::fs::{fuser_config, Core, FsOptions, Housekeeping, MountSpec, TdeFs};
+use crate::fs::{fuser_config, mounting, Core, FsOptions, Housekeeping, MountSpec, TdeFs};
 use crate::control;
 use crate::crypto::Method;
 use crate::meta::{rotate_master_key, status, MasterKeys, Metadata, OpenOptions};
@@ -39,6 +39,14 @@ pub struct MountArgs {
     /// stay readable (tracked as plaintext), new files are encrypted.
     #[arg(long)]
     pub(super) init: bool,
+    /// Kernel mount flags overriding the config's (`nosuid,noatime,...`: what an fstab line
+    /// asks for; set by mount.fuse.tdefs).
+    #[arg(long, hide = true, value_name = "OPTIONS")]
+    pub(super) mount_flags: Option<String>,
+    /// What the mount table shows as the source (default: the backing directory; the fstab
+    /// helper passes the config file, the fstab "device").
+    #[arg(long, hide = true, value_name = "SOURCE")]
+    pub(super) source: Option<String>,
     /// Backing directory (overrides `backing-dir` in the config).
     pub(super) backing: Option<PathBuf>,
     /// Mountpoint (overrides `mountpoint` in the config).
@@ -104,6 +112,12 @@ fn foreground_args(args: &MountArgs, backing: &Path, mountpoint: &Path) -> Vec<s
     if args.init {
         v.push("--init".into());
     }
+    if let Some(f) = &args.mount_flags {
+        v.extend(["--mount-flags".into(), f.into()]);
+    }
+    if let Some(s) = &args.source {
+        v.extend(["--source".into(), s.into()]);
+    }
     v.extend([backing.into(), mountpoint.into()]);
     v
 }
@@ -139,7 +153,14 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
         "metadata open"
     );
     if !cfg.mount.default_permissions {
-        tracing::warn!("default-permissions = false: the kernel does not check file modes; every user who can reach the mount can read and write every file");
+        // (allow-other is then false: the config refuses the combination.)
+        tracing::warn!("default-permissions = false: the kernel does not check file modes; only the user who mounted can use the mount, with every access allowed");
+    }
+    let mut flags = cfg.mount.flags();
+    for o in args.mount_flags.iter().flat_map(|f| f.split(',')).filter(|o| !o.is_empty()) {
+        if !flags.apply(o) {
+            bail!("unknown mount flag {o:?}");
+        }
     }
     let fs_opts = FsOptions {
         method: enc.data_encryption_method,
@@ -149,6 +170,8 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
     let core = Arc::new(Core::new(&meta, fs_opts).context("cannot open the backing root")?);
     let spec = MountSpec {
         mountpoint: mountpoint.clone(),
+        source: args.source.clone().unwrap_or_else(|| meta.backing().display().to_string()),
+        flags,
         allow_other: cfg.mount.allow_other,
         default_permissions: cfg.mount.default_permissions,
         threads: cfg.mount.threads,
@@ -160,8 +183,25 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
     let maintenance = Housekeeping::start(core.clone());
     let fs = TdeFs::new(core.clone(), spec.writeback_cache);
     let notifier = fs.notifier_slot();
-    let mut session = fuser::Session::new(fs, &mountpoint, &fuser_config(&spec))
-        .with_context(|| format!("cannot mount at {}", mountpoint.display()))?;
+    let config = fuser_config(&spec);
+    let direct = if unsafe { libc::geteuid() } == 0 {
+        mounting::mount_direct(&spec).with_context(|| format!("cannot mount at {}", mountpoint.display()))?
+    } else {
+        None
+    };
+    let (mut session, direct) = match direct {
+        Some(fd) => {
+            let s = fuser::Session::from_fd(fs, fd, config.acl, config).map_err(|e| {
+                let _ = mounting::unmount(&mountpoint);
+                e
+            });
+            (s.with_context(|| format!("cannot start serving the mount at {}", mountpoint.display()))?, true)
+        }
+        None => (
+            fuser::Session::new(fs, &mountpoint, &config).with_context(|| format!("cannot mount at {}", mountpoint.display()))?,
+            false,
+        ),
+    };
     let _ = notifier.set(session.notifier());
     let control = start_control(&mountpoint, meta.backing(), core.clone(), enc.data_encryption_method);
     if let Some(ep) = metrics_endpoint {
@@ -176,7 +216,8 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
         if let Some(sig) = signals.forever().next() {
             tracing::info!(signal = sig, mountpoint = %mp.display(), "unmounting");
             sdnotify::stopping();
-            if let Err(e) = unmounter.unmount() {
+            let r = if direct { mounting::unmount(&mp) } else { unmounter.unmount() };
+            if let Err(e) = r {
                 tracing::error!(error = %e, "unmount failed");
             }
         }

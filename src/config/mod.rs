@@ -75,6 +75,47 @@ pub struct MountConfig {
     /// How long the kernel may cache attributes and names.
     #[serde(default = "one_second", deserialize_with = "de_duration")]
     pub attr_timeout: Duration,
+    /// Honour set-user-id and set-group-id bits (`suid`); false (default): `nosuid`.
+    #[serde(default)]
+    pub suid: bool,
+    /// Honour device nodes (`dev`); false (default): `nodev`.
+    #[serde(default)]
+    pub dev: bool,
+    /// Allow executing programs (`exec`, default); false: `noexec`.
+    #[serde(default = "yes")]
+    pub exec: bool,
+    /// Access times: `relatime` (default), `noatime` or `strictatime`.
+    #[serde(default)]
+    pub atime: Atime,
+    /// Access times of directories too (`diratime`, default); false: `nodiratime`.
+    #[serde(default = "yes")]
+    pub diratime: bool,
+    /// Keep timestamp updates in memory longer (`lazytime`).
+    #[serde(default)]
+    pub lazytime: bool,
+    /// Every write synchronous (`sync`).
+    #[serde(default)]
+    pub sync: bool,
+    /// Directory changes synchronous (`dirsync`).
+    #[serde(default)]
+    pub dirsync: bool,
+}
+
+impl MountConfig {
+    /// The kernel mount flags the config asks for (fstab options override them for
+    /// `mount -t fuse.tdefs`).
+    pub fn flags(&self) -> MountFlags {
+        MountFlags {
+            suid: self.suid,
+            dev: self.dev,
+            exec: self.exec,
+            atime: self.atime,
+            diratime: self.diratime,
+            lazytime: self.lazytime,
+            sync: self.sync,
+            dirsync: self.dirsync,
+        }
+    }
 }
 
 impl Default for MountConfig {
@@ -85,7 +126,100 @@ impl Default for MountConfig {
             threads: 0,
             writeback_cache: true,
             attr_timeout: one_second(),
+            suid: false,
+            dev: false,
+            exec: true,
+            atime: Atime::Relatime,
+            diratime: true,
+            lazytime: false,
+            sync: false,
+            dirsync: false,
         }
+    }
+}
+
+/// The kernel's per-mount flags, as any filesystem has them. Defaults suit a database data
+/// directory: no set-id programs and no device nodes honoured (`nosuid`, `nodev`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MountFlags {
+    pub suid: bool,
+    pub dev: bool,
+    pub exec: bool,
+    pub atime: Atime,
+    pub diratime: bool,
+    pub lazytime: bool,
+    pub sync: bool,
+    pub dirsync: bool,
+}
+
+impl Default for MountFlags {
+    fn default() -> Self {
+        MountFlags { suid: false, dev: false, exec: true, atime: Atime::Relatime, diratime: true, lazytime: false, sync: false, dirsync: false }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Atime {
+    #[default]
+    Relatime,
+    Noatime,
+    Strictatime,
+}
+
+impl MountFlags {
+    /// Apply one fstab-style option (`nosuid`, `noatime`, ...); false if it is not a flag.
+    pub fn apply(&mut self, opt: &str) -> bool {
+        match opt {
+            "suid" => self.suid = true,
+            "nosuid" => self.suid = false,
+            "dev" => self.dev = true,
+            "nodev" => self.dev = false,
+            "exec" => self.exec = true,
+            "noexec" => self.exec = false,
+            "atime" | "norelatime" | "nostrictatime" | "relatime" => {
+                // atime: the kernel's default is relatime unless strictatime is asked for.
+                self.atime = if opt == "norelatime" { Atime::Strictatime } else { Atime::Relatime }
+            }
+            "noatime" => self.atime = Atime::Noatime,
+            "strictatime" => self.atime = Atime::Strictatime,
+            "diratime" => self.diratime = true,
+            "nodiratime" => self.diratime = false,
+            "lazytime" => self.lazytime = true,
+            "nolazytime" => self.lazytime = false,
+            "sync" => self.sync = true,
+            "async" => self.sync = false,
+            "dirsync" => self.dirsync = true,
+            _ => return false,
+        }
+        true
+    }
+
+    /// The flags as fstab options, e.g. "nosuid,nodev,relatime".
+    pub fn to_options(&self) -> String {
+        let mut v = vec![
+            if self.suid { "suid" } else { "nosuid" },
+            if self.dev { "dev" } else { "nodev" },
+            if self.exec { "exec" } else { "noexec" },
+            match self.atime {
+                Atime::Relatime => "relatime",
+                Atime::Noatime => "noatime",
+                Atime::Strictatime => "strictatime",
+            },
+        ];
+        if !self.diratime {
+            v.push("nodiratime");
+        }
+        if self.lazytime {
+            v.push("lazytime");
+        }
+        if self.sync {
+            v.push("sync");
+        }
+        if self.dirsync {
+            v.push("dirsync");
+        }
+        v.join(",")
     }
 }
 
@@ -208,6 +342,20 @@ impl Config {
         }
         if enc.previous_master_key.as_ref() == Some(&enc.master_key) {
             return Err("security.encryption.previous-master-key is the same as master-key".into());
+        }
+        if self.mount.allow_other && !self.mount.default_permissions {
+            return Err("mount.allow-other = true with mount.default-permissions = false would let every user who can \
+                        reach the mount read and write every file (tdefs does not check permissions itself; as \
+                        gocryptfs does, it leaves that to the kernel): set default-permissions = true, or \
+                        allow-other = false for a mount only its owner uses"
+                .into());
+        }
+        if enc.file_dictionary_rewrite_threshold > crate::dictionary::MAX_RECORDS_PER_GENERATION {
+            return Err(format!(
+                "security.encryption.file-dictionary-rewrite-threshold must be at most {} (each log generation's \
+                 sealing key stays far below the AES-GCM limit)",
+                crate::dictionary::MAX_RECORDS_PER_GENERATION
+            ));
         }
         if !enc.enable_file_dictionary_log {
             return Err("security.encryption.enable-file-dictionary-log = false is not supported: \
@@ -360,6 +508,30 @@ path = "/run/keys/tdefs.key"
         assert!(e.contains("log-level") && e.contains("debug") && e.contains("warn"), "{e}");
         let e = err(&format!("metrics_addr = \"127.0.0.1:1\"\n{GOOD}"));
         assert!(e.contains("metrics_addr"), "strict parsing names the misspelt key: {e}");
+    }
+
+    #[test]
+    fn mount_flags_and_permissions() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.mount.flags(), MountFlags::default());
+        assert_eq!(c.mount.flags().to_options(), "nosuid,nodev,exec,relatime");
+        let c = Config::parse(&format!("{GOOD}[mount]\nsuid = true\natime = \"noatime\"\ndiratime = false\n")).unwrap();
+        assert_eq!(c.mount.flags().to_options(), "suid,nodev,exec,noatime,nodiratime");
+        let e = err(&format!("{GOOD}[mount]\natime = \"sometimes\"\n"));
+        assert!(e.contains("sometimes") && e.contains("relatime") && e.contains("noatime"), "{e}");
+        let e = err(&format!("{GOOD}[mount]\nnoatime = true\n"));
+        assert!(e.contains("noatime"), "strict: {e}");
+        let e = err(&format!("{GOOD}[mount]\ndefault-permissions = false\n"));
+        assert!(e.contains("allow-other") && e.contains("default-permissions = true"), "{e}");
+        Config::parse(&format!("{GOOD}[mount]\ndefault-permissions = false\nallow-other = false\n")).unwrap();
+        let e = err(&GOOD.replace("data-key-rotation-period = \"7d\"", "file-dictionary-rewrite-threshold = 9999999999"));
+        assert!(e.contains("at most"), "{e}");
+        let mut f = MountFlags::default();
+        for o in ["suid", "noexec", "strictatime", "lazytime", "sync", "dirsync"] {
+            assert!(f.apply(o), "{o}");
+        }
+        assert!(!f.apply("ro") && !f.apply("bogus"));
+        assert_eq!(f.to_options(), "suid,nodev,noexec,strictatime,lazytime,sync,dirsync");
     }
 
     #[test]

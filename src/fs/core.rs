@@ -402,6 +402,32 @@ impl Core {
         Ok(sys::fstat(fd)?)
     }
 
+    /// access(2) from the mode bits (as the kernel's generic_permission, without ACLs).
+    /// Root may read and write anything, and execute what has an execute bit (or is a
+    /// directory).
+    pub fn access(&self, nodeid: u64, uid: u32, who: &KillPrivs, mask: i32) -> Result<()> {
+        let st = sys::fstat(self.pfd(&*self.inode(nodeid)?)?.as_fd())?;
+        let mode = st.st_mode;
+        let is_dir = mode & libc::S_IFMT == libc::S_IFDIR;
+        let want = mask & (libc::R_OK | libc::W_OK | libc::X_OK);
+        let allowed = if uid == 0 {
+            libc::R_OK | libc::W_OK | if is_dir || mode & 0o111 != 0 { libc::X_OK } else { 0 }
+        } else {
+            let bits = if uid == st.st_uid {
+                mode >> 6
+            } else if who.in_group(st.st_gid) {
+                mode >> 3
+            } else {
+                mode
+            };
+            (bits & 0o7) as i32
+        };
+        if want & !allowed != 0 {
+            return err(libc::EACCES);
+        }
+        Ok(())
+    }
+
     pub fn readlink(&self, nodeid: u64) -> Result<OsString> {
         Ok(sys::readlink_fd(self.pfd(&*self.inode(nodeid)?)?.as_fd())?)
     }

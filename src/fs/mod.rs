@@ -10,6 +10,7 @@ mod handle;
 mod housekeeping;
 mod inode;
 mod io;
+pub mod mounting;
 mod namespace;
 #[cfg(test)]
 mod tests;
@@ -39,10 +40,14 @@ pub use self::namespace::Caller;
 #[derive(Debug, Clone)]
 pub struct MountSpec {
     pub mountpoint: PathBuf,
+    /// What the mount table shows as the source: the backing directory, or the config
+    /// file when mounted from fstab.
+    pub source: String,
     pub allow_other: bool,
     pub default_permissions: bool,
     pub threads: usize,
     pub writeback_cache: bool,
+    pub flags: crate::config::MountFlags,
 }
 
 pub struct TdeFs {
@@ -490,10 +495,12 @@ impl Filesystem for TdeFs {
         Self::empty(self.core.removexattr(ino.0, name), reply);
     }
 
-    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+    fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
         metrics::request(Op::Access);
-        // With default_permissions the kernel checks access itself and never asks.
-        reply.ok();
+        // Only without default_permissions (then without allow_other: only the mounting
+        // user gets here; the config refuses the other combination): answer as the kernel's
+        // generic_permission would, from the mode bits.
+        Self::empty(self.core.access(ino.0, req.uid(), &killer(req), mask.bits()), reply);
     }
 
     fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
@@ -546,12 +553,35 @@ impl Filesystem for TdeFs {
     }
 }
 
-/// fuser configuration for `spec`.
+/// fuser configuration for `spec`. Its mount options are used only where fuser mounts
+/// (through fusermount3, without privilege); see `mounting`.
 pub fn fuser_config(spec: &MountSpec) -> fuser::Config {
     let mut cfg = fuser::Config::default();
-    cfg.mount_options = vec![MountOption::FSName("tdefs".into()), MountOption::Subtype("tdefs".into())];
+    cfg.mount_options = vec![MountOption::FSName(spec.source.clone()), MountOption::Subtype("tdefs".into())];
     if spec.default_permissions {
         cfg.mount_options.push(MountOption::DefaultPermissions);
+    }
+    let f = &spec.flags;
+    cfg.mount_options.extend([
+        if f.suid { MountOption::Suid } else { MountOption::NoSuid },
+        if f.dev { MountOption::Dev } else { MountOption::NoDev },
+        if f.exec { MountOption::Exec } else { MountOption::NoExec },
+    ]);
+    match f.atime {
+        crate::config::Atime::Noatime => cfg.mount_options.push(MountOption::NoAtime),
+        crate::config::Atime::Strictatime => cfg.mount_options.push(MountOption::CUSTOM("strictatime".into())),
+        crate::config::Atime::Relatime => {}
+    }
+    for (on, opt) in [(!f.diratime, "nodiratime"), (f.lazytime, "lazytime")] {
+        if on {
+            cfg.mount_options.push(MountOption::CUSTOM(opt.into()));
+        }
+    }
+    if f.sync {
+        cfg.mount_options.push(MountOption::Sync);
+    }
+    if f.dirsync {
+        cfg.mount_options.push(MountOption::DirSync);
     }
     cfg.acl = if spec.allow_other { SessionACL::All } else { SessionACL::Owner };
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
