@@ -77,10 +77,33 @@ impl Drop for Server {
     }
 }
 
+/// `dir` must be this user's own private directory: a socket in a directory someone else
+/// made (the `/tmp` fallback) could be swapped for theirs.
+fn check_private(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::symlink_metadata(dir)?;
+    let euid = unsafe { libc::geteuid() };
+    if !md.is_dir() || md.uid() != euid || md.mode() & 0o077 != 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is not a private directory of user {euid} (it is a {}, owner {}, mode {:04o}); remove it so tdefs \
+                 can create its own",
+                dir.display(),
+                if md.file_type().is_symlink() { "symlink" } else if md.is_dir() { "directory" } else { "file" },
+                md.uid(),
+                md.mode() & 0o7777
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Serve requests for `mountpoint` (canonical) on a background thread.
 pub fn serve(mountpoint: &Path, handler: Arc<Handler>) -> std::io::Result<Server> {
     let dir = runtime_dirs().into_iter().next().expect("at least one runtime dir");
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
+    check_private(&dir)?;
     let path = dir.join(socket_name(mountpoint));
     if path.exists() {
         if UnixStream::connect(&path).is_ok() {
@@ -109,6 +132,7 @@ pub fn serve(mountpoint: &Path, handler: Arc<Handler>) -> std::io::Result<Server
     Ok(Server { path })
 }
 
+/// The user at the other end of a Unix socket (SO_PEERCRED).
 fn peer_uid(s: &UnixStream) -> std::io::Result<u32> {
     use std::os::fd::AsRawFd;
     let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
@@ -149,13 +173,23 @@ pub fn call(mountpoint: &Path, req: &Request) -> anyhow::Result<Response> {
     use anyhow::Context;
     let mp = std::fs::canonicalize(mountpoint).with_context(|| format!("cannot resolve {}", mountpoint.display()))?;
     let candidates = candidate_sockets(&mp);
-    let Some(s) = candidates.iter().find_map(|p| UnixStream::connect(p).ok()) else {
+    let Some((path, s)) = candidates.iter().find_map(|p| UnixStream::connect(p).ok().map(|s| (p, s))) else {
         anyhow::bail!(
             "no running tdefs serves {} (looked for its control socket at {}); is it mounted by tdefs?",
             mp.display(),
             candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
         );
     };
+    // An operator destroys the old master key on the word "rotated": only believe a
+    // daemon run by root or by ourselves.
+    let server = peer_uid(&s).context("cannot identify the process behind the control socket")?;
+    let me = unsafe { libc::geteuid() };
+    if server != 0 && server != me {
+        anyhow::bail!(
+            "the control socket {} is served by user {server}, not by root or by you (user {me}): not trusting it",
+            path.display()
+        );
+    }
     // A master-key rotation may wait on KMS (seconds, with retries).
     s.set_read_timeout(Some(Duration::from_secs(120)))?;
     let mut line = serde_json::to_string(req)?;
@@ -168,4 +202,31 @@ pub fn call(mountpoint: &Path, req: &Request) -> anyhow::Result<Response> {
         anyhow::bail!("the control socket answered for {}, not {}", resp.mountpoint.display(), mp.display());
     }
     Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// The daemon serves its socket only from a directory that is its user's alone.
+    #[test]
+    fn the_runtime_directory_must_be_private() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("rt");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        check_private(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(check_private(&dir).unwrap_err().to_string().contains("mode 0755"));
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        if unsafe { libc::geteuid() } == 0 {
+            let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
+            assert_eq!(unsafe { libc::chown(c.as_ptr(), 65534, 65534) }, 0);
+            assert!(check_private(&dir).unwrap_err().to_string().contains("owner 65534"));
+        }
+        let link = d.path().join("link");
+        std::os::unix::fs::symlink(d.path(), &link).unwrap();
+        assert!(check_private(&link).unwrap_err().to_string().contains("symlink"));
+    }
 }

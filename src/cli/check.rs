@@ -105,7 +105,7 @@ fn run_inner(args: CheckArgs) -> anyhow::Result<bool> {
         Ok(l) => l,
         Err(e) if args.repair => {
             println!("the file dictionary does not load: {e}");
-            let kept = FileDict::salvage(&e)?;
+            let kept = FileDict::salvage(&off.meta, &e)?;
             if !kept.is_empty() {
                 println!("repair: cut the damaged log before the damage; copies kept:");
                 for k in &kept {

@@ -51,7 +51,12 @@ pub fn notify_ready(log_file: Option<&std::path::Path>) {
     let _ = writeln!(f, "{READY}");
     drop(f);
     if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
-        let log = log_file.and_then(|p| std::fs::OpenOptions::new().create(true).append(true).open(p).ok());
+        // The daemon runs with umask 0 (FUSE asks for exact modes): the log is created 0600,
+        // and a symlink planted at its path is not followed.
+        let log = log_file.and_then(|p| {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new().create(true).append(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(p).ok()
+        });
         unsafe {
             libc::dup2(null.as_raw_fd(), 0);
             libc::dup2(null.as_raw_fd(), 1);

@@ -18,7 +18,7 @@ use super::copy::{copy_attrs, set_times, transform};
 use super::progress::{Display, Progress};
 use super::{create_staging, ensure_dir, io_err, remove_staging, select, show, ConvertError, Item, Kind, Summary};
 use crate::crypto::{FileCipher, Method};
-use crate::meta::{status, Metadata, PROGRESS_FILE};
+use crate::meta::{status, Metadata};
 use crate::sys;
 
 pub struct Options {
@@ -55,10 +55,10 @@ pub fn run(meta: &Metadata, paths: &[PathBuf], opts: &Options) -> Result<Summary
     let bytes_total = files.iter().map(|i| i.md.len()).sum();
     let mut progress = Progress::new("decrypt", opts.display, files.len() as u64, bytes_total);
     // Progress for `tdefs status` is a convenience: an export goes on without it.
-    let published = create_staging(backing).ok();
+    let published = create_staging(meta).ok();
     if let Some(staging) = &published {
         let snapshot = status::collect(backing, &meta.keys, meta.dict.as_ref(), opts.method, false);
-        progress.publish_to(staging.join(PROGRESS_FILE), snapshot);
+        progress.publish_to(staging.clone(), snapshot);
     }
     let mut links: HashMap<(u64, u64), Vec<PathBuf>> = HashMap::new();
     for i in files.iter().filter(|i| i.md.nlink() > 1) {
@@ -105,7 +105,7 @@ pub fn run(meta: &Metadata, paths: &[PathBuf], opts: &Options) -> Result<Summary
     }
     progress.finish();
     if published.is_some() {
-        let _ = remove_staging(backing);
+        let _ = remove_staging(meta);
     }
     for w in ctx.warnings.iter().take(20) {
         tracing::warn!("{w}");
@@ -192,10 +192,16 @@ fn export_file(ctx: &mut Ctx<'_>, item: &Item, dest: &Path, progress: &mut Progr
     tmp_name.extend_from_slice(name.as_bytes());
     tmp_name.extend_from_slice(b".tdefs-partial");
     let tmp = dest.with_file_name(OsStr::from_bytes(&tmp_name));
+    // A new file, never one that exists or a link planted there (decrypt runs as root and
+    // the export directory may be shared): a leftover of an interrupted run is removed.
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(format!("cannot remove {}: {e}", tmp.display())),
+        _ => {}
+    }
     let dst = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
         .mode(0o600)
         .open(&tmp)
         .map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;

@@ -25,8 +25,11 @@ use super::progress::{Display, Progress};
 use super::{create_staging, io_err, remove_staging, select, show, ConvertError, Kind, Summary};
 use crate::crypto::{random_iv, random_u64, Method};
 use crate::dictionary::{FileEntry, Record};
-use crate::meta::{status, Metadata, PROGRESS_FILE, STAGING_PREFIX};
-use crate::sys;
+use crate::meta::{status, Metadata, STAGING_PREFIX};
+use crate::sys::{self, Dir};
+use std::ffi::OsStr;
+use std::os::fd::AsFd;
+use std::sync::Arc;
 
 pub struct Options {
     pub method: Method,
@@ -51,7 +54,7 @@ impl<E: Into<ConvertError>> From<E> for FileError {
 struct Ctx<'a> {
     meta: &'a Metadata,
     opts: &'a Options,
-    staging: PathBuf,
+    staging: Arc<Dir>,
     buf: Vec<u8>,
 }
 
@@ -85,9 +88,9 @@ pub fn run(meta: &Metadata, paths: &[PathBuf], opts: &Options) -> Result<Summary
     }
     let bytes_total = todo.iter().map(|i| i.md.len()).sum();
     let mut progress = Progress::new("encrypt", opts.display, todo.len() as u64, bytes_total);
-    let staging = create_staging(backing)?;
+    let staging = create_staging(meta)?;
     let snapshot = status::collect(backing, &meta.keys, meta.dict.as_ref(), opts.method, false);
-    progress.publish_to(staging.join(PROGRESS_FILE), snapshot);
+    progress.publish_to(staging.clone(), snapshot);
     let mut ctx = Ctx { meta, opts, staging, buf: Vec::new() };
     for item in &todo {
         match encrypt_one(&mut ctx, &item.rel, &item.md, &mut progress) {
@@ -114,7 +117,7 @@ pub fn run(meta: &Metadata, paths: &[PathBuf], opts: &Options) -> Result<Summary
     }
     meta.close()?;
     progress.finish();
-    remove_staging(backing)?;
+    remove_staging(meta)?;
     Ok(summary)
 }
 
@@ -145,26 +148,20 @@ fn encrypt_one(ctx: &mut Ctx<'_>, rel: &[u8], md: &std::fs::Metadata, progress: 
         return Ok(());
     }
     let name = format!("{:016x}", random_u64());
-    let staged = ctx.staging.join(&name);
     let mut staged_rel = STAGING_PREFIX.to_vec();
     staged_rel.extend_from_slice(name.as_bytes());
-    let dst = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&staged)
-        .map_err(|e| failed("cannot create its staged copy", e))?;
+    let dst = ctx.staging.create_new(&name).map_err(|e| failed("cannot create its staged copy", e))?;
     let seq = dict.submit(Record::Put { path: staged_rel.clone(), entry })?;
     dict.sync(seq)?;
     crate::hooks::crash("convert:after-put");
+    let staging = ctx.staging.clone();
     let undo = |why: FileError| -> FileError {
         // Entry first, then the file (a crash in between leaves a file without entry in
         // the hidden staging directory, which the next open removes).
         if let Err(e) = dict.submit(Record::Delete { path: staged_rel.clone() }).and_then(|s| dict.sync(s)) {
             return FileError::Fatal(e.into());
         }
-        let _ = std::fs::remove_file(&staged);
+        let _ = staging.remove(&name);
         why
     };
     if let Err(why) = copy_verified(ctx, &src, md, &dst, &cipher, &full, progress) {
@@ -181,17 +178,25 @@ fn encrypt_one(ctx: &mut Ctx<'_>, rel: &[u8], md: &std::fs::Metadata, progress: 
     crate::hooks::crash("convert:after-intent");
     let parent = full.parent().unwrap_or(Path::new("/"));
     let parent_md = std::fs::metadata(parent).ok();
-    if let Err(e) = std::fs::rename(&staged, &full) {
-        dict.submit(Record::RenameAbort { intent })?;
-        return Err(undo(failed("cannot rename its encrypted copy into place", e)));
-    }
+    // By descriptors: from the verified staging directory into the file's directory.
+    let slash = rel.iter().rposition(|&b| b == b'/').unwrap_or(0);
+    let renamed = sys::open_dir_below(ctx.meta.backing_fd(), &rel[..slash]).and_then(|pfd| {
+        sys::renameat2(ctx.staging.fd(), OsStr::new(&name), pfd.as_fd(), OsStr::from_bytes(&rel[slash + 1..]), 0).map(|()| pfd)
+    });
+    let parent_fd = match renamed {
+        Ok(pfd) => pfd,
+        Err(e) => {
+            dict.submit(Record::RenameAbort { intent })?;
+            return Err(undo(failed("cannot rename its encrypted copy into place", e)));
+        }
+    };
     crate::hooks::crash("convert:after-rename");
     if let Some(pm) = parent_md {
         // The rename is an implementation detail: keep the directory's times as they were.
         set_times(parent, &pm);
     }
     // The outcome may be recorded only once the rename is durable.
-    sys::fsync_dir(parent).map_err(io_err("fsync", parent))?;
+    sys::fsync(parent_fd.as_fd()).map_err(io_err("fsync", parent))?;
     dict.submit(Record::RenameDone { intent })?;
     Ok(())
 }

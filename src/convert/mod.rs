@@ -19,8 +19,11 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 pub use self::select::{normalize, select, Item, Kind};
-use crate::meta::STAGING_DIR;
-use crate::sys;
+use std::ffi::OsStr;
+use std::sync::Arc;
+
+use crate::meta::{Metadata, STAGING_DIR};
+use crate::sys::{self, Dir};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConvertError {
@@ -75,20 +78,26 @@ fn ensure_dir(dir: &Path) -> std::io::Result<()> {
     }
 }
 
-/// The staging directory of `backing` (staged copies, the progress file), created.
-fn create_staging(backing: &Path) -> Result<PathBuf, ConvertError> {
-    let dir = backing.join(STAGING_DIR);
-    ensure_dir(&dir).map_err(io_err("create", &dir))?;
-    Ok(dir)
+/// The staging directory of the backing directory (staged copies, the progress file),
+/// created if needed and held by descriptor, verified like `.tdefs`: root writes into it,
+/// so nobody else may have made it or may write to it.
+fn create_staging(meta: &Metadata) -> Result<Arc<Dir>, ConvertError> {
+    let path = meta.backing().join(STAGING_DIR);
+    match sys::mkdirat(meta.backing_fd(), OsStr::new(STAGING_DIR), 0o700) {
+        Err(e) if e.raw_os_error() != Some(libc::EEXIST) => return Err(io_err("create", &path)(e)),
+        _ => {}
+    }
+    let dir = Dir::open_verified(meta.backing_fd(), OsStr::new(STAGING_DIR), &path).map_err(io_err("open", &path))?;
+    Ok(Arc::new(dir))
 }
 
 /// Remove the (empty) staging directory once a run is complete, durably.
-fn remove_staging(backing: &Path) -> Result<(), ConvertError> {
-    let dir = backing.join(STAGING_DIR);
-    match std::fs::remove_dir(&dir) {
-        Ok(()) => sys::fsync_dir(backing).map_err(io_err("fsync", backing)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(io_err("remove", dir)(e)),
+fn remove_staging(meta: &Metadata) -> Result<(), ConvertError> {
+    let path = meta.backing().join(STAGING_DIR);
+    match sys::unlinkat(meta.backing_fd(), OsStr::new(STAGING_DIR), libc::AT_REMOVEDIR) {
+        Ok(()) => sys::fsync(meta.backing_fd()).map_err(io_err("fsync", meta.backing())),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(e) => Err(io_err("remove", path)(e)),
     }
 }
 

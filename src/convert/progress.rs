@@ -3,7 +3,10 @@
 //! converter holds the backing directory's lock.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::meta::PROGRESS_FILE;
+use crate::sys::Dir;
 use std::time::{Duration, Instant, SystemTime};
 
 use indicatif::{HumanBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -36,7 +39,7 @@ pub struct Progress {
     last_line: Instant,
     last_file: Option<Instant>,
     /// Where `tdefs status` looks, and the status to write there (with `conversion` live).
-    file: Option<(PathBuf, Status)>,
+    file: Option<(Arc<Dir>, Status)>,
 }
 
 impl Progress {
@@ -75,9 +78,10 @@ impl Progress {
         }
     }
 
-    /// Keep `status` (with this run's progress) in `path` while the run lasts.
-    pub fn publish_to(&mut self, path: PathBuf, status: Status) {
-        self.file = Some((path, status));
+    /// Keep `status` (with this run's progress) in the progress file of `dir` (the staging
+    /// directory) while the run lasts.
+    pub fn publish_to(&mut self, dir: Arc<Dir>, status: Status) {
+        self.file = Some((dir, status));
         self.write_file(true);
     }
 
@@ -179,11 +183,10 @@ impl Progress {
         }
         self.last_file = Some(Instant::now());
         let conv = self.conversion("running");
-        let Some((path, status)) = &mut self.file else { return };
+        let Some((dir, status)) = &mut self.file else { return };
         status.conversion = Some(conv);
-        let tmp = path.with_extension("tmp");
         let json = serde_json::to_vec_pretty(status).expect("status serializes");
-        if let Err(e) = std::fs::write(&tmp, json).and_then(|()| std::fs::rename(&tmp, &*path)) {
+        if let Err(e) = dir.write(PROGRESS_FILE, &json) {
             tracing::debug!(error = %e, "cannot update the progress file");
         }
     }
@@ -196,8 +199,8 @@ impl Progress {
         if self.lines || self.bar.is_some() {
             eprintln!("{} in {}", self.line(), humantime::format_duration(Duration::from_secs(self.started.elapsed().as_secs())));
         }
-        if let Some((path, _)) = self.file.take() {
-            let _ = std::fs::remove_file(path);
+        if let Some((dir, _)) = self.file.take() {
+            let _ = dir.remove_if_exists(PROGRESS_FILE);
         }
     }
 }

@@ -20,6 +20,7 @@ mod snapshot;
 mod tree;
 
 use std::fs::File;
+use crate::sys::Dir;
 use std::os::fd::AsFd;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -124,7 +125,7 @@ impl DictError {
 
 /// What `load` found; nothing on disk has been changed yet.
 pub struct Loaded {
-    dir: PathBuf,
+    dir: Arc<Dir>,
     pub tree: Tree,
     pub snapshot: SnapshotInfo,
     /// Log generations replayed, oldest first.
@@ -137,7 +138,7 @@ pub struct Loaded {
     pub torn_tail: Option<(u64, &'static str)>,
     /// Paths written by the replayed records: the only entries a crash can have left stale.
     pub touched: Vec<Vec<u8>>,
-    stale_logs: Vec<PathBuf>,
+    stale_logs: Vec<String>,
     /// Format version of the newest log (appends continue in it).
     log_version: u16,
     /// Records in the newest log.
@@ -160,7 +161,7 @@ impl Loaded {
     /// Refuse a set of files that ends before `mark` (see the module doc).
     pub fn check_mark(&self, mark: DictMark) -> Result<(), DictError> {
         let (newest, last) = (self.generation(), self.last_seq());
-        let refuse = |what: String| Err(DictError::RolledBack { dir: self.dir.clone(), what });
+        let refuse = |what: String| Err(DictError::RolledBack { dir: self.dir.path().to_path_buf(), what });
         if newest < mark.gen {
             return refuse(format!("log generation {} is missing (the newest present is {newest})", mark.gen));
         }
@@ -212,7 +213,7 @@ struct LogState {
 }
 
 pub struct FileDict {
-    dir: PathBuf,
+    dir: Arc<Dir>,
     keys: Arc<SealKeys>,
     instance: [u8; 16],
     marks: Arc<dyn MarkStore>,
@@ -233,17 +234,17 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Dic
 impl FileDict {
     /// Create a dictionary in `dir` holding `initial` (durably): generation 1, mark
     /// `DictMark { gen: 1, seq: 0, clean: true }` for the caller to store.
-    pub fn create(dir: &Path, keys: &SealKeys, instance: &[u8; 16], initial: &Tree) -> Result<(), DictError> {
+    pub fn create(dir: &Dir, keys: &SealKeys, instance: &[u8; 16], initial: &Tree) -> Result<(), DictError> {
         let info = SnapshotInfo { covers_gen: 0, last_seq: 0 };
         let snap = snapshot::encode(initial, keys, instance, info);
-        sys::write_durably(dir, SNAPSHOT_FILE, &snap).map_err(io_err("write", &dir.join(SNAPSHOT_FILE)))?;
+        dir.write_durably(SNAPSHOT_FILE, &snap).map_err(io_err("write", &dir.join(SNAPSHOT_FILE)))?;
         let name = log_file_name(1);
-        sys::write_durably(dir, &name, &log::encode_header(1, instance)).map_err(io_err("write", &dir.join(&name)))
+        dir.write_durably(&name, &log::encode_header(1, instance)).map_err(io_err("write", &dir.join(&name)))
     }
 
     /// Read the snapshot and replay the logs, and check them against `mark` (none: a
     /// format 1 key dictionary, which kept no mark). Changes nothing on disk.
-    pub fn load(dir: &Path, keys: &SealKeys, instance: &[u8; 16], mark: Option<DictMark>) -> Result<Loaded, DictError> {
+    pub fn load(dir: &Arc<Dir>, keys: &SealKeys, instance: &[u8; 16], mark: Option<DictMark>) -> Result<Loaded, DictError> {
         let started = Instant::now();
         let loaded = Self::replay(dir, keys, instance, None)?;
         if let Some(m) = mark {
@@ -254,10 +255,10 @@ impl FileDict {
     }
 
     /// The snapshot plus the logs after it, up to generation `upto` (all of them: `None`).
-    fn replay(dir: &Path, keys: &SealKeys, instance: &[u8; 16], upto: Option<u64>) -> Result<Loaded, DictError> {
+    fn replay(dir: &Arc<Dir>, keys: &SealKeys, instance: &[u8; 16], upto: Option<u64>) -> Result<Loaded, DictError> {
         let snap_path = dir.join(SNAPSHOT_FILE);
-        let f = File::open(&snap_path).map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => DictError::Missing { dir: dir.into(), what: format!("{SNAPSHOT_FILE} is missing") },
+        let f = dir.open(SNAPSHOT_FILE, libc::O_RDONLY).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => DictError::Missing { dir: dir.path().into(), what: format!("{SNAPSHOT_FILE} is missing") },
             _ => DictError::Io { op: "open", path: snap_path.clone(), err: e },
         })?;
         let (mut tree, info, mut format) = snapshot::decode(&mut io::BufReader::with_capacity(1 << 20, f), keys, instance)
@@ -271,25 +272,24 @@ impl FileDict {
             })?;
 
         let mut gens = Vec::new();
-        for ent in std::fs::read_dir(dir).map_err(io_err("list", dir))? {
-            let ent = ent.map_err(io_err("list", dir))?;
-            if let Some(g) = ent.file_name().to_str().and_then(log::parse_log_file_name) {
+        for name in dir.list().map_err(io_err("list", dir.path()))? {
+            if let Some(g) = name.to_str().and_then(log::parse_log_file_name) {
                 gens.push(g);
             }
         }
         gens.sort_unstable();
-        let stale_logs = gens.iter().filter(|&&g| g <= info.covers_gen).map(|&g| dir.join(log_file_name(g))).collect();
+        let stale_logs = gens.iter().filter(|&&g| g <= info.covers_gen).map(|&g| log_file_name(g)).collect();
         gens.retain(|&g| g > info.covers_gen && upto.is_none_or(|u| g <= u));
         if gens.is_empty() {
             return Err(DictError::Missing {
-                dir: dir.into(),
+                dir: dir.path().into(),
                 what: format!("no log after generation {} (the snapshot's)", info.covers_gen),
             });
         }
         for (i, g) in gens.iter().enumerate() {
             if *g != info.covers_gen + 1 + i as u64 {
                 return Err(DictError::Missing {
-                    dir: dir.into(),
+                    dir: dir.path().into(),
                     what: format!("log generation {} is missing", info.covers_gen + 1 + i as u64),
                 });
             }
@@ -299,8 +299,8 @@ impl FileDict {
         let (mut records, mut touched, mut torn_tail, mut last_valid_len) = (0, Vec::new(), None, 0);
         let (mut log_version, mut newest_records) = (crate::meta::format::FORMAT_VERSION, 0);
         for (i, &gen) in gens.iter().enumerate() {
-            let path = dir.join(log_file_name(gen));
-            let bytes = std::fs::read(&path).map_err(io_err("read", &path))?;
+            let path = dir.join(&log_file_name(gen));
+            let bytes = dir.read(&log_file_name(gen)).map_err(io_err("read", &path))?;
             let version = log::check_log_header(&bytes, gen, instance).map_err(|p| match p {
                 log::HeaderProblem::Format(err) => DictError::Header { path: path.clone(), err },
                 log::HeaderProblem::Instance => DictError::Foreign { path: path.clone() },
@@ -349,7 +349,7 @@ impl FileDict {
             }
         }
         Ok(Loaded {
-            dir: dir.to_path_buf(),
+            dir: dir.clone(),
             tree,
             snapshot: info,
             log_gens: gens,
@@ -368,42 +368,45 @@ impl FileDict {
     /// Cut a damaged log before its damage so the dictionary loads again, keeping a copy of
     /// every file changed (`<name>.damaged`). Later log generations are set aside the same
     /// way. Returns the files set aside.
-    pub fn salvage(err: &DictError) -> Result<Vec<PathBuf>, DictError> {
+    pub fn salvage(dir: &Dir, err: &DictError) -> Result<Vec<PathBuf>, DictError> {
         let DictError::Damaged { path, what, offset, .. } = err else {
             return Ok(Vec::new());
         };
         if *what != LOG_WHAT {
             return Ok(Vec::new());
         }
-        let dir = path.parent().ok_or_else(|| DictError::Missing { dir: path.clone(), what: "no parent".into() })?;
-        let gen = path.file_name().and_then(|n| n.to_str()).and_then(log::parse_log_file_name).unwrap_or(0);
+        let Some(name) = path.file_name().and_then(|n| n.to_str()).map(str::to_string) else { return Ok(Vec::new()) };
+        let gen = log::parse_log_file_name(&name).unwrap_or(0);
         let mut kept = Vec::new();
         // Each copy is made durable before the log is cut or removed: the copy is what
         // keeps the records after the damage.
-        let aside = |p: &Path, kept: &mut Vec<PathBuf>| -> Result<(), DictError> {
-            let copy = PathBuf::from(format!("{}.damaged", p.display()));
-            std::fs::copy(p, &copy).map_err(io_err("copy", p))?;
-            File::open(&copy).and_then(|f| f.sync_all()).map_err(io_err("fsync", &copy))?;
-            sys::fsync_dir(dir).map_err(io_err("fsync", dir))?;
-            kept.push(copy);
+        let aside = |name: &str, kept: &mut Vec<PathBuf>| -> Result<(), DictError> {
+            use std::io::Write;
+            let copy = format!("{name}.damaged");
+            let bytes = dir.read(name).map_err(io_err("read", &dir.join(name)))?;
+            dir.remove_if_exists(&copy).map_err(io_err("remove", &dir.join(&copy)))?;
+            let mut f = dir.create_new(&copy).map_err(io_err("create", &dir.join(&copy)))?;
+            f.write_all(&bytes).and_then(|()| f.sync_all()).map_err(io_err("write", &dir.join(&copy)))?;
+            dir.sync().map_err(io_err("fsync", dir.path()))?;
+            kept.push(dir.join(&copy));
             Ok(())
         };
-        aside(path, &mut kept)?;
+        aside(&name, &mut kept)?;
         let cut = (*offset).max(LOG_HEADER_LEN as u64);
-        let f = std::fs::OpenOptions::new().write(true).open(path).map_err(io_err("open", path))?;
+        let f = dir.open(&name, libc::O_RDWR).map_err(io_err("open", path))?;
         sys::ftruncate(f.as_fd(), cut).map_err(io_err("truncate", path))?;
         sys::fsync(f.as_fd()).map_err(io_err("fsync", path))?;
         let mut g = gen + 1;
         loop {
-            let later = dir.join(log_file_name(g));
-            if !later.exists() {
+            let later = log_file_name(g);
+            if dir.open(&later, libc::O_RDONLY).is_err() {
                 break;
             }
             aside(&later, &mut kept)?;
-            std::fs::remove_file(&later).map_err(io_err("remove", &later))?;
+            dir.remove(&later).map_err(io_err("remove", &dir.join(&later)))?;
             g += 1;
         }
-        sys::fsync_dir(dir).map_err(io_err("fsync", dir))?;
+        dir.sync().map_err(io_err("fsync", dir.path()))?;
         Ok(kept)
     }
 
@@ -422,8 +425,8 @@ impl FileDict {
         let gen = loaded.generation();
         let mark = DictMark { gen, seq: loaded.last_seq(), clean: false };
         marks.store_mark(mark).map_err(DictError::Mark)?;
-        let path = dir.join(log_file_name(gen));
-        let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).map_err(io_err("open", &path))?;
+        let path = dir.join(&log_file_name(gen));
+        let file = dir.open(&log_file_name(gen), libc::O_RDWR).map_err(io_err("open", &path))?;
         if let Some((bytes, why)) = loaded.torn_tail {
             tracing::warn!(
                 log = %path.display(), offset = loaded.last_valid_len, bytes, reason = why,
@@ -433,10 +436,10 @@ impl FileDict {
             sys::ftruncate(file.as_fd(), loaded.last_valid_len).map_err(io_err("truncate", &path))?;
             sys::fdatasync(file.as_fd()).map_err(io_err("fsync", &path))?;
         }
-        for p in &loaded.stale_logs {
-            std::fs::remove_file(p).map_err(io_err("remove", p))?;
+        for name in &loaded.stale_logs {
+            dir.remove(name).map_err(io_err("remove", &dir.join(name)))?;
         }
-        let _ = std::fs::remove_file(dir.join(format!("{SNAPSHOT_FILE}.tmp")));
+        let _ = dir.remove_if_exists(&format!("{SNAPSHOT_FILE}.tmp"));
         let records_since_snapshot = loaded.records;
         let durable_seq = loaded.next_seq - 1;
         let seal = log::log_seal(&keys, gen, loaded.log_version);
@@ -505,7 +508,8 @@ impl FileDict {
         self.store_mark(DictMark { gen, seq, clean: true })
     }
 
-    pub fn dir(&self) -> &Path {
+    /// The metadata directory (for messages and sizes).
+    pub fn dir(&self) -> &Dir {
         &self.dir
     }
 
@@ -585,7 +589,7 @@ impl FileDict {
     }
 
     fn log_path(&self, gen: u64) -> PathBuf {
-        self.dir.join(log_file_name(gen))
+        self.dir.join(&log_file_name(gen))
     }
 
     /// Write and fdatasync everything queued, with the lock released during the I/O.
@@ -694,9 +698,8 @@ impl FileDict {
         let new_gen = st.gen + 1;
         let name = log_file_name(new_gen);
         let new_path = self.dir.join(&name);
-        sys::write_durably(&self.dir, &name, &log::encode_header(new_gen, &self.instance))
-            .map_err(io_err("create", &new_path))?;
-        let file = std::fs::OpenOptions::new().read(true).write(true).open(&new_path).map_err(io_err("open", &new_path))?;
+        self.dir.write_durably(&name, &log::encode_header(new_gen, &self.instance)).map_err(io_err("create", &new_path))?;
+        let file = self.dir.open(&name, libc::O_RDWR).map_err(io_err("open", &new_path))?;
         // The key dictionary learns the new generation before any record goes into it.
         self.store_mark(DictMark { gen: new_gen, seq: info.last_seq, clean: false })?;
         st.file = Arc::new(file);
@@ -720,37 +723,20 @@ impl FileDict {
         let bytes = snapshot::encode(&old.tree, &self.keys, &self.instance, info);
         drop(old);
         let snap_path = self.dir.join(SNAPSHOT_FILE);
-        sys::write_durably(&self.dir, SNAPSHOT_FILE, &bytes).map_err(io_err("write", &snap_path))?;
+        self.dir.write_durably(SNAPSHOT_FILE, &bytes).map_err(io_err("write", &snap_path))?;
         for g in 1..=info.covers_gen {
-            let p = self.log_path(g);
-            match std::fs::remove_file(&p) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(DictError::Io { op: "remove", path: p, err: e }),
-            }
+            self.dir.remove_if_exists(&log_file_name(g)).map_err(io_err("remove", &self.log_path(g)))?;
         }
-        sys::fsync_dir(&self.dir).map_err(io_err("fsync", &self.dir))?;
+        self.dir.sync().map_err(io_err("fsync", self.dir.path()))?;
         *self.last_compaction.lock() = Some(Instant::now());
         crate::metrics::dictionary_compacted();
         tracing::info!(entries = self.tree.read().len(), generation = new_gen, "file dictionary compacted");
         Ok(())
     }
 
-    /// Total bytes of the dictionary files on disk.
+    /// Total bytes of the metadata files on disk.
     pub fn disk_size(&self) -> u64 {
-        std::fs::read_dir(&self.dir)
-            .map(|rd| {
-                rd.flatten()
-                    .filter(|e| {
-                        let n = e.file_name();
-                        let n = n.to_string_lossy();
-                        n == SNAPSHOT_FILE || n.starts_with("files.log.")
-                    })
-                    .filter_map(|e| e.metadata().ok())
-                    .map(|m| m.len())
-                    .sum()
-            })
-            .unwrap_or(0)
+        self.dir.files_size()
     }
 }
 

@@ -32,12 +32,18 @@ fn mark_of(dir: &Path) -> Option<DictMark> {
     Some(DictMark { gen: v[0].parse().unwrap(), seq: v[1].parse().unwrap(), clean: v[2] == "true" })
 }
 
+/// The directory as tdefs holds its metadata directory: by verified descriptor.
+fn md(dir: &Path) -> Arc<Dir> {
+    let parent = std::fs::File::open(dir.parent().unwrap()).unwrap();
+    Arc::new(Dir::open_verified(std::os::fd::AsFd::as_fd(&parent), dir.file_name().unwrap(), dir).unwrap())
+}
+
 fn marks(dir: &Path) -> Arc<dyn MarkStore> {
     Arc::new(FileMarks(dir.to_path_buf()))
 }
 
 fn load(dir: &Path) -> Result<Loaded, DictError> {
-    FileDict::load(dir, &seal(), &INST, mark_of(dir))
+    FileDict::load(&md(dir), &seal(), &INST, mark_of(dir))
 }
 
 fn writable(l: Loaded, dir: &Path) -> FileDict {
@@ -49,7 +55,7 @@ fn entry(i: u64) -> FileEntry {
 }
 
 fn new_dict(dir: &Path) -> FileDict {
-    FileDict::create(dir, &seal(), &INST, &Tree::default()).unwrap();
+    FileDict::create(&md(dir), &seal(), &INST, &Tree::default()).unwrap();
     FileMarks(dir.to_path_buf()).store_mark(DictMark { gen: 1, seq: 0, clean: true }).unwrap();
     open(dir)
 }
@@ -272,8 +278,8 @@ fn damage_is_refused_with_the_file_named_and_nothing_changed() {
 
     // Another key, another instance.
     let other = SealKeys::new(&Secret::new(vec![1; 32]), INST);
-    assert!(FileDict::load(d.path(), &other, &INST, None).is_err());
-    assert!(matches!(FileDict::load(d.path(), &seal(), &[8; 16], None), Err(DictError::Foreign { .. })));
+    assert!(FileDict::load(&md(d.path()), &other, &INST, None).is_err());
+    assert!(matches!(FileDict::load(&md(d.path()), &seal(), &[8; 16], None), Err(DictError::Foreign { .. })));
     assert_eq!(open(d.path()).with_tree(|t| t.len()), 70);
 }
 
@@ -310,7 +316,7 @@ fn mutated_log_case(recs: &[Record], mutation: (u8, usize, u8)) {
     std::fs::write(&log, &b).unwrap();
     // Never a panic; either an error, or exactly some prefix of the history.
     // (Without the mark: this is about damage to the bytes; rollback has its own tests.)
-    if let Ok(l) = FileDict::load(d.path(), &seal(), &INST, None) {
+    if let Ok(l) = FileDict::load(&md(d.path()), &seal(), &INST, None) {
         let n = l.records as usize;
         assert!(n <= recs.len());
         let mut got = Vec::new();
@@ -340,14 +346,14 @@ proptest! {
     #[test]
     fn arbitrary_bytes_never_panic(tail in proptest::collection::vec(any::<u8>(), 0..600), header_ok in any::<bool>()) {
         let d = tempfile::tempdir().unwrap();
-        FileDict::create(d.path(), &seal(), &INST, &Tree::default()).unwrap();
+        FileDict::create(&md(d.path()), &seal(), &INST, &Tree::default()).unwrap();
         let log = d.path().join(log_file_name(1));
         let mut b = if header_ok { std::fs::read(&log).unwrap() } else { Vec::new() };
         b.extend(&tail);
         std::fs::write(&log, &b).unwrap();
-        let _ = FileDict::load(d.path(), &seal(), &INST, None);
+        let _ = FileDict::load(&md(d.path()), &seal(), &INST, None);
         std::fs::write(d.path().join(SNAPSHOT_FILE), &tail).unwrap();
-        prop_assert!(FileDict::load(d.path(), &seal(), &INST, None).is_err());
+        prop_assert!(FileDict::load(&md(d.path()), &seal(), &INST, None).is_err());
     }
 }
 

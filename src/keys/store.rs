@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -64,7 +64,7 @@ struct Wrapping {
 }
 
 pub struct KeyStore {
-    dir: PathBuf,
+    dir: Arc<crate::sys::Dir>,
     wrapping: Mutex<Wrapping>,
     /// The dictionary key itself, kept (locked in memory) so it can be re-wrapped.
     dict_key: Secret,
@@ -90,7 +90,7 @@ fn now_secs() -> u64 {
 
 impl KeyStore {
     /// Create a new key dictionary in `dir` (which must not hold one), durably.
-    pub fn create(dir: &Path, backend: &dyn MasterKeyBackend) -> Result<KeyStore, KeyError> {
+    pub fn create(dir: &Arc<crate::sys::Dir>, backend: &dyn MasterKeyBackend) -> Result<KeyStore, KeyError> {
         let (dict_key, wrapped) = backend.generate()?;
         // Prove the backend can open what it just wrapped before anything depends on it.
         if backend.unwrap(&wrapped)?.as_ref() != Some(&dict_key) {
@@ -101,7 +101,7 @@ impl KeyStore {
         // A new file dictionary is created at generation 1 with no records, closed.
         let state = State { mark: Some(DictMark { gen: 1, seq: 0, clean: true }), ..State::default() };
         let store = KeyStore {
-            dir: dir.to_path_buf(),
+            dir: dir.clone(),
             wrapping: Mutex::new(Wrapping { kind: backend.kind().to_string(), blob: wrapped }),
             seal: SealKey::new(&dict_key),
             seals: Arc::new(SealKeys::new(&dict_key, instance)),
@@ -116,9 +116,9 @@ impl KeyStore {
     }
 
     /// Open the key dictionary in `dir` with `backend`. Reads only.
-    pub fn open(dir: &Path, backend: &dyn MasterKeyBackend) -> Result<KeyStore, KeyError> {
+    pub fn open(dir: &Arc<crate::sys::Dir>, backend: &dyn MasterKeyBackend) -> Result<KeyStore, KeyError> {
         let path = dir.join(KEYS_FILE);
-        let bytes = std::fs::read(&path).map_err(|e| KeyError::Io { op: "read", path: path.clone(), err: e })?;
+        let bytes = dir.read(KEYS_FILE).map_err(|e| KeyError::Io { op: "read", path: path.clone(), err: e })?;
         let corrupt = |reason: &str| KeyError::Corrupt { path: path.clone(), reason: reason.to_string() };
         let format = check_header(&bytes, FileKind::Keys).map_err(|err| KeyError::Header { path: path.clone(), err })?;
         if bytes.len() < HEADER_LEN + 4 {
@@ -150,7 +150,7 @@ impl KeyStore {
         let body = seal.open(&aad, sealed).map_err(|_| corrupt("body fails authentication"))?;
         let state = decode_body(body.expose(), format).ok_or_else(|| corrupt("body is malformed"))?;
         Ok(KeyStore {
-            dir: dir.to_path_buf(),
+            dir: dir.clone(),
             wrapping: Mutex::new(Wrapping { kind, blob: wrapped }),
             seals: Arc::new(SealKeys::new(&dict_key, instance)),
             dict_key,
@@ -307,7 +307,7 @@ impl KeyStore {
         e.bytes(&sealed);
         let crc = crc32fast::hash(&e.0);
         e.raw(&crc.to_le_bytes());
-        crate::sys::write_durably(&self.dir, KEYS_FILE, &e.0)
+        self.dir.write_durably(KEYS_FILE, &e.0)
             .map_err(|err| KeyError::Io { op: "write", path: self.path(), err })
     }
 }
@@ -373,7 +373,12 @@ mod tests {
     use super::*;
     use crate::keys::{generate_key_file, FileBackend, PlaintextBackend};
 
-    fn backend(dir: &Path, name: &str) -> FileBackend {
+    fn meta_dir(d: &tempfile::TempDir) -> Arc<crate::sys::Dir> {
+        let parent = std::fs::File::open(d.path().parent().unwrap()).unwrap();
+        Arc::new(crate::sys::Dir::open_verified(std::os::fd::AsFd::as_fd(&parent), d.path().file_name().unwrap(), d.path()).unwrap())
+    }
+
+    fn backend(dir: &std::path::Path, name: &str) -> FileBackend {
         let p = dir.join(name);
         generate_key_file(&p).unwrap();
         FileBackend::load(&p).unwrap()
@@ -383,7 +388,7 @@ mod tests {
     fn create_rotate_reopen() {
         let d = tempfile::tempdir().unwrap();
         let b = backend(d.path(), "mk");
-        let s = KeyStore::create(d.path(), &b).unwrap();
+        let s = KeyStore::create(&meta_dir(&d), &b).unwrap();
         let day = Duration::from_secs(86400);
         let k1 = s.key_for_new_file(Method::Aes256Ctr, day).unwrap().unwrap();
         assert_eq!(s.key_for_new_file(Method::Aes256Ctr, day).unwrap().unwrap().id, k1.id, "reused while young");
@@ -393,7 +398,7 @@ mod tests {
         let k3 = s.key_for_new_file(Method::Sm4Ctr, Duration::ZERO).unwrap().unwrap();
         assert_ne!(k2.id, k3.id, "expired key rotates");
 
-        let r = KeyStore::open(d.path(), &b).unwrap();
+        let r = KeyStore::open(&meta_dir(&d), &b).unwrap();
         assert_eq!(r.instance(), s.instance());
         assert_eq!(r.keys().len(), 3);
         assert_eq!(r.current().unwrap().id, k3.id);
@@ -409,29 +414,29 @@ mod tests {
     fn wrong_key_mismatch_and_corruption_are_refused() {
         let d = tempfile::tempdir().unwrap();
         let b = backend(d.path(), "mk");
-        let s = KeyStore::create(d.path(), &b).unwrap();
+        let s = KeyStore::create(&meta_dir(&d), &b).unwrap();
         s.key_for_new_file(Method::Aes128Ctr, Duration::from_secs(60)).unwrap();
         let path = s.path();
         let orig = std::fs::read(&path).unwrap();
 
         let other = backend(d.path(), "other");
-        assert!(matches!(KeyStore::open(d.path(), &other), Err(KeyError::WrongMasterKey { .. })));
-        let e = KeyStore::open(d.path(), &PlaintextBackend).unwrap_err();
+        assert!(matches!(KeyStore::open(&meta_dir(&d), &other), Err(KeyError::WrongMasterKey { .. })));
+        let e = KeyStore::open(&meta_dir(&d), &PlaintextBackend).unwrap_err();
         assert!(matches!(e, KeyError::BackendMismatch { .. }), "{e}");
 
         for i in 0..orig.len() {
             let mut t = orig.clone();
             t[i] ^= 0x40;
             std::fs::write(&path, &t).unwrap();
-            assert!(KeyStore::open(d.path(), &b).is_err(), "flip at byte {i} accepted");
+            assert!(KeyStore::open(&meta_dir(&d), &b).is_err(), "flip at byte {i} accepted");
         }
         for len in [0, 5, HEADER_LEN, orig.len() / 2, orig.len() - 1] {
             std::fs::write(&path, &orig[..len]).unwrap();
-            let e = KeyStore::open(d.path(), &b).unwrap_err().to_string();
+            let e = KeyStore::open(&meta_dir(&d), &b).unwrap_err().to_string();
             assert!(e.contains(&*path.to_string_lossy()), "{e}");
         }
         std::fs::write(&path, &orig).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), orig);
-        KeyStore::open(d.path(), &b).unwrap();
+        KeyStore::open(&meta_dir(&d), &b).unwrap();
     }
 }

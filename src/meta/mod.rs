@@ -9,15 +9,13 @@ use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::config::MasterKeyConfig;
 use crate::dictionary::{DictError, DictMark, FileDict, FileEntry, Loaded, MarkStore, Record, Tree};
 use crate::keys::{backend_for, KeyError, KeyStore, MasterKeyBackend};
-use crate::sys;
+use crate::sys::{self, Dir};
 
 /// Metadata directory, hidden and inaccessible through the mount.
 pub const META_DIR: &str = ".tdefs";
@@ -89,11 +87,12 @@ pub struct OpenReport {
 pub struct Metadata {
     backing: PathBuf,
     backing_fd: OwnedFd,
+    /// The metadata directory, verified and held by descriptor (its flock is this
+    /// process's claim on the backing directory).
+    pub meta: Arc<Dir>,
     pub keys: Arc<KeyStore>,
     pub dict: Arc<FileDict>,
     pub report: OpenReport,
-    /// flock on the metadata directory, held while this process uses it.
-    _lock: File,
 }
 
 /// Options for opening.
@@ -109,7 +108,7 @@ impl Metadata {
         &self.backing
     }
 
-    /// `O_PATH` descriptor of the backing root.
+    /// Descriptor of the backing root.
     pub fn backing_fd(&self) -> BorrowedFd<'_> {
         self.backing_fd.as_fd()
     }
@@ -124,25 +123,24 @@ impl Metadata {
     /// (or `adopt` is set). Every check that can fail (key file, master key, dictionary
     /// integrity) happens before anything on disk is changed.
     pub fn open_or_init(backing: &Path, master: &MasterKeys<'_>, opts: &OpenOptions) -> Result<Metadata, MetaError> {
-        let backing = check_backing(backing)?;
-        let meta_dir = backing.join(META_DIR);
+        let (backing, backing_fd) = check_backing(backing)?;
         let mut report = OpenReport::default();
-        match std::fs::symlink_metadata(&meta_dir) {
-            Ok(m) if m.is_dir() => {}
+        match sys::fstatat(backing_fd.as_fd(), OsStr::new(META_DIR), libc::AT_SYMLINK_NOFOLLOW) {
+            Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => {}
             Ok(_) => {
                 return Err(MetaError::Backing {
                     path: backing,
-                    problem: format!("{META_DIR} exists but is not a directory"),
+                    problem: format!("{META_DIR} exists but is not a directory (a symlink, or a file); tdefs never follows it"),
                 })
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
                 let backend = backend_for(master.current)?;
-                report.adopted_entries = initialize(&backing, backend.as_ref(), opts.adopt)?;
+                report.adopted_entries = initialize(&backing, &backing_fd, backend.as_ref(), opts.adopt)?;
                 report.initialized = true;
             }
-            Err(e) => return Err(io_err("stat", &meta_dir)(e)),
+            Err(e) => return Err(io_err("stat", &backing.join(META_DIR))(e)),
         }
-        let off = Offline::open_existing(&backing, master, true)?;
+        let off = Offline::open_existing(backing, backing_fd, master, true)?;
         let loaded = off.load()?;
         off.into_metadata(loaded, opts, report)
     }
@@ -152,42 +150,46 @@ impl Metadata {
 /// nothing written.
 pub struct Offline {
     pub backing: PathBuf,
-    pub meta_dir: PathBuf,
+    backing_fd: OwnedFd,
+    pub meta: Arc<Dir>,
     pub keys: Arc<KeyStore>,
-    lock: File,
 }
 
 impl Offline {
     /// Open the existing metadata of `backing` (never initialises, never rewrites: with a
     /// previous master key it opens, but re-wrapping is left to the next mount).
     pub fn open(backing: &Path, master: &MasterKeys<'_>) -> Result<Offline, MetaError> {
-        let backing = check_backing(backing)?;
-        if !backing.join(META_DIR).is_dir() {
-            return Err(MetaError::Backing { path: backing, problem: format!("has no {META_DIR} directory (not a tdefs backing directory)") });
-        }
-        Self::open_existing(&backing, master, false)
+        let (backing, backing_fd) = check_backing(backing)?;
+        Self::open_existing(backing, backing_fd, master, false)
     }
 
-    fn open_existing(backing: &Path, master: &MasterKeys<'_>, rotate: bool) -> Result<Offline, MetaError> {
-        let meta_dir = backing.join(META_DIR);
-        let lock = File::open(&meta_dir).map_err(io_err("open", &meta_dir))?;
-        if !sys::try_lock_exclusive(lock.as_fd()).map_err(io_err("lock", &meta_dir))? {
-            return Err(MetaError::Locked { path: meta_dir });
+    fn open_existing(backing: PathBuf, backing_fd: OwnedFd, master: &MasterKeys<'_>, rotate: bool) -> Result<Offline, MetaError> {
+        let meta_path = backing.join(META_DIR);
+        let meta = Dir::open_verified(backing_fd.as_fd(), OsStr::new(META_DIR), &meta_path).map_err(|e| match e.raw_os_error() {
+            Some(libc::ENOENT) => MetaError::Backing {
+                path: backing.clone(),
+                problem: format!("has no {META_DIR} directory (not a tdefs backing directory)"),
+            },
+            _ => MetaError::Backing { path: backing.clone(), problem: e.to_string() },
+        })?;
+        if !sys::try_lock_exclusive(meta.fd()).map_err(io_err("lock", &meta_path))? {
+            return Err(MetaError::Locked { path: meta_path });
         }
-        let keys = Arc::new(open_keys(&meta_dir, master, rotate)?);
-        Ok(Offline { backing: backing.to_path_buf(), meta_dir, keys, lock })
+        let meta = Arc::new(meta);
+        let keys = Arc::new(open_keys(&meta, master, rotate)?);
+        Ok(Offline { backing, backing_fd, meta, keys })
     }
 
     /// Read the file dictionary and check it against the mark the key dictionary keeps
     /// (changes nothing).
     pub fn load(&self) -> Result<Loaded, DictError> {
-        FileDict::load(&self.meta_dir, self.keys.seal_keys(), &self.keys.instance(), self.keys.dictionary_mark())
+        FileDict::load(&self.meta, self.keys.seal_keys(), &self.keys.instance(), self.keys.dictionary_mark())
     }
 
     /// Read the file dictionary without checking it against the key dictionary's mark
     /// (`tdefs check --repair`, which then accepts it as it is).
     pub fn load_unchecked(&self) -> Result<Loaded, DictError> {
-        FileDict::load(&self.meta_dir, self.keys.seal_keys(), &self.keys.instance(), None)
+        FileDict::load(&self.meta, self.keys.seal_keys(), &self.keys.instance(), None)
     }
 
     /// Accept the file dictionary as loaded: make the key dictionary's mark match it.
@@ -199,10 +201,9 @@ impl Offline {
 
     /// Recover what a crash left and make the dictionary writable.
     pub fn into_metadata(self, loaded: Loaded, opts: &OpenOptions, mut report: OpenReport) -> Result<Metadata, MetaError> {
-        let backing_fd = std::fs::File::open(&self.backing).map_err(io_err("open", &self.backing))?.into();
-        let dict = recover(loaded, &self.keys, opts, &backing_fd, &mut report)?;
+        let dict = recover(loaded, &self.keys, opts, &self.backing, &self.backing_fd, &mut report)?;
         report.entries = dict.with_tree(|t| t.len());
-        Ok(Metadata { backing: self.backing, backing_fd, keys: self.keys, dict: Arc::new(dict), report, _lock: self.lock })
+        Ok(Metadata { backing: self.backing, backing_fd: self.backing_fd, meta: self.meta, keys: self.keys, dict: Arc::new(dict), report })
     }
 }
 
@@ -222,7 +223,7 @@ impl<'a> MasterKeys<'a> {
 /// Open the key dictionary with the configured master key or, failing that, with the
 /// previous one; `rotate` then re-wraps it under the configured key (durably: a crash at
 /// any instant leaves it openable by one of the two).
-fn open_keys(meta_dir: &Path, master: &MasterKeys<'_>, rotate: bool) -> Result<KeyStore, MetaError> {
+fn open_keys(meta_dir: &Arc<Dir>, master: &MasterKeys<'_>, rotate: bool) -> Result<KeyStore, MetaError> {
     let backend = backend_for(master.current)?;
     match KeyStore::open(meta_dir, backend.as_ref()) {
         Ok(keys) => {
@@ -272,13 +273,27 @@ pub fn rotate_master_key(keys: &KeyStore, new: &MasterKeyConfig) -> Result<Strin
     Ok(backend.describe())
 }
 
-fn check_backing(backing: &Path) -> Result<PathBuf, MetaError> {
+/// The backing directory's canonical path and a descriptor of it. A backing root that
+/// others may write to without the sticky bit is refused: any user could rename tdefs'
+/// metadata directory away.
+fn check_backing(backing: &Path) -> Result<(PathBuf, OwnedFd), MetaError> {
     let problem = |p: String| MetaError::Backing { path: backing.to_path_buf(), problem: p };
     let m = std::fs::metadata(backing).map_err(|e| problem(format!("cannot access it: {e}")))?;
     if !m.is_dir() {
         return Err(problem("is not a directory".into()));
     }
-    std::fs::canonicalize(backing).map_err(|e| problem(format!("cannot resolve it: {e}")))
+    let path = std::fs::canonicalize(backing).map_err(|e| problem(format!("cannot resolve it: {e}")))?;
+    let fd: OwnedFd = File::open(&path).map_err(|e| problem(format!("cannot open it: {e}")))?.into();
+    let st = sys::fstat(fd.as_fd()).map_err(|e| problem(format!("cannot stat it: {e}")))?;
+    if st.st_mode & 0o022 != 0 && st.st_mode & libc::S_ISVTX == 0 {
+        return Err(problem(format!(
+            "is writable by group or others (mode {:04o}) without the sticky bit, so any of them could rename \
+             tdefs' metadata away: `chmod go-w {}` (or add the sticky bit, `chmod +t`)",
+            st.st_mode & 0o7777,
+            path.display()
+        )));
+    }
+    Ok((path, fd))
 }
 
 /// Create the metadata directory atomically: assemble it under a temporary name, make it
@@ -286,11 +301,19 @@ fn check_backing(backing: &Path) -> Result<PathBuf, MetaError> {
 /// recorded as plaintext in the first snapshot: from then on a file without a record is
 /// an error, never silently plaintext. Returns how many entries of the backing root were
 /// adopted.
-fn initialize(backing: &Path, backend: &dyn MasterKeyBackend, adopt: bool) -> Result<usize, MetaError> {
-    let tmp = backing.join(INIT_DIR);
-    if tmp.exists() {
-        tracing::warn!(dir = %tmp.display(), "removing an interrupted initialisation");
-        std::fs::remove_dir_all(&tmp).map_err(io_err("remove", &tmp))?;
+fn initialize(backing: &Path, backing_fd: &OwnedFd, backend: &dyn MasterKeyBackend, adopt: bool) -> Result<usize, MetaError> {
+    let tmp_path = backing.join(INIT_DIR);
+    let root = backing_fd.as_fd();
+    match Dir::open_verified(root, OsStr::new(INIT_DIR), &tmp_path) {
+        Ok(old) => {
+            tracing::warn!(dir = %tmp_path.display(), "removing an interrupted initialisation");
+            for name in old.list().map_err(io_err("list", &tmp_path))? {
+                sys::unlinkat(old.fd(), &name, 0).map_err(io_err("remove", &tmp_path.join(&name)))?;
+            }
+            sys::unlinkat(root, OsStr::new(INIT_DIR), libc::AT_REMOVEDIR).map_err(io_err("remove", &tmp_path))?;
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+        Err(e) => return Err(MetaError::Backing { path: backing.to_path_buf(), problem: e.to_string() }),
     }
     let mut count = 0;
     let mut example = String::new();
@@ -308,13 +331,18 @@ fn initialize(backing: &Path, backend: &dyn MasterKeyBackend, adopt: bool) -> Re
         return Err(MetaError::NotEmpty { path: backing.to_path_buf(), count, example });
     }
     let adopted = plaintext_records(backing, &Tree::default())?;
-    std::fs::DirBuilder::new().mode(0o700).create(&tmp).map_err(io_err("create", &tmp))?;
+    sys::mkdirat(root, OsStr::new(INIT_DIR), 0o700).map_err(io_err("create", &tmp_path))?;
+    let tmp = Arc::new(
+        Dir::open_verified(root, OsStr::new(INIT_DIR), &tmp_path)
+            .map_err(|e| MetaError::Backing { path: backing.to_path_buf(), problem: e.to_string() })?,
+    );
     let keys = KeyStore::create(&tmp, backend)?;
     FileDict::create(&tmp, keys.seal_keys(), &keys.instance(), &adopted)?;
-    sys::fsync_dir(&tmp).map_err(io_err("fsync", &tmp))?;
-    let dir = backing.join(META_DIR);
-    std::fs::rename(&tmp, &dir).map_err(io_err("rename", &tmp))?;
-    sys::fsync_dir(backing).map_err(io_err("fsync", backing))?;
+    tmp.sync().map_err(io_err("fsync", &tmp_path))?;
+    // Never over a metadata directory that appeared meanwhile.
+    sys::renameat2(root, OsStr::new(INIT_DIR), root, OsStr::new(META_DIR), libc::RENAME_NOREPLACE)
+        .map_err(io_err("rename", &tmp_path))?;
+    sys::fsync(root).map_err(io_err("fsync", backing))?;
     tracing::info!(
         backing = %backing.display(), adopted = count, plaintext_files = adopted.len(),
         master_key = %backend.describe(), "initialised tdefs metadata"
@@ -347,7 +375,14 @@ impl MarkStore for KeyMarks {
 
 /// Make the loaded dictionary writable and settle what a crash may have left: renames
 /// announced but not concluded, entries of files that no longer exist.
-fn recover(loaded: Loaded, keys: &Arc<KeyStore>, opts: &OpenOptions, backing: &OwnedFd, report: &mut OpenReport) -> Result<FileDict, MetaError> {
+fn recover(
+    loaded: Loaded,
+    keys: &Arc<KeyStore>,
+    opts: &OpenOptions,
+    backing_path: &Path,
+    backing: &OwnedFd,
+    report: &mut OpenReport,
+) -> Result<FileDict, MetaError> {
     report.records_replayed = loaded.records;
     report.torn_tail_bytes = loaded.torn_tail.map(|t| t.0);
     let intents: Vec<_> = loaded.tree.intents().cloned().collect();
@@ -384,10 +419,10 @@ fn recover(loaded: Loaded, keys: &Arc<KeyStore>, opts: &OpenOptions, backing: &O
             report.stale_entries_dropped += 1;
         }
     }
-    report.staged_copies_removed = remove_staged_copies(&dict, backing)?;
+    report.staged_copies_removed = remove_staged_copies(&dict, backing_path, backing)?;
     dict.flush()?;
     if format < 2 {
-        report.upgraded_plaintext = Some(upgrade_format_1(&dict, backing)?);
+        report.upgraded_plaintext = Some(upgrade_format_1(&dict, backing_path)?);
     }
     Ok(dict)
 }
@@ -395,10 +430,8 @@ fn recover(loaded: Loaded, keys: &Arc<KeyStore>, opts: &OpenOptions, backing: &O
 /// Format 1 served a file without a record as plaintext. Record each such file as
 /// plaintext (what format 1 made of it), then compact: the new snapshot and log are format
 /// 2, and the key dictionary was rewritten as format 2 when the dictionary was opened.
-fn upgrade_format_1(dict: &FileDict, backing: &OwnedFd) -> Result<usize, MetaError> {
-    let root = sys::proc_path(std::os::fd::AsRawFd::as_raw_fd(backing));
-    let root = Path::new(OsStr::from_bytes(root.as_bytes()));
-    let adopted = dict.with_tree(|t| plaintext_records(root, t))?;
+fn upgrade_format_1(dict: &FileDict, backing: &Path) -> Result<usize, MetaError> {
+    let adopted = dict.with_tree(|t| plaintext_records(backing, t))?;
     let mut n = 0;
     let mut paths = Vec::new();
     adopted.for_each(|p, _| paths.push(p.to_vec()));
@@ -420,18 +453,18 @@ fn upgrade_format_1(dict: &FileDict, backing: &OwnedFd) -> Result<usize, MetaErr
 /// renames that did were completed above). The originals are intact: drop the copies.
 /// The entry goes first (durably), then the file: a crash in between leaves a file without
 /// entry in the hidden staging directory, which the next open removes.
-fn remove_staged_copies(dict: &FileDict, backing: &OwnedFd) -> Result<usize, MetaError> {
+fn remove_staged_copies(dict: &FileDict, backing_path: &Path, backing: &OwnedFd) -> Result<usize, MetaError> {
     let mut staged = Vec::new();
     dict.with_tree(|t| t.for_each(|p, _| {
         if p.starts_with(STAGING_PREFIX) {
             staged.push(p.to_vec());
         }
     }));
-    let dir_path = PathBuf::from(STAGING_DIR);
-    let dir = match sys::openat(backing.as_fd(), OsStr::new(STAGING_DIR), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC, 0) {
-        Ok(fd) => Some(fd),
+    let dir_path = backing_path.join(STAGING_DIR);
+    let dir = match Dir::open_verified(backing.as_fd(), OsStr::new(STAGING_DIR), &dir_path) {
+        Ok(d) => Some(d),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => None,
-        Err(e) => return Err(io_err("open", &dir_path)(e)),
+        Err(e) => return Err(MetaError::Backing { path: backing_path.to_path_buf(), problem: e.to_string() }),
     };
     if staged.is_empty() && dir.is_none() {
         return Ok(0);
@@ -442,11 +475,8 @@ fn remove_staged_copies(dict: &FileDict, backing: &OwnedFd) -> Result<usize, Met
     dict.flush()?;
     let Some(dir) = dir else { return Ok(staged.len()) };
     let mut removed = 0;
-    for e in std::fs::read_dir(sys::proc_path(std::os::fd::AsRawFd::as_raw_fd(&dir)).to_str().unwrap_or_default())
-        .map_err(io_err("list", &dir_path))?
-    {
-        let name = e.map_err(io_err("list", &dir_path))?.file_name();
-        match sys::unlinkat(dir.as_fd(), &name, 0) {
+    for name in dir.list().map_err(io_err("list", &dir_path))? {
+        match sys::unlinkat(dir.fd(), &name, 0) {
             Ok(()) => removed += (name != PROGRESS_FILE) as usize,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
             Err(e) => return Err(io_err("remove", &dir_path.join(&name))(e)),

@@ -101,7 +101,7 @@ impl Gauges {
             current_key_age: keys.current().map(|k| k.age(std::time::SystemTime::now())),
             files_by_method: core.dict().with_tree(status::files_by_method),
             // Every metadata file, as `tdefs status` counts it (key dictionary included).
-            dictionary_bytes: status::dictionary_bytes(core.dict().dir()),
+            dictionary_bytes: core.dict().disk_size(),
         }
     }
 }
