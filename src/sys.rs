@@ -420,6 +420,15 @@ impl Dir {
     /// Open `parent/name` as a directory, without following a symlink, and check that it
     /// belongs to root or to this process's user and that nobody else may write to it.
     pub fn open_verified(parent: BorrowedFd<'_>, name: &OsStr, path: &Path) -> io::Result<Dir> {
+        let d = Self::open_nofollow(parent, name, path)?;
+        d.check_private()?;
+        Ok(d)
+    }
+
+    /// Open `parent/name` as a directory without following a symlink, whoever owns it: for
+    /// reading only (inspecting another user's metadata as root). Check it with
+    /// `check_private` before writing into it.
+    pub fn open_nofollow(parent: BorrowedFd<'_>, name: &OsStr, path: &Path) -> io::Result<Dir> {
         let fd = openat(parent, name, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0).map_err(|e| {
             if e.raw_os_error() == Some(libc::ELOOP) || e.raw_os_error() == Some(libc::ENOTDIR) {
                 io::Error::new(e.kind(), format!("{} is a symlink or not a directory; tdefs' metadata directory must be a real directory", path.display()))
@@ -427,7 +436,14 @@ impl Dir {
                 e
             }
         })?;
-        let st = fstat(fd.as_fd())?;
+        Ok(Dir { fd, path: path.to_path_buf() })
+    }
+
+    /// The directory belongs to root or to this process's user, and nobody else may write
+    /// to it: only then does this process write into it.
+    pub fn check_private(&self) -> io::Result<()> {
+        let path = &self.path;
+        let st = fstat(self.fd())?;
         let euid = unsafe { libc::geteuid() };
         if st.st_uid != 0 && st.st_uid != euid {
             return Err(io::Error::new(
@@ -447,7 +463,7 @@ impl Dir {
                 format!("{} is writable by group or others (mode {:04o}): run `chmod 700 {}`", path.display(), st.st_mode & 0o7777, path.display()),
             ));
         }
-        Ok(Dir { fd, path: path.to_path_buf() })
+        Ok(())
     }
 
     /// For messages: the directory's path, or a file's path in it.

@@ -137,3 +137,41 @@ fn a_taken_port_stops_the_mount_with_a_clear_error() {
         assert!(!m.bpath(".tdefs").exists(), "{args:?}: stopped before touching the backing directory");
     }
 }
+
+/// A panic in a request handler is answered EIO, logged and counted, and takes no request
+/// thread with it: after more panics than the mount has threads, every thread still
+/// serves (before, each panic killed a fuser thread until the mount hung).
+#[test]
+fn a_panicking_request_handler_answers_eio_and_keeps_its_thread() {
+    let addr = free_addr();
+    let mut m = Mount::prepare_with("aes256-ctr", &format!("metrics-addr = {addr:?}\n[mount]\nthreads = 2"));
+    m.env.push(("TDEFS_FAULT".into(), "panic:request:setxattr".into()));
+    m.start();
+    fs::write(m.path("f"), b"x").unwrap();
+    let path = std::ffi::CString::new(m.path("f").to_str().unwrap()).unwrap();
+    for _ in 0..10 {
+        let r = unsafe { libc::setxattr(path.as_ptr(), c"user.x".as_ptr(), b"v".as_ptr().cast(), 1, 0) };
+        assert_eq!(r, -1);
+        assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EIO));
+    }
+    // Both threads still answer, concurrently.
+    let workers: Vec<_> = (0..8)
+        .map(|i| {
+            let p = m.path(&format!("w{i}"));
+            std::thread::spawn(move || {
+                for j in 0..50 {
+                    fs::write(&p, format!("{j}")).unwrap();
+                    assert_eq!(fs::read_to_string(&p).unwrap(), format!("{j}"));
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let text = scrape(&addr);
+    assert_eq!(must(&text, "tdefs_request_panics_total{op=\"setxattr\"}"), 10.0);
+    assert_eq!(must(&text, "tdefs_request_panics_total{op=\"write\"}"), 0.0);
+    m.stop();
+    assert_eq!(m.log_text().matches("a request handler panicked").count(), 10, "{}", m.log_text());
+}

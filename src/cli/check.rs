@@ -100,7 +100,12 @@ fn run_inner(args: CheckArgs) -> anyhow::Result<bool> {
         anyhow::anyhow!("no backing directory: give it on the command line or set `backing-dir` in the config")
     })?;
     let enc = &cfg.security.encryption;
-    let off = Offline::open(&backing, &MasterKeys::from_config(enc))?;
+    // Only --repair writes: a plain check may inspect another user's metadata.
+    let off = if args.repair {
+        Offline::open(&backing, &MasterKeys::from_config(enc))?
+    } else {
+        Offline::open_read_only(&backing, &MasterKeys::from_config(enc))?
+    };
     let loaded = match off.load() {
         Ok(l) => l,
         Err(e) if args.repair => {

@@ -63,7 +63,7 @@ fn gather(args: &StatusArgs) -> anyhow::Result<Status> {
     if !backing.join(META_DIR).exists() {
         return Ok(status::uninitialized(&backing, enc.data_encryption_method));
     }
-    let off = match Offline::open(&backing, &MasterKeys::from_config(enc)) {
+    let off = match Offline::open_read_only(&backing, &MasterKeys::from_config(enc)) {
         Ok(off) => off,
         Err(e) => {
             // Held by a running `tdefs encrypt`/`decrypt`: its progress file has the picture.

@@ -62,6 +62,20 @@ pub struct TdeFs {
 
 const GEN: Generation = Generation(0);
 
+/// Run the handler of one request of kind `op`: counted, and a panic in it is caught,
+/// logged and counted (`tdefs_request_panics_total`) instead of taking the request thread
+/// with it (fuser does not replace a lost thread, so each panic would shrink the pool until
+/// the mount hangs). The reply, moved into the handler, is dropped while unwinding, and
+/// fuser answers a dropped reply with EIO.
+fn serve(op: Op, handler: impl FnOnce()) {
+    metrics::request(op);
+    if let Err(p) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(handler)) {
+        let what = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_default();
+        metrics::request_panicked(op);
+        tracing::error!(op = op.name(), panic = %what, "a request handler panicked: the request was answered EIO (a bug: please report it with this log)");
+    }
+}
+
 /// The errno for a failed request, counted in `tdefs_errors_total`; `RUST_LOG=tdefs=debug`
 /// shows each one and where it was answered.
 #[track_caller]
@@ -191,22 +205,25 @@ impl Filesystem for TdeFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        metrics::request(Op::Lookup);
-        let r = self.core.inode(parent.0).and_then(|p| self.core.lookup(&p, name));
-        self.entry(r, reply);
+        serve(Op::Lookup, || {
+            let r = self.core.inode(parent.0).and_then(|p| self.core.lookup(&p, name));
+            self.entry(r, reply);
+        })
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        metrics::request(Op::Forget);
-        self.core.forget(ino.0, nlookup);
+        serve(Op::Forget, || {
+            self.core.forget(ino.0, nlookup);
+        })
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
-        metrics::request(Op::Getattr);
-        match self.core.getattr(ino.0, fh.map(|f| f.0)) {
-            Ok(st) => reply.attr(&self.ttl(), &attr::to_attr(ino.0, &st)),
-            Err(e) => reply.error(fail(&e)),
-        }
+        serve(Op::Getattr, || {
+            match self.core.getattr(ino.0, fh.map(|f| f.0)) {
+                Ok(st) => reply.attr(&self.ttl(), &attr::to_attr(ino.0, &st)),
+                Err(e) => reply.error(fail(&e)),
+            }
+        })
     }
 
     fn setattr(
@@ -227,47 +244,54 @@ impl Filesystem for TdeFs {
         _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        metrics::request(Op::Setattr);
-        let kill = if size.is_some() { lacks_fsetid(req) } else { None };
-        match self.core.setattr(ino.0, mode, uid, gid, size, atime, mtime, fh.map(|f| f.0), kill) {
-            Ok(st) => reply.attr(&self.ttl(), &attr::to_attr(ino.0, &st)),
-            Err(e) => reply.error(fail(&e)),
-        }
+        serve(Op::Setattr, || {
+            let kill = if size.is_some() { lacks_fsetid(req) } else { None };
+            match self.core.setattr(ino.0, mode, uid, gid, size, atime, mtime, fh.map(|f| f.0), kill) {
+                Ok(st) => reply.attr(&self.ttl(), &attr::to_attr(ino.0, &st)),
+                Err(e) => reply.error(fail(&e)),
+            }
+        })
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        metrics::request(Op::Readlink);
-        match self.core.readlink(ino.0) {
-            Ok(t) => reply.data(std::os::unix::ffi::OsStrExt::as_bytes(t.as_os_str())),
-            Err(e) => reply.error(fail(&e)),
-        }
+        serve(Op::Readlink, || {
+            match self.core.readlink(ino.0) {
+                Ok(t) => reply.data(std::os::unix::ffi::OsStrExt::as_bytes(t.as_os_str())),
+                Err(e) => reply.error(fail(&e)),
+            }
+        })
     }
 
     fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
-        metrics::request(Op::Mknod);
-        let mode = self.creation_mode(parent, mode, umask);
-        self.entry(self.core.mknod(parent.0, name, mode, rdev, caller(req)), reply);
+        serve(Op::Mknod, || {
+            let mode = self.creation_mode(parent, mode, umask);
+            self.entry(self.core.mknod(parent.0, name, mode, rdev, caller(req)), reply);
+        })
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
-        metrics::request(Op::Mkdir);
-        let mode = self.creation_mode(parent, mode, umask);
-        self.entry(self.core.mkdir(parent.0, name, mode, caller(req)), reply);
+        serve(Op::Mkdir, || {
+            let mode = self.creation_mode(parent, mode, umask);
+            self.entry(self.core.mkdir(parent.0, name, mode, caller(req)), reply);
+        })
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        metrics::request(Op::Unlink);
-        Self::empty(self.core.unlink(parent.0, name), reply);
+        serve(Op::Unlink, || {
+            Self::empty(self.core.unlink(parent.0, name), reply);
+        })
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        metrics::request(Op::Rmdir);
-        Self::empty(self.core.rmdir(parent.0, name), reply);
+        serve(Op::Rmdir, || {
+            Self::empty(self.core.rmdir(parent.0, name), reply);
+        })
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
-        metrics::request(Op::Symlink);
-        self.entry(self.core.symlink(parent.0, link_name, target.as_os_str(), caller(req)), reply);
+        serve(Op::Symlink, || {
+            self.entry(self.core.symlink(parent.0, link_name, target.as_os_str(), caller(req)), reply);
+        })
     }
 
     fn rename(
@@ -280,28 +304,31 @@ impl Filesystem for TdeFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        metrics::request(Op::Rename);
-        Self::empty(self.core.rename(parent.0, name, newparent.0, newname, flags.bits()), reply);
+        serve(Op::Rename, || {
+            Self::empty(self.core.rename(parent.0, name, newparent.0, newname, flags.bits()), reply);
+        })
     }
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
-        metrics::request(Op::Link);
-        self.entry(self.core.link(ino.0, newparent.0, newname), reply);
+        serve(Op::Link, || {
+            self.entry(self.core.link(ino.0, newparent.0, newname), reply);
+        })
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        metrics::request(Op::Open);
-        match self.core.open(ino.0, flags.0, lacks_fsetid(req)) {
-            Ok((fh, mode_changed)) => {
-                reply.opened(FileHandle(fh), Self::open_flags());
-                // O_TRUNC dropped set-id bits: the kernel would show the old mode until
-                // the attribute timeout (with the writeback cache it does not refetch).
-                if mode_changed {
-                    self.attrs_changed(ino);
+        serve(Op::Open, || {
+            match self.core.open(ino.0, flags.0, lacks_fsetid(req)) {
+                Ok((fh, mode_changed)) => {
+                    reply.opened(FileHandle(fh), Self::open_flags());
+                    // O_TRUNC dropped set-id bits: the kernel would show the old mode until
+                    // the attribute timeout (with the writeback cache it does not refetch).
+                    if mode_changed {
+                        self.attrs_changed(ino);
+                    }
                 }
+                Err(e) => reply.error(fail(&e)),
             }
-            Err(e) => reply.error(fail(&e)),
-        }
+        })
     }
 
     fn read(
@@ -315,17 +342,18 @@ impl Filesystem for TdeFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        metrics::request(Op::Read);
-        if misaligned_direct(flags, offset, size as usize) {
-            return reply.error(fail(&errno::Error::Os(libc::EINVAL)));
-        }
-        self.core.read(fh.0, offset, size, |r| match r {
-            Ok(data) => {
-                metrics::read_bytes(data.len());
-                reply.data(data)
+        serve(Op::Read, || {
+            if misaligned_direct(flags, offset, size as usize) {
+                return reply.error(fail(&errno::Error::Os(libc::EINVAL)));
             }
-            Err(e) => reply.error(fail(&e)),
-        });
+            self.core.read(fh.0, offset, size, |r| match r {
+                Ok(data) => {
+                    metrics::read_bytes(data.len());
+                    reply.data(data)
+                }
+                Err(e) => reply.error(fail(&e)),
+            });
+        })
     }
 
     fn write(
@@ -340,30 +368,32 @@ impl Filesystem for TdeFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        metrics::request(Op::Write);
-        // Page-cache writeback through an O_DIRECT descriptor is not the caller's I/O.
-        if !write_flags.contains(WriteFlags::FUSE_WRITE_CACHE) && misaligned_direct(flags, offset, data.len()) {
-            return reply.error(fail(&errno::Error::Os(libc::EINVAL)));
-        }
-        if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
-            match self.core.kill_privs(fh.0, &killer(req)) {
-                Ok(true) => self.attrs_changed(ino),
-                Ok(false) => {}
-                Err(e) => return reply.error(fail(&e)),
+        serve(Op::Write, || {
+            // Page-cache writeback through an O_DIRECT descriptor is not the caller's I/O.
+            if !write_flags.contains(WriteFlags::FUSE_WRITE_CACHE) && misaligned_direct(flags, offset, data.len()) {
+                return reply.error(fail(&errno::Error::Os(libc::EINVAL)));
             }
-        }
-        match self.core.write(fh.0, offset, data) {
-            Ok(n) => {
-                metrics::written_bytes(n as usize);
-                reply.written(n)
+            if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+                match self.core.kill_privs(fh.0, &killer(req)) {
+                    Ok(true) => self.attrs_changed(ino),
+                    Ok(false) => {}
+                    Err(e) => return reply.error(fail(&e)),
+                }
             }
-            Err(e) => reply.error(fail(&e)),
-        }
+            match self.core.write(fh.0, offset, data) {
+                Ok(n) => {
+                    metrics::written_bytes(n as usize);
+                    reply.written(n)
+                }
+                Err(e) => reply.error(fail(&e)),
+            }
+        })
     }
 
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
-        metrics::request(Op::Flush);
-        reply.ok(); // nothing is buffered in the daemon
+        serve(Op::Flush, || {
+            reply.ok(); // nothing is buffered in the daemon
+        })
     }
 
     fn release(
@@ -376,155 +406,173 @@ impl Filesystem for TdeFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        metrics::request(Op::Release);
-        self.core.release(fh.0);
-        reply.ok();
+        serve(Op::Release, || {
+            self.core.release(fh.0);
+            reply.ok();
+        })
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
-        metrics::request(Op::Fsync);
-        Self::empty(self.core.fsync(fh.0, datasync), reply);
+        serve(Op::Fsync, || {
+            Self::empty(self.core.fsync(fh.0, datasync), reply);
+        })
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        metrics::request(Op::Opendir);
-        match self.core.opendir(ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-            Err(e) => reply.error(fail(&e)),
-        }
+        serve(Op::Opendir, || {
+            match self.core.opendir(ino.0) {
+                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Err(e) => reply.error(fail(&e)),
+            }
+        })
     }
 
     fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        metrics::request(Op::Readdir);
-        let r = self.core.readdir(fh.0, offset, |name, nodeid, kind, off| reply.add(INodeNo(nodeid), off, kind, name));
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(fail(&e)),
-        }
+        serve(Op::Readdir, || {
+            let r = self.core.readdir(fh.0, offset, |name, nodeid, kind, off| reply.add(INodeNo(nodeid), off, kind, name));
+            match r {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(fail(&e)),
+            }
+        })
     }
 
     fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
-        metrics::request(Op::Readdirplus);
-        let dir = match self.core.inode(ino.0) {
-            Ok(d) => d,
-            Err(e) => return reply.error(fail(&e)),
-        };
-        let ttl = self.ttl();
-        let core = &self.core;
-        let r = core.readdir(fh.0, offset, |name, nodeid, _kind, off| {
-            if name == "." || name == ".." {
-                // The kernel takes no reference for these; attributes are not used.
-                let st = core.pfd(&dir).and_then(|fd| Ok(crate::sys::fstat(std::os::fd::AsFd::as_fd(&*fd))?));
-                return match st {
-                    Ok(st) => reply.add(INodeNo(nodeid), off, name, &ttl, &attr::to_attr(nodeid, &st), GEN),
-                    Err(_) => false,
-                };
-            }
-            match core.lookup(&dir, name) {
-                Ok((i, st)) => {
-                    let full = reply.add(INodeNo(i.nodeid), off, name, &ttl, &attr::to_attr(i.nodeid, &st), GEN);
-                    if full {
-                        core.forget(i.nodeid, 1); // not sent: give the reference back
-                    }
-                    full
+        serve(Op::Readdirplus, || {
+            let dir = match self.core.inode(ino.0) {
+                Ok(d) => d,
+                Err(e) => return reply.error(fail(&e)),
+            };
+            let ttl = self.ttl();
+            let core = &self.core;
+            let r = core.readdir(fh.0, offset, |name, nodeid, _kind, off| {
+                if name == "." || name == ".." {
+                    // The kernel takes no reference for these; attributes are not used.
+                    let st = core.pfd(&dir).and_then(|fd| Ok(crate::sys::fstat(std::os::fd::AsFd::as_fd(&*fd))?));
+                    return match st {
+                        Ok(st) => reply.add(INodeNo(nodeid), off, name, &ttl, &attr::to_attr(nodeid, &st), GEN),
+                        Err(_) => false,
+                    };
                 }
-                Err(_) => false, // vanished meanwhile: skip it
+                match core.lookup(&dir, name) {
+                    Ok((i, st)) => {
+                        let full = reply.add(INodeNo(i.nodeid), off, name, &ttl, &attr::to_attr(i.nodeid, &st), GEN);
+                        if full {
+                            core.forget(i.nodeid, 1); // not sent: give the reference back
+                        }
+                        full
+                    }
+                    Err(_) => false, // vanished meanwhile: skip it
+                }
+            });
+            match r {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(fail(&e)),
             }
-        });
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(fail(&e)),
-        }
+        })
     }
 
     fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
-        metrics::request(Op::Releasedir);
-        self.core.releasedir(fh.0);
-        reply.ok();
+        serve(Op::Releasedir, || {
+            self.core.releasedir(fh.0);
+            reply.ok();
+        })
     }
 
     fn fsyncdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        metrics::request(Op::Fsyncdir);
-        Self::empty(self.core.fsyncdir(fh.0), reply);
+        serve(Op::Fsyncdir, || {
+            Self::empty(self.core.fsyncdir(fh.0), reply);
+        })
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        metrics::request(Op::Statfs);
-        match self.core.statfs() {
-            Ok(s) => reply.statfs(
-                s.f_blocks,
-                s.f_bfree,
-                s.f_bavail,
-                s.f_files,
-                s.f_ffree,
-                s.f_bsize as u32,
-                s.f_namemax as u32,
-                s.f_frsize as u32,
-            ),
-            Err(e) => reply.error(fail(&e)),
-        }
+        serve(Op::Statfs, || {
+            match self.core.statfs() {
+                Ok(s) => reply.statfs(
+                    s.f_blocks,
+                    s.f_bfree,
+                    s.f_bavail,
+                    s.f_files,
+                    s.f_ffree,
+                    s.f_bsize as u32,
+                    s.f_namemax as u32,
+                    s.f_frsize as u32,
+                ),
+                Err(e) => reply.error(fail(&e)),
+            }
+        })
     }
 
     fn setxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32, _position: u32, reply: ReplyEmpty) {
-        metrics::request(Op::Setxattr);
-        Self::empty(self.core.setxattr(ino.0, name, value, flags), reply);
+        serve(Op::Setxattr, || {
+            // Tests make this handler panic (TDEFS_FAULT=panic:request:setxattr).
+            crate::hooks::crash("request:setxattr");
+            Self::empty(self.core.setxattr(ino.0, name, value, flags), reply);
+        })
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        metrics::request(Op::Getxattr);
-        let mut buf = vec![0u8; size as usize];
-        match self.core.getxattr(ino.0, name, &mut buf) {
-            Ok(n) if size == 0 => reply.size(n as u32),
-            Ok(n) => reply.data(&buf[..n]),
-            Err(e) => reply.error(fail(&e)),
-        }
+        serve(Op::Getxattr, || {
+            let mut buf = vec![0u8; size as usize];
+            match self.core.getxattr(ino.0, name, &mut buf) {
+                Ok(n) if size == 0 => reply.size(n as u32),
+                Ok(n) => reply.data(&buf[..n]),
+                Err(e) => reply.error(fail(&e)),
+            }
+        })
     }
 
     fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        metrics::request(Op::Listxattr);
-        let mut buf = vec![0u8; size as usize];
-        match self.core.listxattr(ino.0, &mut buf, req.uid() != 0) {
-            Ok(n) if size == 0 => reply.size(n as u32),
-            Ok(n) => reply.data(&buf[..n]),
-            Err(e) => reply.error(fail(&e)),
-        }
+        serve(Op::Listxattr, || {
+            let mut buf = vec![0u8; size as usize];
+            match self.core.listxattr(ino.0, &mut buf, req.uid() != 0) {
+                Ok(n) if size == 0 => reply.size(n as u32),
+                Ok(n) => reply.data(&buf[..n]),
+                Err(e) => reply.error(fail(&e)),
+            }
+        })
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        metrics::request(Op::Removexattr);
-        Self::empty(self.core.removexattr(ino.0, name), reply);
+        serve(Op::Removexattr, || {
+            Self::empty(self.core.removexattr(ino.0, name), reply);
+        })
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        metrics::request(Op::Access);
-        // Only without default_permissions (then without allow_other: only the mounting
-        // user gets here; the config refuses the other combination): answer as the kernel's
-        // generic_permission would, from the mode bits.
-        Self::empty(self.core.access(ino.0, req.uid(), &killer(req), mask.bits()), reply);
+        serve(Op::Access, || {
+            // Only without default_permissions (then without allow_other: only the mounting
+            // user gets here; the config refuses the other combination): answer as the kernel's
+            // generic_permission would, from the mode bits.
+            Self::empty(self.core.access(ino.0, req.uid(), &killer(req), mask.bits()), reply);
+        })
     }
 
     fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
-        metrics::request(Op::Create);
-        let mode = self.creation_mode(parent, mode, umask);
-        match self.core.create(parent.0, name, mode, flags, caller(req)) {
-            Ok((i, st, fh)) => {
-                reply.created(&self.ttl(), &attr::to_attr(i.nodeid, &st), GEN, FileHandle(fh), Self::open_flags())
+        serve(Op::Create, || {
+            let mode = self.creation_mode(parent, mode, umask);
+            match self.core.create(parent.0, name, mode, flags, caller(req)) {
+                Ok((i, st, fh)) => {
+                    reply.created(&self.ttl(), &attr::to_attr(i.nodeid, &st), GEN, FileHandle(fh), Self::open_flags())
+                }
+                Err(e) => reply.error(fail(&e)),
             }
-            Err(e) => reply.error(fail(&e)),
-        }
+        })
     }
 
     fn fallocate(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
-        metrics::request(Op::Fallocate);
-        Self::empty(self.core.fallocate(fh.0, offset, length, mode), reply);
+        serve(Op::Fallocate, || {
+            Self::empty(self.core.fallocate(fh.0, offset, length, mode), reply);
+        })
     }
 
     fn lseek(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
-        metrics::request(Op::Lseek);
-        match self.core.lseek(fh.0, offset, whence) {
-            Ok(o) => reply.offset(o),
-            Err(e) => reply.error(fail(&e)),
-        }
+        serve(Op::Lseek, || {
+            match self.core.lseek(fh.0, offset, whence) {
+                Ok(o) => reply.offset(o),
+                Err(e) => reply.error(fail(&e)),
+            }
+        })
     }
 
     fn copy_file_range(
@@ -540,16 +588,17 @@ impl Filesystem for TdeFs {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        metrics::request(Op::CopyFileRange);
-        match self.core.copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len) {
-            Ok(n) => {
-                // Read from one file and written to another inside the daemon.
-                metrics::read_bytes(n as usize);
-                metrics::written_bytes(n as usize);
-                reply.written(n)
+        serve(Op::CopyFileRange, || {
+            match self.core.copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len) {
+                Ok(n) => {
+                    // Read from one file and written to another inside the daemon.
+                    metrics::read_bytes(n as usize);
+                    metrics::written_bytes(n as usize);
+                    reply.written(n)
+                }
+                Err(e) => reply.error(fail(&e)),
             }
-            Err(e) => reply.error(fail(&e)),
-        }
+        })
     }
 }
 

@@ -163,9 +163,22 @@ impl Offline {
         Self::open_existing(backing, backing_fd, master, false)
     }
 
+    /// Like `open`, for commands that only read (dump, status, check): root may inspect
+    /// metadata that another user's daemon owns. Nothing is written unless it is turned
+    /// into `Metadata`, which checks the directory first.
+    pub fn open_read_only(backing: &Path, master: &MasterKeys<'_>) -> Result<Offline, MetaError> {
+        let (backing, backing_fd) = check_backing(backing)?;
+        Self::open_dir(backing, backing_fd, master, false, false)
+    }
+
     fn open_existing(backing: PathBuf, backing_fd: OwnedFd, master: &MasterKeys<'_>, rotate: bool) -> Result<Offline, MetaError> {
+        Self::open_dir(backing, backing_fd, master, rotate, true)
+    }
+
+    fn open_dir(backing: PathBuf, backing_fd: OwnedFd, master: &MasterKeys<'_>, rotate: bool, write: bool) -> Result<Offline, MetaError> {
         let meta_path = backing.join(META_DIR);
-        let meta = Dir::open_verified(backing_fd.as_fd(), OsStr::new(META_DIR), &meta_path).map_err(|e| match e.raw_os_error() {
+        let open = if write { Dir::open_verified } else { Dir::open_nofollow };
+        let meta = open(backing_fd.as_fd(), OsStr::new(META_DIR), &meta_path).map_err(|e| match e.raw_os_error() {
             Some(libc::ENOENT) => MetaError::Backing {
                 path: backing.clone(),
                 problem: format!("has no {META_DIR} directory (not a tdefs backing directory)"),
@@ -178,6 +191,11 @@ impl Offline {
         let meta = Arc::new(meta);
         let keys = Arc::new(open_keys(&meta, master, rotate)?);
         Ok(Offline { backing, backing_fd, meta, keys })
+    }
+
+    /// Only a metadata directory that nobody else controls is written to.
+    fn writable(&self) -> Result<(), MetaError> {
+        self.meta.check_private().map_err(|e| MetaError::Backing { path: self.backing.clone(), problem: e.to_string() })
     }
 
     /// Read the file dictionary and check it against the mark the key dictionary keeps
@@ -194,6 +212,7 @@ impl Offline {
 
     /// Accept the file dictionary as loaded: make the key dictionary's mark match it.
     pub fn accept(&self, loaded: &Loaded) -> Result<(), MetaError> {
+        self.writable()?;
         let mark = DictMark { gen: loaded.generation(), seq: loaded.last_seq(), clean: true };
         self.keys.set_dictionary_mark(mark)?;
         Ok(())
@@ -201,6 +220,7 @@ impl Offline {
 
     /// Recover what a crash left and make the dictionary writable.
     pub fn into_metadata(self, loaded: Loaded, opts: &OpenOptions, mut report: OpenReport) -> Result<Metadata, MetaError> {
+        self.writable()?;
         let dict = recover(loaded, &self.keys, opts, &self.backing, &self.backing_fd, &mut report)?;
         report.entries = dict.with_tree(|t| t.len());
         Ok(Metadata { backing: self.backing, backing_fd: self.backing_fd, meta: self.meta, keys: self.keys, dict: Arc::new(dict), report })

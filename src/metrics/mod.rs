@@ -61,6 +61,7 @@ pub struct Metrics {
     registry: Registry,
     /// Indexed by `Op as usize`.
     requests: Vec<IntCounter>,
+    panics: Vec<IntCounter>,
     errors: IntCounterVec,
     errors_by_errno: Vec<OnceLock<IntCounter>>,
     read_bytes: IntCounter,
@@ -123,8 +124,17 @@ impl Metrics {
         let hist = |name: &str, help: &str, b: &[f64]| {
             reg(&r, Histogram::with_opts(HistogramOpts::new(name, help).buckets(b.to_vec())).unwrap())
         };
+        let panics_vec = reg(
+            &r,
+            IntCounterVec::new(
+                Opts::new("tdefs_request_panics_total", "Request handlers that panicked (answered EIO; a bug), by operation"),
+                &["op"],
+            )
+            .unwrap(),
+        );
         Metrics {
             requests: Op::ALL.iter().map(|op| requests_vec.with_label_values(&[op.name()])).collect(),
+            panics: Op::ALL.iter().map(|op| panics_vec.with_label_values(&[op.name()])).collect(),
             errors: reg(
                 &r,
                 IntCounterVec::new(Opts::new("tdefs_errors_total", "FUSE requests answered with an error, by errno"), &["errno"])
@@ -196,6 +206,11 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 #[inline]
 pub fn request(op: Op) {
     METRICS.requests[op as usize].inc();
+}
+
+/// The handler of a request of kind `op` panicked.
+pub fn request_panicked(op: Op) {
+    METRICS.panics[op as usize].inc();
 }
 
 /// A FUSE request was answered with `errno`.
