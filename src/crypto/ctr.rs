@@ -84,12 +84,13 @@ impl FileCipher {
 
 fn xor_keystream<C>(cipher: &C, iv: &Iv, offset: u64, buf: &mut [u8])
 where
-    C: BlockEncrypt + BlockCipher<BlockSize = U16> + Clone,
+    C: BlockEncrypt + BlockCipher<BlockSize = U16>,
 {
-    // Cloning the expanded key is a few hundred bytes of copy: far cheaper than re-running
-    // the key schedule, and it keeps no mutable state shared between requests.
-    let core = ctr::CtrCore::<C, ctr::flavors::Ctr128BE>::inner_iv_init(cipher.clone(), iv.into());
-    let mut stream = ctr::Ctr128BE::<C>::from_core(core);
+    // CTR over a *reference* to the expanded key (cipher 0.4 implements the block cipher
+    // traits for `&C`): no copy of the key schedule per request, and no mutable state shared
+    // between requests.
+    let core = ctr::CtrCore::<&C, ctr::flavors::Ctr128BE>::inner_iv_init(cipher, iv.into());
+    let mut stream = ctr::Ctr128BE::<&C>::from_core(core);
     stream.seek(offset);
     stream.apply_keystream(buf);
 }
