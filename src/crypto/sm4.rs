@@ -499,6 +499,7 @@ impl Sm4 {
     }
 
     /// Encrypt one block.
+    #[cfg(test)]
     pub fn encrypt(&self, block: [u8; 16]) -> [u8; 16] {
         let mut b = [block];
         self.encrypt_blocks(&mut b);
