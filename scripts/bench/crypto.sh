@@ -2,7 +2,9 @@
 # Throughput on one core (criterion, benches/crypto.rs: CTR keystream and XTS encryption)
 # beside `openssl speed` for the same ciphers, with tdefs/openssl ratios at 64 KiB.
 #   scripts/bench/crypto.sh [--quick]
-# The machine has 2 cores: run it when nothing else is building, or the figures mean little.
+# Both sides divide by CPU time, not wall time (criterion: the thread's CPU time, see
+# benches/crypto.rs; openssl speed: CPU user time unless -elapsed), so the figures and the
+# ratios hold up on a busy 2-core machine.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 secs=3; [ "${1:-}" = --quick ] && secs=1
