@@ -576,7 +576,7 @@ mod tests {
     fn every_backend_computes_the_sbox() {
         for backend in Backend::all() {
             for x in 0..=255u32 {
-                let word = x * 0x0101_0101 ^ 0x0003_0201; // four different bytes per call
+                let word = (x * 0x0101_0101) ^ 0x0003_0201; // four different bytes per call
                 let want = u32::from_be_bytes(word.to_be_bytes().map(|b| SBOX[b as usize]));
                 assert_eq!(backend.tau(word), want, "{backend:?} at {word:#010x}");
             }
