@@ -167,8 +167,8 @@ where
     stream.apply_keystream(buf);
 }
 
-/// Keystream blocks per SM4 call: two full 16-block passes of the AES-NI backend; small
-/// enough to stay in L1 beside the data.
+/// Keystream blocks per SM4 call: one full pass of the AVX2 backend (two of the SSE one),
+/// small enough to stay in L1 beside the data.
 const SM4_BATCH: usize = 32;
 
 /// CTR over SM4: the same counter layout as `xor_keystream`, counter blocks encrypted in

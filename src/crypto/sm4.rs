@@ -3,13 +3,15 @@
 //!
 //! The SM4 S-box is affine-equivalent to the AES S-box: `S_sm4(x) = A2(S_aes(A1(x)))` for two
 //! affine maps over GF(2)^8 (Saarinen, "sm4ni", 2018; the technique of the Linux kernel's
-//! `arch/x86/crypto/sm4-aesni-avx-asm_64.S` and of libgcrypt). Two backends, picked once per
-//! key:
+//! `arch/x86/crypto/sm4-aesni-avx-asm_64.S` and of libgcrypt). Three backends, the best the CPU
+//! runs picked once per key:
 //! - **x86_64 with AES-NI and SSSE3**: four blocks per 128-bit register with their words
 //!   transposed, four registers (sixteen blocks) in flight. Each affine map is two 16-entry
 //!   `PSHUFB` nibble lookups (the tables live in registers: the secret is the *shuffle
 //!   control*, not a memory address) and `S_aes` is `AESENCLAST` with a zero round key, whose
 //!   ShiftRows is undone by the `PSHUFB` that also does the round function's byte rotations.
+//! - **x86_64 with AES-NI and AVX2**: the same on 256-bit registers, eight blocks each, four
+//!   in flight (32 blocks); `AESENCLAST` runs on each 128-bit half. About 1.7x the SSE path.
 //! - **portable**: the same composition computed arithmetically in 64-bit SWAR lanes (eight
 //!   bytes at once): the affine maps as masked XORs of matrix columns, the GF(2^8) inversion
 //!   inside `S_aes` as `x^254` by shift-and-add multiplications. Slow (a few MB/s) and only
@@ -236,12 +238,12 @@ mod ni {
         }
         m
     }
-    const ISR: [u8; 16] = inv_shift_rows_rol(0);
-    const ISR8: [u8; 16] = inv_shift_rows_rol(8);
-    const ISR16: [u8; 16] = inv_shift_rows_rol(16);
-    const ISR24: [u8; 16] = inv_shift_rows_rol(24);
+    pub(super) const ISR: [u8; 16] = inv_shift_rows_rol(0);
+    pub(super) const ISR8: [u8; 16] = inv_shift_rows_rol(8);
+    pub(super) const ISR16: [u8; 16] = inv_shift_rows_rol(16);
+    pub(super) const ISR24: [u8; 16] = inv_shift_rows_rol(24);
     /// Big-endian words of a block to little-endian lanes (and back).
-    const BSWAP32: [u8; 16] = [3, 2, 1, 0, 7, 6, 5, 4, 11, 10, 9, 8, 15, 14, 13, 12];
+    pub(super) const BSWAP32: [u8; 16] = [3, 2, 1, 0, 7, 6, 5, 4, 11, 10, 9, 8, 15, 14, 13, 12];
 
     #[derive(Clone, Copy)]
     struct K {
@@ -389,6 +391,150 @@ mod ni {
     }
 }
 
+// ---- AVX2 + AES-NI backend: the same rounds on 256-bit registers (eight blocks each). ----
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use core::arch::x86_64::*;
+
+    pub fn available() -> bool {
+        super::ni::available() && is_x86_feature_detected!("avx2")
+    }
+
+    #[derive(Clone, Copy)]
+    struct K {
+        pre_lo: __m256i,
+        pre_hi: __m256i,
+        post_lo: __m256i,
+        post_hi: __m256i,
+        m0f: __m256i,
+        isr: __m256i,
+        isr8: __m256i,
+        isr16: __m256i,
+        isr24: __m256i,
+        bswap: __m256i,
+    }
+
+    #[inline]
+    #[target_feature(enable = "aes,avx2")]
+    unsafe fn bcast(t: &[u8; 16]) -> __m256i {
+        _mm256_broadcastsi128_si256(_mm_loadu_si128(t.as_ptr().cast()))
+    }
+
+    #[inline]
+    #[target_feature(enable = "aes,avx2")]
+    unsafe fn consts() -> K {
+        K {
+            pre_lo: bcast(&super::PRE_LO),
+            pre_hi: bcast(&super::PRE_HI),
+            post_lo: bcast(&super::POST_LO),
+            post_hi: bcast(&super::POST_HI),
+            m0f: _mm256_set1_epi8(0x0f),
+            isr: bcast(&super::ni::ISR),
+            isr8: bcast(&super::ni::ISR8),
+            isr16: bcast(&super::ni::ISR16),
+            isr24: bcast(&super::ni::ISR24),
+            bswap: bcast(&super::ni::BSWAP32),
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "aes,avx2")]
+    unsafe fn nibble_map(k: &K, lo: __m256i, hi: __m256i, x: __m256i) -> __m256i {
+        let l = _mm256_and_si256(x, k.m0f);
+        let h = _mm256_and_si256(_mm256_srli_epi32(x, 4), k.m0f);
+        _mm256_xor_si256(_mm256_shuffle_epi8(lo, l), _mm256_shuffle_epi8(hi, h))
+    }
+
+    /// As `ni::t`; AESENCLAST on each 128-bit half (VAES would do both at once, but its
+    /// intrinsics need a newer Rust than this crate's minimum).
+    #[inline]
+    #[target_feature(enable = "aes,avx2")]
+    unsafe fn t(k: &K, x: __m256i) -> __m256i {
+        let y = nibble_map(k, k.pre_lo, k.pre_hi, x);
+        let zero = _mm_setzero_si128();
+        let lo = _mm_aesenclast_si128(_mm256_castsi256_si128(y), zero);
+        let hi = _mm_aesenclast_si128(_mm256_extracti128_si256(y, 1), zero);
+        let y = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+        let z = nibble_map(k, k.post_lo, k.post_hi, y);
+        let s = _mm256_shuffle_epi8(z, k.isr);
+        let r8 = _mm256_shuffle_epi8(z, k.isr8);
+        let r16 = _mm256_shuffle_epi8(z, k.isr16);
+        let r24 = _mm256_shuffle_epi8(z, k.isr24);
+        let u = _mm256_xor_si256(_mm256_xor_si256(s, r8), r16);
+        let rot2 = _mm256_or_si256(_mm256_slli_epi32(u, 2), _mm256_srli_epi32(u, 30));
+        _mm256_xor_si256(_mm256_xor_si256(s, r24), rot2)
+    }
+
+    #[inline]
+    #[target_feature(enable = "aes,avx2")]
+    unsafe fn transpose(x: [__m256i; 4]) -> [__m256i; 4] {
+        let t0 = _mm256_unpacklo_epi32(x[0], x[1]);
+        let t1 = _mm256_unpacklo_epi32(x[2], x[3]);
+        let t2 = _mm256_unpackhi_epi32(x[0], x[1]);
+        let t3 = _mm256_unpackhi_epi32(x[2], x[3]);
+        [
+            _mm256_unpacklo_epi64(t0, t1),
+            _mm256_unpackhi_epi64(t0, t1),
+            _mm256_unpacklo_epi64(t2, t3),
+            _mm256_unpackhi_epi64(t2, t3),
+        ]
+    }
+
+    /// 8·N blocks at `p`; group g holds blocks 8g..8g+3 in its low halves and 8g+4..8g+7 in
+    /// its high halves.
+    #[inline]
+    #[target_feature(enable = "aes,avx2")]
+    unsafe fn crypt_groups<const N: usize>(k: &K, rk: &[u32; 32], p: *mut [u8; 16]) {
+        let mut x = [[_mm256_setzero_si256(); 4]; N];
+        for (g, xg) in x.iter_mut().enumerate() {
+            let mut b = [_mm256_setzero_si256(); 4];
+            for (i, bi) in b.iter_mut().enumerate() {
+                let lo = _mm_loadu_si128(p.add(8 * g + i).cast());
+                let hi = _mm_loadu_si128(p.add(8 * g + 4 + i).cast());
+                *bi = _mm256_shuffle_epi8(_mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1), k.bswap);
+            }
+            *xg = transpose(b);
+        }
+        for r in rk.chunks_exact(4) {
+            for i in 0..4 {
+                let key = _mm256_set1_epi32(r[i] as i32);
+                for xg in x.iter_mut() {
+                    let a = _mm256_xor_si256(
+                        _mm256_xor_si256(xg[(i + 1) % 4], xg[(i + 2) % 4]),
+                        _mm256_xor_si256(xg[(i + 3) % 4], key),
+                    );
+                    xg[i] = _mm256_xor_si256(xg[i], t(k, a));
+                }
+            }
+        }
+        for (g, xg) in x.iter().enumerate() {
+            let b = transpose([xg[3], xg[2], xg[1], xg[0]]);
+            for (i, bi) in b.iter().enumerate() {
+                let v = _mm256_shuffle_epi8(*bi, k.bswap);
+                _mm_storeu_si128(p.add(8 * g + i).cast(), _mm256_castsi256_si128(v));
+                _mm_storeu_si128(p.add(8 * g + 4 + i).cast(), _mm256_extracti128_si256(v, 1));
+            }
+        }
+    }
+
+    /// Blocks per pass: GROUPS registers of eight. Measured at 64 KiB: 2 groups run no faster
+    /// than the SSE path, 4 groups 1.7x; the CTR and XTS batches are 32 blocks to match.
+    const GROUPS: usize = 4;
+    const PASS: usize = 8 * GROUPS;
+
+    #[target_feature(enable = "aes,avx2")]
+    pub unsafe fn crypt(rk: &[u32; 32], blocks: &mut [[u8; 16]]) {
+        let k = consts();
+        let mut chunks = blocks.chunks_exact_mut(PASS);
+        for c in &mut chunks {
+            crypt_groups::<GROUPS>(&k, rk, c.as_mut_ptr());
+        }
+        // The rest (fewer than PASS blocks) on 128-bit registers.
+        super::ni::crypt(rk, chunks.into_remainder());
+    }
+}
+
 // ---- The cipher. ----
 
 /// Which implementation runs the rounds.
@@ -397,11 +543,17 @@ pub(crate) enum Backend {
     Portable,
     #[cfg(target_arch = "x86_64")]
     AesNi,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
 }
 
 impl Backend {
     /// The fastest constant-time backend this CPU supports.
     pub(crate) fn detect() -> Backend {
+        #[cfg(target_arch = "x86_64")]
+        if avx2::available() {
+            return Backend::Avx2;
+        }
         #[cfg(target_arch = "x86_64")]
         if ni::available() {
             return Backend::AesNi;
@@ -413,8 +565,14 @@ impl Backend {
     #[cfg(test)]
     pub(crate) fn all() -> Vec<Backend> {
         let mut v = vec![Backend::Portable];
-        if Backend::detect() != Backend::Portable {
-            v.push(Backend::detect());
+        #[cfg(target_arch = "x86_64")]
+        {
+            if ni::available() {
+                v.push(Backend::AesNi);
+            }
+            if avx2::available() {
+                v.push(Backend::Avx2);
+            }
         }
         v
     }
@@ -422,9 +580,10 @@ impl Backend {
     fn tau(self, x: u32) -> u32 {
         match self {
             Backend::Portable => swar_sbox(x as u64) as u32,
-            // SAFETY: `AesNi` is only chosen after `ni::available()` said the CPU has the features.
+            // SAFETY: `AesNi` and `Avx2` are only chosen after `ni::available()` (and
+            // `avx2::available()`, which implies it) said the CPU has the features.
             #[cfg(target_arch = "x86_64")]
-            Backend::AesNi => unsafe { ni::tau(x) },
+            Backend::AesNi | Backend::Avx2 => unsafe { ni::tau(x) },
         }
     }
 }
@@ -488,7 +647,7 @@ impl Sm4 {
         self.backend
     }
 
-    /// Encrypt blocks in place; batches of sixteen or more run at full speed.
+    /// Encrypt blocks in place; batches of 32 (AVX2) or 16 (SSE) run at full speed.
     pub fn encrypt_blocks(&self, blocks: &mut [[u8; 16]]) {
         self.crypt(&self.enc, blocks);
     }
@@ -512,6 +671,8 @@ impl Sm4 {
             // SAFETY: as in `Backend::tau`.
             #[cfg(target_arch = "x86_64")]
             Backend::AesNi => unsafe { ni::crypt(rk, blocks) },
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx2 => unsafe { avx2::crypt(rk, blocks) },
         }
     }
 }
@@ -587,7 +748,8 @@ mod tests {
     fn aesni_backend_is_used_where_available() {
         #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("aes") && is_x86_feature_detected!("ssse3") {
-            assert_eq!(Sm4::new(&[0; 16]).backend(), Backend::AesNi);
+            let want = if is_x86_feature_detected!("avx2") { Backend::Avx2 } else { Backend::AesNi };
+            assert_eq!(Sm4::new(&[0; 16]).backend(), want);
         }
         assert_eq!(Sm4::with_backend(&[0; 16], Backend::Portable).backend(), Backend::Portable);
     }
