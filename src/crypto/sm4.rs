@@ -561,27 +561,32 @@ impl Backend {
         Backend::Portable
     }
 
+    /// Whether this CPU can run the backend (the precondition of its `unsafe` calls).
+    fn available(self) -> bool {
+        match self {
+            Backend::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Backend::AesNi => ni::available(),
+            #[cfg(target_arch = "x86_64")]
+            Backend::Avx2 => avx2::available(),
+        }
+    }
+
     /// Every backend this CPU can run (the tests check each against the reference).
     #[cfg(test)]
     pub(crate) fn all() -> Vec<Backend> {
         let mut v = vec![Backend::Portable];
         #[cfg(target_arch = "x86_64")]
-        {
-            if ni::available() {
-                v.push(Backend::AesNi);
-            }
-            if avx2::available() {
-                v.push(Backend::Avx2);
-            }
-        }
+        v.extend([Backend::AesNi, Backend::Avx2]);
+        v.retain(|b| b.available());
         v
     }
 
     fn tau(self, x: u32) -> u32 {
         match self {
             Backend::Portable => swar_sbox(x as u64) as u32,
-            // SAFETY: `AesNi` and `Avx2` are only chosen after `ni::available()` (and
-            // `avx2::available()`, which implies it) said the CPU has the features.
+            // SAFETY: only called with available backends (`with_backend` asserts it, the tests
+            // take theirs from `all()`); `avx2::available()` implies `ni::available()`.
             #[cfg(target_arch = "x86_64")]
             Backend::AesNi | Backend::Avx2 => unsafe { ni::tau(x) },
         }
@@ -622,8 +627,10 @@ impl Sm4 {
         Sm4::with_backend(key, Backend::detect())
     }
 
-    /// `backend` must be one that `Backend::detect` could have returned on this CPU.
+    /// # Panics
+    /// If this CPU cannot run `backend`.
     pub(crate) fn with_backend(key: &[u8; 16], backend: Backend) -> Sm4 {
+        assert!(backend.available(), "SM4 backend {backend:?} needs CPU features this machine lacks");
         let mut k = [0u32; 4];
         for (i, w) in k.iter_mut().enumerate() {
             *w = u32::from_be_bytes([key[4 * i], key[4 * i + 1], key[4 * i + 2], key[4 * i + 3]]) ^ FK[i];
@@ -668,7 +675,7 @@ impl Sm4 {
     fn crypt(&self, rk: &[u32; 32], blocks: &mut [[u8; 16]]) {
         match self.backend {
             Backend::Portable => crypt_portable(rk, blocks),
-            // SAFETY: as in `Backend::tau`.
+            // SAFETY: as in `Backend::tau`: `self.backend` passed `available()` in `with_backend`.
             #[cfg(target_arch = "x86_64")]
             Backend::AesNi => unsafe { ni::crypt(rk, blocks) },
             #[cfg(target_arch = "x86_64")]
