@@ -237,3 +237,22 @@ fn every_key_holding_command_is_hardened() {
         assert!(core.split_whitespace().nth(4) == Some("0"), "{args:?}: {core}");
     }
 }
+
+/// `tdefs decrypt --to DIR` runs as root into a directory others may reach: a link planted
+/// where it writes its temporary file is removed, never written through.
+#[test]
+fn decrypt_never_writes_through_a_planted_link() {
+    let mut m = Mount::new("aes256-ctr");
+    fs::write(m.path("f"), b"exported plaintext").unwrap();
+    m.stop();
+    let export = m.dir.path().join("export");
+    fs::create_dir(&export).unwrap();
+    let victim = m.dir.path().join("victim");
+    fs::write(&victim, b"must survive").unwrap();
+    std::os::unix::fs::symlink(&victim, export.join(".f.tdefs-partial")).unwrap();
+    let out = Command::new(TDEFS).args(["decrypt", "--config"]).arg(&m.config).arg("--to").arg(&export).arg(&m.backing).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(fs::read(&victim).unwrap(), b"must survive");
+    assert_eq!(fs::read(export.join("f")).unwrap(), b"exported plaintext");
+    assert!(fs::symlink_metadata(export.join(".f.tdefs-partial")).is_err());
+}

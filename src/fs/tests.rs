@@ -82,3 +82,40 @@ fn keys_of_staged_copies_and_pending_renames_are_kept() {
     assert_eq!(core.collect_unused_keys().unwrap(), 0);
     assert!(core.keys().get(k1.id).is_some() && core.keys().get(k2.id).is_some());
 }
+
+/// A live `tdefs status` walks the whole backing tree; it looks dictionary entries up one
+/// at a time, so creates and lookups go on while it is stopped in the middle of its walk
+/// (before, it held the dictionary's lock for the whole walk).
+#[test]
+fn status_never_blocks_creates() {
+    let d = tempfile::tempdir().unwrap();
+    let core = core_in(d.path());
+    for i in 0..50 {
+        let (_, _, fh) = core.create(1, OsStr::new(&format!("f{i}")), 0o644, 0, Caller { uid: 0, gid: 0 }).unwrap();
+        core.release(fh);
+    }
+    let (paused_tx, paused_rx) = mpsc::channel();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let go_rx = parking_lot::Mutex::new(go_rx);
+    let fired = std::sync::atomic::AtomicBool::new(false);
+    let _hook = crate::hooks::install(move |name| {
+        if name == "status:walking" && !fired.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            paused_tx.send(()).unwrap();
+            go_rx.lock().recv_timeout(Duration::from_secs(30)).unwrap();
+        }
+    });
+    let c = core.clone();
+    let backing = d.path().to_path_buf();
+    let t = std::thread::spawn(move || {
+        crate::meta::status::collect(&backing, c.keys(), c.dict().as_ref(), Method::Aes256Ctr, true)
+    });
+    paused_rx.recv().unwrap();
+    for i in 0..20 {
+        let (_, _, fh) = core.create(1, OsStr::new(&format!("during{i}")), 0o644, 0, Caller { uid: 0, gid: 0 }).unwrap();
+        core.release(fh);
+        assert!(core.dict().get(format!("/f{i}").as_bytes()).is_some());
+    }
+    go_tx.send(()).unwrap();
+    let st = t.join().unwrap();
+    assert!(st.files_by_method.get("aes256-ctr").copied().unwrap_or(0) >= 50);
+}

@@ -281,7 +281,7 @@ impl KeyStore {
                 break id;
             }
         };
-        let key = Arc::new(DataKey { id, method, created: now_secs(), key: Secret::random(method.key_len()) });
+        let key = Arc::new(DataKey { id, method, created: now_secs(), key: new_key_material(method) });
         next.keys.insert(id, key.clone());
         next.current = id;
         next.generation += 1;
@@ -309,6 +309,18 @@ impl KeyStore {
         e.raw(&crc.to_le_bytes());
         self.dir.write_durably(KEYS_FILE, &e.0)
             .map_err(|err| KeyError::Io { op: "write", path: self.path(), err })
+    }
+}
+
+/// Fresh key material for `method`. An XTS key is a pair K1||K2 that must differ (IEEE
+/// 1619, NIST SP 800-38E): equal halves are drawn again (a chance of 2^-128, but checked).
+fn new_key_material(method: Method) -> Secret {
+    loop {
+        let k = Secret::random(method.key_len());
+        let (a, b) = k.expose().split_at(k.len() / 2);
+        if !method.is_xts() || a != b {
+            return k;
+        }
     }
 }
 
