@@ -44,6 +44,10 @@ Flags: -f fake mount (check CONFIG and options, mount nothing), -s -n -v ignored
 
 Install (once):
   ln -s /usr/local/bin/tdefs /sbin/mount.fuse.tdefs
+  ln -s /usr/local/bin/tdefs /sbin/umount.fuse   # optional: `umount` then waits until the
+                                                 # daemon has flushed and exited (umount(8)
+                                                 # runs umount.fuse for every FUSE type; tdefs
+                                                 # unmounts the others as umount would)
 
 Examples:
   mount -t fuse.tdefs /etc/tdefs/tdefs.toml /srv/db

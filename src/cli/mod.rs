@@ -12,6 +12,7 @@ mod mount;
 mod rotate;
 mod sdnotify;
 mod status;
+mod umount;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -47,6 +48,7 @@ enum Command {
     Encrypt(convert::EncryptArgs),
     Decrypt(convert::DecryptArgs),
     Adopt(adopt::AdoptArgs),
+    Umount(umount::UmountArgs),
     /// Write a new random 256-bit master key (64 hex characters + newline, mode 0600).
     #[command(after_help = "Example:\n  tdefs genkey /run/keys/tdefs.key   # keep it on tmpfs or in a secrets manager")]
     Genkey {
@@ -102,6 +104,11 @@ pub fn main() -> ExitCode {
         let args: Vec<_> = std::env::args_os().skip(1).collect();
         return report(helper::run(&args));
     }
+    if umount::HELPER_NAMES.iter().any(|n| std::path::Path::new(&argv0).file_name() == Some(n.as_ref())) {
+        init_logging(LogLevel::default());
+        let args: Vec<_> = std::env::args_os().skip(1).collect();
+        return report(umount::run_helper(&args));
+    }
     let cli = Cli::parse();
     // The mount sets up logging once it has read its config (log-level).
     if !matches!(cli.cmd, Command::Mount(_) | Command::MountHelper { .. }) {
@@ -119,6 +126,7 @@ pub fn main() -> ExitCode {
         Command::MountHelper { args } => helper::run(&args),
         Command::Dump(args) => dump::run(args),
         Command::Adopt(args) => adopt::run(args),
+        Command::Umount(args) => umount::run(args),
         Command::RotateMasterKey(args) => rotate::run(args),
         Command::Status(args) => status::run(args),
         Command::Genkey { path } => crate::keys::generate_key_file(&path)

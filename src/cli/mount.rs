@@ -11,6 +11,7 @@ use crate::config::{Config, DEFAULT_CONFIG_PATH};
 use crate::fs::{fuser_config, mounting, Core, FsOptions, Housekeeping, MountSpec, TdeFs};
 use crate::control;
 use crate::crypto::Method;
+use crate::meta::owner::{Owner, State};
 use crate::meta::{rotate_master_key, status, MasterKeys, Metadata, OpenOptions};
 use crate::metrics;
 
@@ -71,7 +72,12 @@ fn start_control(mountpoint: &Path, backing: &Path, core: Arc<Core>, method: Met
                 let st = status::collect(&backing, core.keys(), core.dict().as_ref(), method, true);
                 serde_json::to_string(&st).map_err(|e| e.to_string())
             }
-            control::Request::Ping => Ok(format!("tdefs {} serving {}", env!("CARGO_PKG_VERSION"), backing.display())),
+            control::Request::Ping => Ok(serde_json::json!({
+                "version": env!("CARGO_PKG_VERSION"),
+                "pid": std::process::id(),
+                "backing": backing,
+            })
+            .to_string()),
             control::Request::RotateMasterKey { config } => {
                 let cfg = Config::load(&config).map_err(|e| format!("{e:#}"))?;
                 if let Some(b) = &cfg.backing_dir {
@@ -222,6 +228,8 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
             }
         }
     })?;
+    let served = std::fs::canonicalize(&mountpoint).unwrap_or(mountpoint.clone());
+    Owner::me(State::Serving, Some(&served)).publish(&meta.meta);
     tracing::info!(mountpoint = %mountpoint.display(), method = %enc.data_encryption_method, "mounted");
     sdnotify::ready(&mountpoint);
     if daemon::is_daemon_child() {
@@ -229,6 +237,8 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
     }
     // Returns after an unmount by signal, by fusermount3 -u or by the kernel (`umount`).
     let result = session.run();
+    // Unmounted: a mount of the same directory started now waits for us (see meta::owner).
+    Owner::me(State::Stopping, Some(&served)).publish(&meta.meta);
     sdnotify::stopping();
     signal_handle.close();
     let _ = sig_thread.join();
@@ -238,6 +248,7 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
         meta.dict.compact().context("final dictionary compaction")?;
     }
     meta.close().context("final dictionary flush")?;
+    Owner::me(State::Closed, Some(&served)).publish(&meta.meta);
     result.context("FUSE session ended with an error")?;
     tracing::info!("unmounted cleanly");
     Ok(())

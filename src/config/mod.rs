@@ -75,6 +75,10 @@ pub struct MountConfig {
     /// How long the kernel may cache attributes and names.
     #[serde(default = "one_second", deserialize_with = "de_duration")]
     pub attr_timeout: Duration,
+    /// How long a mount (or check, status, ...) waits for a tdefs that was just unmounted
+    /// from the same backing directory and is still flushing its dictionary.
+    #[serde(default = "thirty_seconds", deserialize_with = "de_duration")]
+    pub unmount_wait: Duration,
     /// Honour set-user-id and set-group-id bits (`suid`); false (default): `nosuid`.
     #[serde(default)]
     pub suid: bool,
@@ -126,6 +130,7 @@ impl Default for MountConfig {
             threads: 0,
             writeback_cache: true,
             attr_timeout: one_second(),
+            unmount_wait: thirty_seconds(),
             suid: false,
             dev: false,
             exec: true,
@@ -312,7 +317,9 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|err| ConfigError::Read { path: path.to_path_buf(), err })?;
-        Config::parse(&text).map_err(|message| ConfigError::Invalid { path: path.to_path_buf(), message })
+        let cfg = Config::parse(&text).map_err(|message| ConfigError::Invalid { path: path.to_path_buf(), message })?;
+        crate::meta::UNMOUNT_WAIT_MS.store(cfg.mount.unmount_wait.as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(cfg)
     }
 
     /// Parse TOML text; the error is toml's message (it names the key, line and column).
@@ -379,6 +386,9 @@ fn yes() -> bool {
 }
 fn one_second() -> Duration {
     Duration::from_secs(1)
+}
+fn thirty_seconds() -> Duration {
+    Duration::from_secs(30)
 }
 fn default_method() -> Method {
     Method::Aes256Ctr

@@ -3,6 +3,7 @@
 
 pub mod check;
 pub mod format;
+pub mod owner;
 pub mod status;
 
 use std::collections::HashSet;
@@ -30,6 +31,10 @@ pub const STAGING_PREFIX: &[u8] = b"/.tdefs.convert/";
 /// `tdefs status` shows while the converter holds the lock.
 pub const PROGRESS_FILE: &str = "progress.json";
 
+/// How long opening a backing directory waits for a previous tdefs that is finishing its
+/// unmount of it (`[mount] unmount-wait`), in milliseconds.
+pub static UNMOUNT_WAIT_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(30_000);
+
 /// Names in the backing root that tdefs reserves.
 pub fn is_hidden_name(name: &OsStr) -> bool {
     name == META_DIR || name == INIT_DIR || name == STAGING_DIR
@@ -48,8 +53,8 @@ pub enum MetaError {
     )]
     NotEmpty { path: PathBuf, count: usize, example: String },
 
-    #[error("{path} is in use by another tdefs process (is this backing directory already mounted?)")]
-    Locked { path: PathBuf },
+    #[error("{path} is {who}")]
+    Locked { path: PathBuf, who: String },
 
     #[error(transparent)]
     Key(#[from] KeyError),
@@ -185,8 +190,12 @@ impl Offline {
             },
             _ => MetaError::Backing { path: backing.clone(), problem: e.to_string() },
         })?;
-        if !sys::try_lock_exclusive(meta.fd()).map_err(io_err("lock", &meta_path))? {
-            return Err(MetaError::Locked { path: meta_path });
+        let patience = std::time::Duration::from_millis(UNMOUNT_WAIT_MS.load(std::sync::atomic::Ordering::Relaxed));
+        if let Err(who) = owner::lock_or_wait(&meta, patience).map_err(io_err("lock", &meta_path))? {
+            return Err(MetaError::Locked { path: backing.clone(), who });
+        }
+        if write {
+            owner::Owner::me(owner::State::Open, None).publish(&meta);
         }
         let meta = Arc::new(meta);
         let keys = Arc::new(open_keys(&meta, master, rotate)?);
