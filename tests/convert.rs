@@ -380,7 +380,7 @@ fn encrypt_refuses_a_mounted_directory_and_a_plaintext_method() {
     let before = snapshot(&m.backing, true);
     let (code, out) = tdefs(&["encrypt", "--config", &cfg, &backing]);
     assert_eq!(code, 2, "{out}");
-    assert!(out.contains("in use by another tdefs process"), "{out}");
+    assert!(out.contains(&format!("is mounted at {} by tdefs mount", m.mnt.display())), "{out}");
     assert_eq!(snapshot(&m.backing, true), before);
     m.stop();
     m.set_method("plaintext");

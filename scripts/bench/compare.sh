@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark (issue 6): native directory, tdefs plaintext / aes128-ctr /
-# aes256-ctr / sm4-ctr, and gocryptfs, on the same disk, alternating, several repetitions,
+# aes256-ctr / aes256-xts / sm4-ctr, and gocryptfs, on the same disk, alternating, several repetitions,
 # medians. Writes OUT/raw.tsv, OUT/results.md (absolute figures and ratios) and
 # OUT/results.png (ratios to native).
 #
@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 reps=3; out=$ROOT/target/bench; base=/var/tmp; quick=0
-configs="native tdefs-plaintext tdefs-aes128 tdefs-aes256 tdefs-sm4 gocryptfs"
+configs="native tdefs-plaintext tdefs-aes128 tdefs-aes256 tdefs-aes256xts tdefs-sm4 gocryptfs"
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) quick=1; shift ;;
@@ -79,7 +79,8 @@ mount_config() { # CONFIG -> prints the directory to use
             ;;
         tdefs-*)
             local method=${c#tdefs-}
-            case $method in plaintext) ;; aes128) method=aes128-ctr ;; aes256) method=aes256-ctr ;; sm4) method=sm4-ctr ;; esac
+            case $method in plaintext) ;; aes128) method=aes128-ctr ;; aes256) method=aes256-ctr ;; sm4) method=sm4-ctr ;;
+                aes256xts) method=aes256-xts ;; sm4xts) method=sm4-xts ;; esac
             "$T/tdefs" genkey "$d/key" >/dev/null 2>&1
             cat > "$d/tdefs.toml" <<TOML
 backing-dir = "$d/backing"
@@ -221,14 +222,15 @@ def ratio(a, b, job):
         return f"{r:.2f}"
     return "–"
 cols = [c for c in configs]
-hdr = "| job | " + " | ".join(cols) + " | aes256 / native | aes256 / gocryptfs | aes256 / plaintext |"
-lines = [hdr, "|" + "---|" * (len(cols) + 4)]
+hdr = "| job | " + " | ".join(cols) + " | aes256 / native | aes256 / gocryptfs | aes256 / plaintext | xts / ctr (aes256) |"
+lines = [hdr, "|" + "---|" * (len(cols) + 5)]
 for job in jobs:
     cells = [f"{med[(c, job)]:.0f}" if (c, job) in med and med[(c, job)] >= 10 else (f"{med[(c, job)]:.1f}" if (c, job) in med else "–") for c in cols]
     if job.startswith("daemon_rss"):
-        r = ["–", "–", "–"]
+        r = ["–", "–", "–", "–"]
     else:
-        r = [ratio("tdefs-aes256", "native", job), ratio("tdefs-aes256", "gocryptfs", job), ratio("tdefs-aes256", "tdefs-plaintext", job)]
+        r = [ratio("tdefs-aes256", "native", job), ratio("tdefs-aes256", "gocryptfs", job), ratio("tdefs-aes256", "tdefs-plaintext", job),
+             ratio("tdefs-aes256xts", "tdefs-aes256", job)]
     lines.append(f"| {job} | " + " | ".join(cells) + " | " + " | ".join(r) + " |")
 md = "\n".join(lines) + "\n"
 env = open(f"{out}/env.txt").read()

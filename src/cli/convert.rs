@@ -33,6 +33,11 @@ pub struct EncryptArgs {
     /// Progress display.
     #[arg(long, value_enum, default_value_t = Display::Auto)]
     progress: Display,
+    /// Also re-encrypt files already encrypted with METHOD (e.g. aes256-ctr), or with any
+    /// other method than the configured one (`all`), under the configured method and the
+    /// current data key.
+    #[arg(long, value_name = "METHOD|all")]
+    reencrypt: Option<String>,
     /// Backing directory (unmounted).
     backing: PathBuf,
     /// Files or directories to encrypt, relative to the backing directory (as seen at the
@@ -130,10 +135,16 @@ pub fn run_encrypt(args: EncryptArgs) -> ExitCode {
             return Err(crate::convert::ConvertError::PlaintextMethod.into());
         }
         let meta = open(&cfg, &args.backing, args.init)?;
+        let reencrypt = match args.reencrypt.as_deref() {
+            None => encrypt::Reencrypt::No,
+            Some("all") => encrypt::Reencrypt::AllOther,
+            Some(m) => encrypt::Reencrypt::From(m.parse()?),
+        };
         let opts = encrypt::Options {
             method: enc.data_encryption_method,
             rotation: enc.data_key_rotation_period,
             display: args.progress,
+            reencrypt,
         };
         let s = encrypt::run(&meta, &args.paths, &opts)?;
         Ok(report("encrypted", &s, true))

@@ -350,14 +350,6 @@ impl Config {
         if enc.previous_master_key.as_ref() == Some(&enc.master_key) {
             return Err("security.encryption.previous-master-key is the same as master-key".into());
         }
-        if enc.data_encryption_method.is_xts() {
-            // The crypto layer has them; the data path (partial blocks, holes, tails) does
-            // not use them yet.
-            return Err(format!(
-                "security.encryption.data-encryption-method = {:?} is not available in this build yet",
-                enc.data_encryption_method.name()
-            ));
-        }
         if self.mount.allow_other && !self.mount.default_permissions {
             return Err("mount.allow-other = true with mount.default-permissions = false would let every user who can \
                         reach the mount read and write every file (tdefs does not check permissions itself; as \

@@ -4,8 +4,10 @@
 //! The copy keeps the hole rule of DESIGN.md §4 in both directions: a complete, aligned
 //! 4 KiB block of zeros is a hole (on the backing file it reads as zeros; in plaintext it
 //! is zeros) and is not written, so sparse and preallocated files stay sparse; every other
-//! block, and the partial last block always, goes through the cipher. CTR is its own
-//! inverse, so encrypting and decrypting are the same loop.
+//! block, and the partial last block always, goes through the ciphers: decrypted with the
+//! source's (`from`), encrypted with the destination's (`to`), so one loop encrypts,
+//! decrypts, and moves a file from one method or key to another. Runs are whole 4 KiB
+//! blocks (a partial one only at the end of the file), which suits XTS's data units.
 
 use std::ffi::CString;
 use std::fs::File;
@@ -19,13 +21,22 @@ use crate::sys;
 
 const CHUNK: usize = 1 << 20;
 
-/// Copy the first `size` bytes of `src` to `dst` through `cipher` (`None`: as they are),
-/// skipping holes. `progress` is told how many bytes of the file were covered as it goes.
+/// How a block changes on its way from `src` to `dst`.
+#[derive(Clone, Copy)]
+pub struct Ciphers<'a> {
+    /// Decrypts the source (`None`: it is plaintext).
+    pub from: Option<&'a FileCipher>,
+    /// Encrypts the destination (`None`: it is plaintext).
+    pub to: Option<&'a FileCipher>,
+}
+
+/// Copy the first `size` bytes of `src` to `dst` through `ciphers`, skipping holes.
+/// `progress` is told how many bytes of the file were covered as it goes.
 pub fn transform(
     src: &File,
     dst: &File,
     size: u64,
-    cipher: Option<&FileCipher>,
+    ciphers: Ciphers<'_>,
     buf: &mut Vec<u8>,
     progress: &mut dyn FnMut(u64),
 ) -> io::Result<()> {
@@ -50,7 +61,7 @@ pub fn transform(
             if got < n {
                 return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the file shrank while it was being converted"));
             }
-            write_blocks(dst, cipher, off, &mut buf[..n], size)?;
+            write_blocks(dst, ciphers, off, &mut buf[..n], size)?;
             off += n as u64;
             progress(off - reported);
             reported = off;
@@ -64,11 +75,14 @@ pub fn transform(
 }
 
 /// Write `data` (read at `off`, a block boundary) to `dst`, leaving out complete zero blocks.
-fn write_blocks(dst: &File, cipher: Option<&FileCipher>, off: u64, data: &mut [u8], size: u64) -> io::Result<()> {
+fn write_blocks(dst: &File, ciphers: Ciphers<'_>, off: u64, data: &mut [u8], size: u64) -> io::Result<()> {
     let mut run: Option<usize> = None; // start of the run of blocks to write
     let flush = |from: usize, to: usize, data: &mut [u8]| -> io::Result<()> {
-        if let Some(c) = cipher {
-            c.apply(off + from as u64, &mut data[from..to]);
+        if let Some(c) = ciphers.from {
+            c.decrypt(off + from as u64, &mut data[from..to]);
+        }
+        if let Some(c) = ciphers.to {
+            c.encrypt(off + from as u64, &mut data[from..to]);
         }
         sys::pwrite_all(dst.as_fd(), &data[from..to], off + from as u64)
     };

@@ -14,7 +14,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use super::copy::{copy_attrs, set_times, transform};
+use super::copy::{copy_attrs, set_times, transform, Ciphers};
 use super::progress::{Display, Progress};
 use super::{create_staging, ensure_dir, io_err, remove_staging, select, show, ConvertError, Item, Kind, Summary};
 use crate::crypto::{FileCipher, Method};
@@ -206,7 +206,7 @@ fn export_file(ctx: &mut Ctx<'_>, item: &Item, dest: &Path, progress: &mut Progr
         .open(&tmp)
         .map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
     let r = (|| {
-        transform(&src, &dst, md.len(), cipher.as_ref(), &mut ctx.buf, &mut |n| progress.bytes(n))
+        transform(&src, &dst, md.len(), Ciphers { from: cipher.as_ref(), to: None }, &mut ctx.buf, &mut |n| progress.bytes(n))
             .map_err(|e| format!("cannot copy it: {e}"))?;
         let w = copy_attrs(&src, md, &dst, false).map_err(|e| format!("cannot copy its attributes: {e}"))?;
         ctx.warnings.extend(w.into_iter().map(|w| format!("{}: {w}", show(&item.rel))));

@@ -20,7 +20,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::copy::{copy_attrs, set_times, transform};
+use super::copy::{copy_attrs, set_times, transform, Ciphers};
 use super::progress::{Display, Progress};
 use super::{create_staging, io_err, remove_staging, select, show, ConvertError, Kind, Summary};
 use crate::crypto::{random_iv, random_u64, Method};
@@ -35,6 +35,30 @@ pub struct Options {
     pub method: Method,
     pub rotation: Duration,
     pub display: Display,
+    /// Which encrypted files move to `method` as well (plaintext ones always do).
+    pub reencrypt: Reencrypt,
+}
+
+/// Encrypted files that `tdefs encrypt` re-encrypts under the configured method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reencrypt {
+    /// None: only plaintext files are encrypted.
+    No,
+    /// Files encrypted with this method (e.g. every aes256-ctr file to aes256-xts).
+    From(Method),
+    /// Every file encrypted with another method than the configured one.
+    AllOther,
+}
+
+impl Reencrypt {
+    fn covers(self, m: Method, target: Method) -> bool {
+        m != target
+            && match self {
+                Reencrypt::No => false,
+                Reencrypt::From(f) => f == m,
+                Reencrypt::AllOther => true,
+            }
+    }
 }
 
 /// Why one file was not converted: the run goes on with the next file.
@@ -70,7 +94,7 @@ pub fn run(meta: &Metadata, paths: &[PathBuf], opts: &Options) -> Result<Summary
             continue;
         }
         match meta.dict.get(&item.rel) {
-            Some(e) if !e.method.is_plaintext() => summary.files_unchanged += 1,
+            Some(e) if !e.method.is_plaintext() && !opts.reencrypt.covers(e.method, opts.method) => summary.files_unchanged += 1,
             None => summary.skip(
                 &item.rel,
                 "has no record in the file dictionary, so whether it is plaintext is unknown; `tdefs check` explains \
@@ -83,24 +107,29 @@ pub fn run(meta: &Metadata, paths: &[PathBuf], opts: &Options) -> Result<Summary
                     item.md.nlink()
                 ),
             ),
-            _ => todo.push(item),
+            Some(e) => todo.push((item, e.method)),
         }
     }
-    let bytes_total = todo.iter().map(|i| i.md.len()).sum();
+    let bytes_total = todo.iter().map(|(i, _)| i.md.len()).sum();
     let mut progress = Progress::new("encrypt", opts.display, todo.len() as u64, bytes_total);
     let staging = create_staging(meta)?;
     let snapshot = status::collect(backing, &meta.keys, meta.dict.as_ref(), opts.method, false);
     progress.publish_to(staging.clone(), snapshot);
     let mut ctx = Ctx { meta, opts, staging, buf: Vec::new() };
-    for item in &todo {
+    for (item, was) in &todo {
         match encrypt_one(&mut ctx, &item.rel, &item.md, &mut progress) {
             Ok(()) => {
                 summary.files_done += 1;
                 summary.bytes_done += item.md.len();
                 if let Some(st) = progress.status_mut() {
-                    st.plaintext_files = st.plaintext_files.saturating_sub(1);
-                    st.plaintext_bytes = st.plaintext_bytes.saturating_sub(item.md.len());
-                    st.encrypted_bytes += item.md.len();
+                    if was.is_plaintext() {
+                        st.plaintext_files = st.plaintext_files.saturating_sub(1);
+                        st.plaintext_bytes = st.plaintext_bytes.saturating_sub(item.md.len());
+                        st.encrypted_bytes += item.md.len();
+                    }
+                    if let Some(n) = st.files_by_method.get_mut(was.name()) {
+                        *n = n.saturating_sub(1);
+                    }
                     *st.files_by_method.entry(opts.method.to_string()).or_default() += 1;
                 }
             }
@@ -127,6 +156,14 @@ fn failed(what: &str, e: impl std::fmt::Display) -> FileError {
 
 fn encrypt_one(ctx: &mut Ctx<'_>, rel: &[u8], md: &std::fs::Metadata, progress: &mut Progress) -> Result<(), FileError> {
     let dict = &ctx.meta.dict;
+    // The file's cipher now: None for plaintext, its data key for a re-encryption.
+    let old = match dict.get(rel) {
+        Some(e) if !e.method.is_plaintext() => match ctx.meta.keys.get(e.key_id) {
+            Some(k) => Some(k.cipher(&e.iv)),
+            None => return Err(failed("cannot re-encrypt it", format!("its data key {:#018x} is missing", e.key_id))),
+        },
+        _ => None,
+    };
     let key = ctx.meta.keys.key_for_new_file(ctx.opts.method, ctx.opts.rotation)?.ok_or(ConvertError::PlaintextMethod)?;
     let iv = random_iv();
     let entry = FileEntry { method: key.method, key_id: key.id, iv };
@@ -142,7 +179,7 @@ fn encrypt_one(ctx: &mut Ctx<'_>, rel: &[u8], md: &std::fs::Metadata, progress: 
         return Err(FileError::Failed("it was replaced or linked while the run went on; run again".into()));
     }
     if md.len() == 0 {
-        // No bytes to rewrite: the entry alone makes it an encrypted (empty) file.
+        // No bytes to rewrite: the entry alone makes it an (empty) file of the new method.
         let seq = dict.submit(Record::Put { path: rel.to_vec(), entry })?;
         dict.sync(seq)?;
         return Ok(());
@@ -164,7 +201,7 @@ fn encrypt_one(ctx: &mut Ctx<'_>, rel: &[u8], md: &std::fs::Metadata, progress: 
         let _ = staging.remove(&name);
         why
     };
-    if let Err(why) = copy_verified(ctx, &src, md, &dst, &cipher, &full, progress) {
+    if let Err(why) = copy_verified(ctx, &src, md, &dst, Ciphers { from: old.as_ref(), to: Some(&cipher) }, &full, progress) {
         return Err(undo(why));
     }
     crate::hooks::crash("convert:after-copy");
@@ -208,11 +245,11 @@ fn copy_verified(
     src: &File,
     md: &std::fs::Metadata,
     dst: &File,
-    cipher: &crate::crypto::FileCipher,
+    ciphers: Ciphers<'_>,
     full: &Path,
     progress: &mut Progress,
 ) -> Result<(), FileError> {
-    transform(src, dst, md.len(), Some(cipher), &mut ctx.buf, &mut |n| progress.bytes(n))
+    transform(src, dst, md.len(), ciphers, &mut ctx.buf, &mut |n| progress.bytes(n))
         .map_err(|e| failed("cannot copy it", e))?;
     // The times as selected: reading the file may have moved its atime since.
     copy_attrs(src, md, dst, true).map_err(|e| failed("cannot copy its attributes", e))?;

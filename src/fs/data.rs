@@ -1,9 +1,20 @@
-//! Encrypted data path: CTR encryption at any offset, and the hole rule of DESIGN.md §4.
+//! Encrypted data path: every method at any offset, and the hole rule (docs/design.md).
 //!
 //! Invariant kept on every backing file: each complete, aligned 4 KiB block is either all
 //! zero bytes (a hole: reads as zeros) or all ciphertext; the partial block at the end of the
 //! file, if any, is all ciphertext. Operations that would leave a block mixed first fill the
 //! rest of it with encrypted zeros. Aligned page writes therefore cost no extra I/O.
+//!
+//! CTR methods encrypt byte by byte. XTS methods encrypt 16-byte blocks (in 4 KiB data
+//! units), the file's last < 16 bytes in tail mode (see `crypto::xts`): a write that covers
+//! 16-byte blocks only in part reads, decrypts and rewrites its edge blocks (at most two,
+//! 16 bytes each), with the same plaintext where it does not change, which XTS encrypts to
+//! the same bytes. What the size decides: whether the block holding the end of the file is
+//! a full block or a tail. A size change that moves the end to another 16-byte block
+//! re-encrypts that block, and a crash in the middle of such a change can leave up to 15
+//! bytes before the new end unreadable (XTS needs whole blocks; the backing file keeps the
+//! plaintext's size). Files whose size is a multiple of 16 — database pages, WAL segments —
+//! never have a tail.
 //!
 //! Crash safety: operations that take several backing calls are ordered so that the file is
 //! valid after each of them (a process killed in between, or a torn page-granular write,
@@ -41,6 +52,15 @@ pub(crate) fn up(x: u64) -> u64 {
     down(x + BLOCK - 1)
 }
 
+/// Down and up to the cipher's block (1 for CTR, 16 for XTS).
+fn down_to(x: u64, bs: u64) -> u64 {
+    x - x % bs
+}
+
+fn up_to(x: u64, bs: u64) -> u64 {
+    down_to(x + bs - 1, bs)
+}
+
 pub(crate) fn all_zero(b: &[u8]) -> bool {
     let (head, words, tail) = unsafe { b.align_to::<u128>() };
     head.iter().all(|&x| x == 0) && words.iter().all(|&x| x == 0) && tail.iter().all(|&x| x == 0)
@@ -66,11 +86,14 @@ pub fn read(s: &dyn Store, c: &FileCipher, off: u64, len: usize, out: &mut Vec<u
         if block.len() == BLOCK as usize && all_zero(block) {
             continue; // hole (never true of real ciphertext: 2^-32768)
         }
-        // Decrypt only the part the caller asked for.
-        let lo = off.saturating_sub(bstart).min(block.len() as u64) as usize;
-        let hi = (end - bstart).min(block.len() as u64) as usize;
+        // Decrypt only the part the caller asked for, in whole cipher blocks (a partial one
+        // only at the end of the file, where `block` ends).
+        let bs = c.block_size() as u64;
+        let lo = off.saturating_sub(bstart).min(block.len() as u64);
+        let hi = (end - bstart).min(block.len() as u64);
         if lo < hi {
-            c.apply(bstart + lo as u64, &mut block[lo..hi]);
+            let (lo, hi) = (down_to(lo, bs) as usize, (up_to(hi, bs) as usize).min(block.len()));
+            c.decrypt(bstart + lo as u64, &mut block[lo..hi]);
         }
     }
     let skip = (off - start) as usize;
@@ -102,35 +125,30 @@ fn write_zeros(s: &dyn Store, c: &FileCipher, from: u64, to: u64) -> io::Result<
         return Ok(());
     }
     let mut z = vec![0u8; (to - from) as usize];
-    c.apply(from, &mut z);
+    if c.block_size() > 1 {
+        // Edge blocks need their other bytes: the write path reads them.
+        return write(s, c, from, &z, &mut Vec::new());
+    }
+    c.encrypt(from, &mut z);
     s.pwrite(&z, from)
 }
 
-/// Write plaintext `data` at `off`. `scratch` is reused between calls to avoid allocation.
-pub fn write(s: &dyn Store, c: &FileCipher, off: u64, data: &[u8], scratch: &mut Vec<u8>) -> io::Result<()> {
-    if data.is_empty() {
-        return Ok(());
-    }
-    if c.is_plaintext() {
-        return s.pwrite(data, off);
-    }
-    let size = s.size()?;
-    let end = off + data.len() as u64;
-    if write_is_simple(c, off, data.len() as u64, size) {
-        scratch.clear();
-        scratch.extend_from_slice(data);
-        c.apply(off, scratch);
-        return s.pwrite(scratch, off);
-    }
+/// The plaintext of `[from, to)` as the file holds it now (zeros in holes).
+fn old_plaintext(s: &dyn Store, c: &FileCipher, from: u64, to: u64, out: &mut Vec<u8>) -> io::Result<()> {
+    let mut tmp = Vec::new();
+    read(s, c, from, (to - from) as usize, &mut tmp)?;
+    tmp.resize((to - from) as usize, 0);
+    out.extend_from_slice(&tmp);
+    Ok(())
+}
+
+/// Where a write of `[off, end)` must start and end so that no 4 KiB block is left mixed:
+/// a new or hole block it touches in part is filled with zeros around the data.
+fn fill_extent(s: &dyn Store, off: u64, end: u64, size: u64) -> io::Result<(u64, u64)> {
     let hb = down(off);
     let tb = down(end - 1);
-    // Zeros to prepend (from `wstart`) and append (up to `wend`) so no block ends up mixed.
     let mut wstart = off;
     let mut wend = end;
-    if size % BLOCK != 0 && off >= up(size) {
-        // Writing past a partial last block: complete it first (it becomes a full block).
-        write_zeros(s, c, size, up(size))?;
-    }
     let head_hole = off % BLOCK != 0 && hb + BLOCK <= size && is_hole(s, hb)?;
     if off % BLOCK != 0 {
         if hb >= size || head_hole {
@@ -145,12 +163,48 @@ pub fn write(s: &dyn Store, c: &FileCipher, off: u64, data: &[u8], scratch: &mut
             wend = tb + BLOCK;
         }
     }
+    Ok((wstart, wend))
+}
+
+/// Write plaintext `data` at `off`. `scratch` is reused between calls to avoid allocation.
+pub fn write(s: &dyn Store, c: &FileCipher, off: u64, data: &[u8], scratch: &mut Vec<u8>) -> io::Result<()> {
+    if data.is_empty() {
+        return Ok(());
+    }
+    if c.is_plaintext() {
+        return s.pwrite(data, off);
+    }
+    let mut size = s.size()?;
+    let end = off + data.len() as u64;
+    if write_is_simple(c, off, data.len() as u64, size) {
+        scratch.clear();
+        scratch.extend_from_slice(data);
+        c.encrypt(off, scratch);
+        return s.pwrite(scratch, off);
+    }
+    if size % BLOCK != 0 && off >= up(size) {
+        // Writing past a partial last block: complete it first (it becomes a full block).
+        write_zeros(s, c, size, up(size))?;
+        size = up(size);
+    }
+    let (wstart, wend) = fill_extent(s, off, end, size)?;
+    // Widened to whole cipher blocks; the bytes the widening adds keep their plaintext.
+    let bs = c.block_size() as u64;
+    let new_size = size.max(wend);
+    let a = down_to(wstart, bs);
+    let b = up_to(wend, bs).min(new_size.max(wend));
     scratch.clear();
-    scratch.resize((off - wstart) as usize, 0);
+    if a < wstart {
+        old_plaintext(s, c, a, wstart, scratch)?;
+    }
+    scratch.resize((off - a) as usize, 0);
     scratch.extend_from_slice(data);
-    scratch.resize((wend - wstart) as usize, 0);
-    c.apply(wstart, scratch);
-    s.pwrite(scratch, wstart)
+    scratch.resize((wend - a) as usize, 0);
+    if wend < b {
+        old_plaintext(s, c, wend, b, scratch)?;
+    }
+    c.encrypt(a, scratch);
+    s.pwrite(scratch, a)
 }
 
 /// Fill what an extension from `size` to `new_len` exposes that is not a whole-block hole:
@@ -179,12 +233,24 @@ pub fn truncate(s: &dyn Store, c: &FileCipher, new_len: u64) -> io::Result<()> {
     let size = s.size()?;
     if new_len < size {
         let tb = down(new_len);
+        let bs = c.block_size() as u64;
+        let hole = new_len % BLOCK != 0 && tb + BLOCK <= size && is_hole(s, tb)?;
         // A hole block that becomes the partial last block must turn into ciphertext: the
         // whole block, so it is valid both before and after the size drops.
-        if new_len % BLOCK != 0 && tb + BLOCK <= size && is_hole(s, tb)? {
+        if hole {
             write_zeros(s, c, tb, tb + BLOCK)?;
         }
-        s.set_len(new_len)
+        if new_len % bs == 0 {
+            return s.set_len(new_len);
+        }
+        // XTS: the block that now holds the end becomes a tail. Its plaintext is read as the
+        // file is now, the size dropped, then the block written in tail mode.
+        let t = down_to(new_len, bs);
+        let mut p = Vec::new();
+        old_plaintext(s, c, t, new_len, &mut p)?;
+        s.set_len(new_len)?;
+        c.encrypt(t, &mut p);
+        s.pwrite(&p, t)
     } else {
         fill_extension(s, c, size, new_len)?;
         // Always set it: ftruncate updates mtime/ctime even when the size does not change.

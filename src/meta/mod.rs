@@ -194,9 +194,6 @@ impl Offline {
         if let Err(who) = owner::lock_or_wait(&meta, patience).map_err(io_err("lock", &meta_path))? {
             return Err(MetaError::Locked { path: backing.clone(), who });
         }
-        if write {
-            owner::Owner::me(owner::State::Open, None).publish(&meta);
-        }
         let meta = Arc::new(meta);
         let keys = Arc::new(open_keys(&meta, master, rotate)?);
         Ok(Offline { backing, backing_fd, meta, keys })
@@ -230,6 +227,8 @@ impl Offline {
     /// Recover what a crash left and make the dictionary writable.
     pub fn into_metadata(self, loaded: Loaded, opts: &OpenOptions, mut report: OpenReport) -> Result<Metadata, MetaError> {
         self.writable()?;
+        // Only now, when it is going to write: a refused open changes nothing on disk.
+        owner::Owner::me(owner::State::Open, None).publish(&self.meta);
         let dict = recover(loaded, &self.keys, opts, &self.backing, &self.backing_fd, &mut report)?;
         report.entries = dict.with_tree(|t| t.len());
         Ok(Metadata { backing: self.backing, backing_fd: self.backing_fd, meta: self.meta, keys: self.keys, dict: Arc::new(dict), report })

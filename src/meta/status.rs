@@ -51,6 +51,9 @@ pub struct Status {
     pub current_key: Option<CurrentKey>,
     /// Files with a dictionary entry, per method.
     pub files_by_method: BTreeMap<String, u64>,
+    /// Bytes (file sizes) per method of the files' records.
+    #[serde(default)]
+    pub bytes_by_method: BTreeMap<String, u64>,
     /// Regular files recorded as plaintext (stored as plaintext).
     pub plaintext_files: u64,
     /// Non-empty regular files without a record (refused by the mount; `tdefs check`
@@ -151,6 +154,7 @@ pub fn collect(backing: &Path, keys: &KeyStore, dict: &dyn DictView, method: Met
         data_keys: keys.keys().len(),
         current_key,
         files_by_method: dict.files_by_method(),
+        bytes_by_method: BTreeMap::new(),
         plaintext_files: 0,
         unrecorded_files: 0,
         encrypted_bytes: 0,
@@ -173,6 +177,7 @@ pub fn uninitialized(backing: &Path, method: Method) -> Status {
         data_keys: 0,
         current_key: None,
         files_by_method: BTreeMap::new(),
+        bytes_by_method: BTreeMap::new(),
         plaintext_files: 0,
         unrecorded_files: 0,
         encrypted_bytes: 0,
@@ -192,6 +197,7 @@ impl Status {
         self.unrecorded_files = c.unrecorded_files;
         self.plaintext_bytes = c.plaintext_bytes;
         self.encrypted_bytes = c.encrypted_bytes;
+        self.bytes_by_method = c.bytes_by_method;
         self
     }
 
@@ -214,6 +220,7 @@ impl Status {
 
 #[derive(Default)]
 struct FileCounts {
+    bytes_by_method: BTreeMap<String, u64>,
     plaintext_files: u64,
     unrecorded_files: u64,
     plaintext_bytes: u64,
@@ -238,8 +245,12 @@ fn count_files(backing: &Path, dict: &dyn DictView) -> FileCounts {
                 Some(en) if en.method.is_plaintext() => {
                     n.plaintext_files += 1;
                     n.plaintext_bytes += size;
+                    *n.bytes_by_method.entry(en.method.to_string()).or_default() += size;
                 }
-                Some(_) => n.encrypted_bytes += size,
+                Some(en) => {
+                    n.encrypted_bytes += size;
+                    *n.bytes_by_method.entry(en.method.to_string()).or_default() += size;
+                }
             }
         }
         Ok::<(), std::io::Error>(())
@@ -271,7 +282,8 @@ pub fn render(s: &Status) -> String {
     let encrypting = || s.files_by_method.iter().filter(|(m, _)| m.as_str() != Method::Plaintext.name());
     line("encrypted files", encrypting().map(|(_, n)| n).sum::<u64>().to_string());
     for (m, n) in encrypting() {
-        line(&format!("  {m}"), n.to_string());
+        let bytes = s.bytes_by_method.get(m).copied().unwrap_or(0);
+        line(&format!("  {m}"), format!("{n} ({bytes} bytes)"));
     }
     line("plaintext files", s.plaintext_files.to_string());
     if s.unrecorded_files > 0 {

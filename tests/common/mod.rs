@@ -276,7 +276,7 @@ pub fn errno_of(r: std::io::Result<impl Sized>) -> i32 {
     }
 }
 
-pub const METHODS: [&str; 5] = ["aes128-ctr", "aes192-ctr", "aes256-ctr", "sm4-ctr", "plaintext"];
+pub const METHODS: [&str; 8] = ["aes128-ctr", "aes192-ctr", "aes256-ctr", "sm4-ctr", "aes128-xts", "aes256-xts", "sm4-xts", "plaintext"];
 
 pub const POWERCUT: &str = env!("CARGO_BIN_EXE_tdefs-powercut");
 

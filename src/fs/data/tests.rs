@@ -96,7 +96,9 @@ fn apply(s: &Mem, c: &FileCipher, op: &Op) {
 }
 
 fn cipher(m: Method) -> FileCipher {
-    FileCipher::new(m, &[0x5a; 32][..m.key_len()], &[0xa5; 16]).unwrap()
+    // Distinct bytes: XTS's two key halves must differ.
+    let key: Vec<u8> = (0..m.key_len() as u8).map(|i| 0x5a ^ i.wrapping_mul(37)).collect();
+    FileCipher::new(m, &key, &[0xa5; 16]).unwrap()
 }
 
 fn check(s: &Mem, c: &FileCipher, model: &[u8], ops: &[Op]) {
@@ -125,7 +127,7 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(400))]
     /// Any sequence of writes, truncates and fallocates reads back like a plain file.
     #[test]
-    fn matches_plain_file_model(method_idx in 0usize..5, ops in proptest::collection::vec(op_strategy(), 1..25)) {
+    fn matches_plain_file_model(method_idx in 0usize..Method::ALL.len(), ops in proptest::collection::vec(op_strategy(), 1..25)) {
         let c = cipher(Method::ALL[method_idx]);
         let s = Mem::default();
         let mut model = Vec::new();
@@ -141,8 +143,9 @@ proptest! {
 
     /// Reads at any offset and length agree with the model.
     #[test]
-    fn unaligned_reads(data in proptest::collection::vec(any::<u8>(), 1..20_000), off in 0u64..21_000, len in 0usize..9000) {
-        let c = cipher(Method::Aes128Ctr);
+    fn unaligned_reads(data in proptest::collection::vec(any::<u8>(), 1..20_000), off in 0u64..21_000, len in 0usize..9000,
+                       xts in any::<bool>()) {
+        let c = cipher(if xts { Method::Aes256Xts } else { Method::Aes128Ctr });
         let s = Mem::default();
         write(&s, &c, 0, &data, &mut Vec::new()).unwrap();
         let mut out = Vec::new();
@@ -276,8 +279,9 @@ proptest! {
         setup in proptest::collection::vec(op_strategy(), 0..6),
         op in op_strategy(),
         torn_pages in 0usize..4,
+        method in prop_oneof![Just(Method::Aes256Ctr), Just(Method::Aes256Xts), Just(Method::Sm4Xts)],
     ) {
-        let c = cipher(Method::Aes256Ctr);
+        let c = cipher(method);
         let base = Mem::default();
         let mut before = Vec::new();
         for o in &setup {
@@ -297,9 +301,18 @@ proptest! {
             read(&store, &c, 0, 1 << 20, &mut got).unwrap();
             let (lo, hi) = (before.len().min(after.len()), before.len().max(after.len()));
             prop_assert!(got.len() >= lo && got.len() <= hi, "size {} outside [{lo}, {hi}] after {k} of {steps} steps of {op:?}", got.len());
+            // XTS: a shrinking truncate that moves the end into another 16-byte block
+            // re-encrypts that block as a tail; a crash in the middle may leave it unreadable
+            // (documented in data.rs: XTS needs whole blocks, the size decides the tail).
+            let tail = match op {
+                Op::Truncate(n) if c.block_size() > 1 && (n as usize) < before.len() && n % 16 != 0 => {
+                    (n - n % 16) as usize..n as usize
+                }
+                _ => 0..0,
+            };
             for (i, b) in got.iter().enumerate() {
                 let (x, y) = (before.get(i).copied().unwrap_or(0), after.get(i).copied().unwrap_or(0));
-                prop_assert!(*b == x || *b == y, "byte {i} = {b} is neither old {x} nor new {y} after {k} of {steps} steps of {op:?} (setup {setup:?})");
+                prop_assert!(*b == x || *b == y || tail.contains(&i), "byte {i} = {b} is neither old {x} nor new {y} after {k} of {steps} steps of {op:?} (setup {setup:?}, {method})");
             }
         }
     }
@@ -344,7 +357,7 @@ fn extents(s: &Mem, c: &FileCipher) -> Vec<(u64, bool)> {
 
 #[test]
 fn seek_reports_tdefs_own_zero_fill_as_holes_as_ext4_would() {
-    for m in [Method::Aes256Ctr, Method::Sm4Ctr] {
+    for m in [Method::Aes256Ctr, Method::Sm4Ctr, Method::Aes256Xts, Method::Sm4Xts] {
         let c = cipher(m);
         // Grown by truncate only: no data at all (ext4: SEEK_DATA 0 -> ENXIO).
         let s = Mem(RefCell::new(Vec::new()));
