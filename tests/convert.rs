@@ -421,3 +421,67 @@ fn a_crash_before_an_exported_file_is_renamed_leaves_it_absent_then_resumes() {
         assert_eq!(exported.get(p).map(|n| &n.data), Some(&w.data), "{p}");
     }
 }
+
+/// `--reencrypt aes256-ctr` moves CTR files to XTS (killed at random points), leaves files of
+/// other methods alone, and a second run has nothing left to do.
+#[test]
+fn reencrypt_moves_ctr_files_to_xts_through_kill_9() {
+    let mut m = Mount::prepare("aes256-ctr");
+    populate(&m.backing, 30, 21);
+    fs::remove_file(m.bpath("db/linked-too")).unwrap();
+    let orig = snapshot(&m.backing, false);
+    let cfg = m.config.to_str().unwrap().to_string();
+    let backing = m.backing.to_str().unwrap().to_string();
+    // The logs are encrypted with sm4-ctr: --reencrypt aes256-ctr must not touch them.
+    m.set_method("sm4-ctr");
+    let (code, out) = tdefs(&["encrypt", "--init", "--config", &cfg, &backing, "logs"]);
+    assert_eq!(code, 0, "{out}");
+    m.set_method("aes256-ctr");
+    let (code, out) = tdefs(&["encrypt", "--config", &cfg, &backing]);
+    assert_eq!(code, 0, "{out}");
+    assert!(plaintext_in(&m.backing).is_empty(), "{:?}", plaintext_in(&m.backing));
+    let logs_before = snapshot(&m.backing.join("logs"), false);
+    let methods = |m: &Mount| -> BTreeMap<String, String> {
+        let out = Command::new(TDEFS).args(["dump", "files", "--json", "--config", m.config.to_str().unwrap()]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["path"].as_str().unwrap().to_string(), v["method"].as_str().unwrap().to_string())
+        }).collect()
+    };
+    let before = methods(&m);
+    assert!(before.iter().any(|(k, v)| k.starts_with("/db/") && v == "aes256-ctr"), "{before:?}");
+    assert!(before.iter().any(|(k, v)| k.starts_with("/logs/") && v == "sm4-ctr"), "{before:?}");
+
+    m.set_method("aes256-xts");
+    let (kills, code, out) = kill_until_done(&["encrypt", "--config", &cfg, "--reencrypt", "aes256-ctr", &backing], 23, |k| {
+        if k % 3 == 1 {
+            assert_mount_shows(&mut m, &orig, &format!("kill {k} of encrypt --reencrypt"));
+        }
+    });
+    eprintln!("reencrypt: {kills} kills");
+    assert!(kills >= 3, "only {kills} kills hit a running re-encryption: the test proves nothing");
+    assert_eq!(code, 0, "{out}");
+    let after = methods(&m);
+    for (path, method) in &after {
+        let want = if path.starts_with("/logs/") { "sm4-ctr" } else if before[path] == "aes256-ctr" { "aes256-xts" } else { before[path].as_str() };
+        assert_eq!(method, want, "{path}: was {}", before[path]);
+    }
+    assert_eq!(after.len(), before.len());
+    // The sm4-ctr files were not rewritten at all.
+    assert_eq!(snapshot(&m.backing.join("logs"), false), logs_before);
+    assert!(plaintext_in(&m.backing).is_empty());
+    assert_mount_shows(&mut m, &orig, "the finished re-encryption");
+    let (code, out) = tdefs(&["encrypt", "--config", &cfg, "--reencrypt", "aes256-ctr", &backing]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("encrypted 0 files"), "{out}");
+    // `all` then takes the sm4-ctr files too.
+    let (code, out) = tdefs(&["encrypt", "--config", &cfg, "--reencrypt", "all", &backing]);
+    assert_eq!(code, 0, "{out}");
+    assert!(methods(&m).values().all(|v| v == "aes256-xts" || v == "plaintext"), "{:?}", methods(&m));
+    assert_mount_shows(&mut m, &orig, "re-encrypting all");
+    // An unknown method is a usage error that changes nothing.
+    let (code, out) = tdefs(&["encrypt", "--config", &cfg, "--reencrypt", "aes512-ctr", &backing]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("aes512-ctr"), "{out}");
+}
