@@ -196,7 +196,7 @@ fn check_reports_stale_entries_repairs_them_and_refuses_a_mounted_directory() {
     fs::hard_link(m.path("d/a"), m.path("a2")).unwrap();
     let (code, text) = m.check(&[]);
     assert_eq!(code, 2, "mounted: {text}");
-    assert!(text.contains("in use"), "{text}");
+    assert!(text.contains("is mounted at"), "{text}");
     m.stop();
     // A file put into the backing directory behind tdefs' back has no record: a problem
     // (the mount refuses it) until someone who knows it is plaintext adopts it.
