@@ -5,15 +5,20 @@
 
 use std::process::Command;
 
-/// Run the torture: (success, stdout + stderr).
+/// Run the torture: (success, stdout + stderr). A run meant to pass works under
+/// /var/tmp/tdefs-crash-tests (the torture removes its work directory on success and keeps
+/// it on failure, for inspection); a run with a workload fault, meant to fail, in a
+/// temporary directory removed afterwards.
 fn run_torture(args: &[&str], fault: Option<&str>) -> (bool, String) {
-    let tmp = std::path::Path::new("/var/tmp/tdefs-crash-tests");
-    std::fs::create_dir_all(tmp).unwrap();
+    let tmp = tempfile::Builder::new().prefix("tdefs-torture-test").tempdir_in("/var/tmp").unwrap();
+    let kept = std::path::Path::new("/var/tmp/tdefs-crash-tests");
+    std::fs::create_dir_all(kept).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tdefs-torture"));
-    cmd.args(["run", "--tdefs", env!("CARGO_BIN_EXE_tdefs")]).args(args).env("TMPDIR", tmp);
-    if let Some(f) = fault {
-        cmd.env("TDEFS_TORTURE_FAULT", f);
-    }
+    cmd.args(["run", "--tdefs", env!("CARGO_BIN_EXE_tdefs")]).args(args);
+    match fault {
+        Some(f) => cmd.env("TDEFS_TORTURE_FAULT", f).arg("--workdir").arg(tmp.path().join("work")),
+        None => cmd.env("TMPDIR", kept),
+    };
     let out = cmd.output().unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     (out.status.success(), text)

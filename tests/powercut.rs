@@ -255,6 +255,23 @@ fn crash_torture_with_power_cuts() {
     assert!(text.contains("namespace operations in") && text.contains(": 0 leaks"), "{text}");
 }
 
+/// The floor on what the cuts undo: a run whose cuts roll nothing back (here the simulator
+/// is told to make everything durable before each cut, as a simulator that failed to model
+/// power loss would) proves nothing about power loss, and fails.
+#[test]
+fn crash_torture_fails_when_no_cut_rolls_anything_back() {
+    let tmp = tempfile::Builder::new().prefix("tdefs-torture-test").tempdir_in("/var/tmp").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tdefs-torture"))
+        .args(["run", "--tdefs", TDEFS, "--powercut", POWERCUT, "--cycles", "3", "--seed", "5", "--allow-stale", "--sync-before-cut"])
+        .arg("--workdir")
+        .arg(tmp.path().join("work"))
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("no power cut rolled back any file's data") && text.contains("no power cut undid any namespace operation"), "{text}");
+}
+
 /// `tdefs encrypt` stopped at each of its steps (and after finishing), then the power cut:
 /// every file still reads as its plaintext through the mount, and a second run finishes.
 #[test]

@@ -103,6 +103,11 @@ enum Cmd {
         /// created under a directory renamed since or before a compaction (issue 21 report).
         #[arg(long)]
         allow_stale: bool,
+        /// Send the simulator `sync` before every cut, so that no cut rolls anything back
+        /// (as a simulator that failed to model power loss would): only to prove that the
+        /// floor on rolled-back operations fails such a run.
+        #[arg(long)]
+        sync_before_cut: bool,
     },
     /// Mount a kept work directory and check one cycle's journal again.
     Verify {
@@ -990,7 +995,7 @@ struct Totals {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn run(tdefs: PathBuf, cycles: u32, seed: u64, mode: Mode, method: &str, workdir: Option<PathBuf>, max_run_ms: u64, powercut: Option<PathBuf>, min_per_cycle: u64, scan: Option<PathBuf>, allow_stale: bool) -> ExitCode {
+fn run(tdefs: PathBuf, cycles: u32, seed: u64, mode: Mode, method: &str, workdir: Option<PathBuf>, max_run_ms: u64, powercut: Option<PathBuf>, min_per_cycle: u64, scan: Option<PathBuf>, allow_stale: bool, sync_before_cut: bool) -> ExitCode {
     let keep = workdir.is_some();
     let work = workdir.unwrap_or_else(|| std::env::temp_dir().join(format!("tdefs-torture-{}-{seed}", std::process::id())));
     let _ = fs::remove_dir_all(&work);
@@ -1108,6 +1113,11 @@ fn run(tdefs: PathBuf, cycles: u32, seed: u64, mode: Mode, method: &str, workdir
         };
         let (mut files_back, mut ns_back) = (0, 0);
         if let Some(sim) = &sim {
+            if sync_before_cut && sim.command("sync").ok().as_deref() != Some("ok") {
+                fail("the simulator did not answer sync".into());
+                failures += 1;
+                break;
+            }
             match sim.cut() {
                 Ok((f, n)) => (files_back, ns_back) = (f, n),
                 Err(e) => {
@@ -1312,8 +1322,8 @@ fn stress(mnt: &Path, workers: u32, ops: u64, seed: u64, journals: &Path) -> Exi
 
 fn main() -> ExitCode {
     match Cli::parse().cmd {
-        Cmd::Run { tdefs, cycles, seed, mode, method, workdir, max_run_ms, powercut, min_durable_per_cycle, scan, allow_stale } => {
-            run(tdefs, cycles, seed, mode, &method, workdir, max_run_ms, powercut, min_durable_per_cycle, scan, allow_stale)
+        Cmd::Run { tdefs, cycles, seed, mode, method, workdir, max_run_ms, powercut, min_durable_per_cycle, scan, allow_stale, sync_before_cut } => {
+            run(tdefs, cycles, seed, mode, &method, workdir, max_run_ms, powercut, min_durable_per_cycle, scan, allow_stale, sync_before_cut)
         }
         Cmd::Work { mnt, dir, journal, seed, ops } => work(&mnt, &dir, &journal, seed, ops),
         Cmd::Stress { mnt, workers, ops, seed, journals } => stress(&mnt, workers, ops, seed, &journals),
