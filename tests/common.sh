@@ -7,7 +7,9 @@
 #   TDEFS_CONFIG  the config the mount uses
 #   POWERCUT_CTL  control socket of the power-cut simulator (backing: powercut tests)
 # A test prints its results on stdout (compared with NNN.out), exits 0 when it ran,
-# 77 (via _notrun) when it cannot run here.
+# 77 (via _notrun) when it cannot run here (a failure, unless tests/allowed-skips lists it).
+# It runs under bash with `set -u -o pipefail`; its stderr must be empty but for lines
+# matching one of its `# stderr: REGEX` header lines.
 
 # _native: true when scripts/check --native runs the test on a plain host directory
 # (no tdefs; _mount, _unmount, _remount and _kill_tdefs do nothing).
@@ -43,14 +45,27 @@ _tdefs_pid() {
 }
 
 # _mount [ARGS...]: start tdefs (foreground, in the background) and wait for the mount.
+# A waiter records the daemon's exit status in $SCRATCH/daemon-PID.exit (every daemon a test
+# started is listed in $SCRATCH/daemons): after the test, scripts/check requires each to
+# have exited 0, unless _kill_tdefs killed it on purpose.
 _mount() {
     _native && return 0
-    "$TDEFS" mount --config "$TDEFS_CONFIG" "$@" >>"$SCRATCH/tdefs.log" 2>&1 &
-    echo $! > "$SCRATCH/tdefs.pid"
-    local i
+    rm -f "$SCRATCH/tdefs.pid"
+    (
+        "$TDEFS" mount --config "$TDEFS_CONFIG" "$@" >>"$SCRATCH/tdefs.log" 2>&1 &
+        pid=$!
+        echo "$pid" >> "$SCRATCH/daemons"
+        echo "$pid" > "$SCRATCH/tdefs.pid.new" && mv "$SCRATCH/tdefs.pid.new" "$SCRATCH/tdefs.pid"
+        wait "$pid"
+        echo $? > "$SCRATCH/daemon-$pid.exit"
+    ) </dev/null >/dev/null 2>&1 &
+    local i pid=""
     for i in $(seq 1 600); do
-        _is_mounted && return 0
-        kill -0 "$(_tdefs_pid)" 2>/dev/null || { echo "tdefs exited instead of mounting:"; tail -5 "$SCRATCH/tdefs.log"; return 1; }
+        [ -n "$pid" ] || pid=$(_tdefs_pid)
+        _is_mounted && [ -n "$pid" ] && return 0
+        if [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null; then
+            echo "tdefs exited instead of mounting:"; tail -5 "$SCRATCH/tdefs.log"; return 1
+        fi
         sleep 0.05
     done
     echo "mount did not appear"
@@ -61,27 +76,52 @@ _wait_gone() {
     local pid=$1 i
     for i in $(seq 1 600); do
         kill -0 "$pid" 2>/dev/null || return 0
+        # A zombie has finished (its waiter collects it).
+        case "$(sed 's/.*) //' "/proc/$pid/stat" 2>/dev/null)" in Z*) return 0 ;; esac
         sleep 0.05
     done
     return 1
 }
 
-# _unmount: clean unmount; fails if tdefs does not exit.
+# _daemon_exit PID: the exit status the waiter recorded for daemon PID (empty if none yet).
+_daemon_exit() {
+    local i
+    for i in $(seq 1 100); do
+        [ -s "$SCRATCH/daemon-$1.exit" ] && { cat "$SCRATCH/daemon-$1.exit"; return 0; }
+        sleep 0.05
+    done
+}
+
+# _unmount: clean unmount with `tdefs umount`, which waits until the daemon closed the
+# backing directory cleanly; fails if it did not, or if the daemon did not exit 0.
 _unmount() {
     _native && return 0
     local pid; pid=$(_tdefs_pid)
-    fusermount3 -u "$TEST_DIR" || return 1
-    [ -z "$pid" ] || _wait_gone "$pid" || { echo "tdefs did not exit after unmount"; return 1; }
+    local i out
+    # Something that just closed a file on the mount may still hold it for a moment: retry
+    # "busy" a little.
+    for i in $(seq 1 20); do
+        out=$("$TDEFS" umount "$TEST_DIR" 2>&1) && break
+        case "$out" in *busy*) sleep 0.1 ;; *) echo "tdefs umount: $out"; return 1 ;; esac
+    done
+    _is_mounted && { echo "tdefs umount: $out"; return 1; }
+    [ -z "$pid" ] && return 0
+    _wait_gone "$pid" || { echo "tdefs did not exit after unmount"; return 1; }
+    local st; st=$(_daemon_exit "$pid")
+    [ "$st" = 0 ] || { echo "tdefs exited with status ${st:-unknown} after unmount"; return 1; }
+    rm -f "$SCRATCH/tdefs.pid"
 }
 
 _remount() {
     _unmount && _mount "$@"
 }
 
-# _kill_tdefs: SIGKILL the daemon (a crash) and clean up the dead mount.
+# _kill_tdefs: SIGKILL the daemon (a crash) and clean up the dead mount. The kill is
+# recorded ($SCRATCH/daemons.killed), so scripts/check expects that daemon's death.
 _kill_tdefs() {
     _native && return 0
     local pid; pid=$(_tdefs_pid)
+    [ -n "$pid" ] && echo "$pid" >> "$SCRATCH/daemons.killed"
     [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null
     [ -n "$pid" ] && _wait_gone "$pid"
     while _is_mounted; do fusermount3 -u -z "$TEST_DIR" 2>/dev/null; sleep 0.02; done
@@ -143,9 +183,18 @@ _filter_xfs_io() {
 }
 
 # PostgreSQL helpers: a cluster in $TEST_DIR/pg, owned by postgres, socket in $SCRATCH/pgsock.
-PGBIN=${PGBIN:-/usr/lib/postgresql/15/bin}
+# The binaries of the newest installed version (Debian installs its default version under
+# /usr/lib/postgresql/N/bin), unless $PGBIN says otherwise.
+_pg_bindir() {
+    local d best=""
+    for d in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V); do
+        [ -x "$d/initdb" ] && best=$d
+    done
+    echo "$best"
+}
+PGBIN=${PGBIN:-$(_pg_bindir)}
 _pg_require() {
-    [ -x "$PGBIN/initdb" ] || _notrun "PostgreSQL 15 is not installed"
+    [ -n "$PGBIN" ] && [ -x "$PGBIN/initdb" ] || _notrun "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb)"
     id postgres >/dev/null 2>&1 || _notrun "no postgres user"
     chmod 1777 "$TEST_DIR"
     mkdir -p "$SCRATCH/pgsock"; chown postgres "$SCRATCH/pgsock"
@@ -166,13 +215,17 @@ _pg_start() {
     _pg "$PGBIN/pg_ctl" -D "$TEST_DIR/pg" -w -t 120 -l "$SCRATCH/pg.log" \
         -o "-p $PGPORT -k $SCRATCH/pgsock -c listen_addresses='' -c shared_buffers=64MB -c fsync=on -c full_page_writes=on" \
         start >/dev/null || { tail -20 "$SCRATCH/pg.log"; return 1; }
+    # The postmaster's pid, outside the mount (readable after tdefs died).
+    head -1 "$TEST_DIR/pg/postmaster.pid" > "$SCRATCH/pg.pid"
 }
 _pg_stop() {
     _pg "$PGBIN/pg_ctl" -D "$TEST_DIR/pg" -m "${1:-fast}" -w -t 120 stop >/dev/null
 }
-# _pg_kill: SIGKILL every postgres process of this cluster (a crash of the database).
+# _pg_kill: SIGKILL every postgres process of this cluster (a crash of the database); works
+# after tdefs died too (the postmaster's pid is kept outside the mount by _pg_start).
 _pg_kill() {
-    local pid; pid=$(head -1 "$TEST_DIR/pg/postmaster.pid" 2>/dev/null)
+    local pid; pid=$(cat "$SCRATCH/pg.pid" 2>/dev/null)
+    [ -n "$pid" ] || pid=$(head -1 "$TEST_DIR/pg/postmaster.pid" 2>/dev/null)
     [ -n "$pid" ] || return 0
     pkill -9 -P "$pid" 2>/dev/null; kill -9 "$pid" 2>/dev/null
     local i; for i in $(seq 1 200); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
