@@ -480,7 +480,11 @@ fn compaction_never_blocks_the_live_dictionary() {
         }
     });
     let c = dict.clone();
-    let t = std::thread::spawn(move || c.compact());
+    let scope = _hook.scope();
+    let t = std::thread::spawn(move || {
+        scope.enter();
+        c.compact()
+    });
     rx.recv().unwrap(); // compaction is stopped in the middle
     for i in 0..100 {
         put(&dict, &format!("/during/{i}"), i);

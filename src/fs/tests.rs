@@ -106,7 +106,9 @@ fn status_never_blocks_creates() {
     });
     let c = core.clone();
     let backing = d.path().to_path_buf();
+    let scope = _hook.scope();
     let t = std::thread::spawn(move || {
+        scope.enter();
         crate::meta::status::collect(&backing, c.keys(), c.dict().as_ref(), Method::Aes256Ctr, true)
     });
     paused_rx.recv().unwrap();
