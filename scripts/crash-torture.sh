@@ -15,9 +15,7 @@
 # Defaults: 200 cycles, mixed modes, aes256-ctr, a random seed (printed, to replay a failure).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# --allow-stale: tdefs' recovery leaves stale entries after some crashes (a tdefs bug
-# reported with issue 21: see tests/tools/torture.rs); any other tdefs check problem fails.
-cycles=200 mode=mixed method=aes256-ctr seed=$RANDOM powercut=() extra=(--allow-stale)
+cycles=200 mode=mixed method=aes256-ctr seed=$RANDOM powercut=() extra=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --cycles) cycles=$2; shift 2 ;;

@@ -240,11 +240,7 @@ fn crash_torture_with_power_cuts() {
     let tmp = std::path::Path::new("/var/tmp/tdefs-crash-tests");
     fs::create_dir_all(tmp).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tdefs-torture"))
-        // --allow-stale: tdefs' recovery leaves stale entries (a file whose creation a cut
-        // undid, or unlinked just before the kill, under a directory renamed since or created
-        // before a compaction): a tdefs bug reported with issue 21; any other problem of
-        // `tdefs check` fails.
-        .args(["run", "--tdefs", TDEFS, "--powercut", POWERCUT, "--cycles", "24", "--seed", "21", "--allow-stale"])
+        .args(["run", "--tdefs", TDEFS, "--powercut", POWERCUT, "--cycles", "24", "--seed", "21"])
         .env("TMPDIR", tmp)
         .output()
         .unwrap();
@@ -262,7 +258,7 @@ fn crash_torture_with_power_cuts() {
 fn crash_torture_fails_when_no_cut_rolls_anything_back() {
     let tmp = tempfile::Builder::new().prefix("tdefs-torture-test").tempdir_in("/var/tmp").unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tdefs-torture"))
-        .args(["run", "--tdefs", TDEFS, "--powercut", POWERCUT, "--cycles", "3", "--seed", "5", "--allow-stale", "--sync-before-cut"])
+        .args(["run", "--tdefs", TDEFS, "--powercut", POWERCUT, "--cycles", "3", "--seed", "5", "--sync-before-cut"])
         .arg("--workdir")
         .arg(tmp.path().join("work"))
         .output()

@@ -414,8 +414,14 @@ fn recover(
     report.records_replayed = loaded.records;
     report.torn_tail_bytes = loaded.torn_tail.map(|t| t.0);
     let intents: Vec<_> = loaded.tree.intents().cloned().collect();
+    // After a crash, an entry the log never touched can be stale too: its file was
+    // unlinked (or its creation undone by a power cut) under a directory renamed since, or
+    // before a compaction, and the Delete record never became durable. So an unclean
+    // shutdown checks every entry (one stat each, after the renames below settled where
+    // each entry lives); a clean one only what the log wrote.
+    let unclean = keys.dictionary_mark().is_some_and(|m| !m.clean);
     let touched: HashSet<Vec<u8>> = loaded.touched.iter().cloned().collect();
-    if !intents.is_empty() || !touched.is_empty() {
+    if unclean || !intents.is_empty() || !touched.is_empty() {
         // What a crash left in the page cache must be on disk before we reason about it.
         sys::syncfs(backing.as_fd()).map_err(io_err("syncfs", Path::new("backing directory")))?;
     }
@@ -437,6 +443,13 @@ fn recover(
             report.renames_dropped += 1;
         }
     }
+    let touched: Vec<Vec<u8>> = if unclean {
+        let mut all = Vec::new();
+        dict.with_tree(|t| t.for_each(|p, _| all.push(p.to_vec())));
+        all
+    } else {
+        touched.into_iter().collect()
+    };
     for path in touched {
         if dict.get(&path).is_none() {
             continue;

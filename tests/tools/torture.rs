@@ -95,14 +95,6 @@ enum Cmd {
         /// The plaintext scanner (default: tdefs-scan beside this binary).
         #[arg(long)]
         scan: Option<PathBuf>,
-        /// Accept STALE entries (records whose file is gone) in the final `tdefs check`;
-        /// every other problem still fails; counted in the summary. Until tdefs' recovery
-        /// drops every stale entry a crash leaves: it only looks at the paths of Put records
-        /// of the live log, so a file unlinked just before a kill (its Delete record not yet
-        /// flushed), or whose creation a power cut undid, keeps its entry when the file was
-        /// created under a directory renamed since or before a compaction (issue 21 report).
-        #[arg(long)]
-        allow_stale: bool,
         /// Send the simulator `sync` before every cut, so that no cut rolls anything back
         /// (as a simulator that failed to model power loss would): only to prove that the
         /// floor on rolled-back operations fails such a run.
@@ -995,7 +987,7 @@ struct Totals {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn run(tdefs: PathBuf, cycles: u32, seed: u64, mode: Mode, method: &str, workdir: Option<PathBuf>, max_run_ms: u64, powercut: Option<PathBuf>, min_per_cycle: u64, scan: Option<PathBuf>, allow_stale: bool, sync_before_cut: bool) -> ExitCode {
+fn run(tdefs: PathBuf, cycles: u32, seed: u64, mode: Mode, method: &str, workdir: Option<PathBuf>, max_run_ms: u64, powercut: Option<PathBuf>, min_per_cycle: u64, scan: Option<PathBuf>, sync_before_cut: bool) -> ExitCode {
     let keep = workdir.is_some();
     let work = workdir.unwrap_or_else(|| std::env::temp_dir().join(format!("tdefs-torture-{}-{seed}", std::process::id())));
     let _ = fs::remove_dir_all(&work);
@@ -1177,7 +1169,6 @@ fn run(tdefs: PathBuf, cycles: u32, seed: u64, mode: Mode, method: &str, workdir
     // Clean unmount, then the offline check and the plaintext scan must be clean.
     let mut end_ok = true;
     let mut scan_line = String::new();
-    let mut stale = 0;
     if rig.fs.is_some() {
         if let Err(e) = rig.unmount() {
             eprintln!("FAIL: clean unmount: {e}");
@@ -1185,10 +1176,7 @@ fn run(tdefs: PathBuf, cycles: u32, seed: u64, mode: Mode, method: &str, workdir
         } else {
             let out = Command::new(&rig.tdefs).args(["check", "--config"]).arg(&rig.config).output().unwrap();
             let text = String::from_utf8_lossy(&out.stdout).into_owned();
-            let problems: Vec<&str> = text.lines().filter(|l| ["STALE", "MISSING", "UNRECORDED", "MISMATCH"].iter().any(|p| l.starts_with(p))).collect();
-            stale = problems.iter().filter(|l| l.starts_with("STALE")).count();
-            let tolerated = allow_stale && out.status.code() == Some(1) && !problems.is_empty() && stale == problems.len();
-            if !out.status.success() && !tolerated {
+            if !out.status.success() {
                 eprintln!("FAIL: tdefs check after the run ({}):\n{text}{}", out.status, String::from_utf8_lossy(&out.stderr));
                 end_ok = false;
             }
@@ -1250,9 +1238,8 @@ fn run(tdefs: PathBuf, cycles: u32, seed: u64, mode: Mode, method: &str, workdir
     } else {
         format!("; kill-both killed the workload in {}", tot.blocked_in.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", "))
     };
-    let stale = if stale > 0 { format!("; tdefs check: {stale} stale entries{}", if allow_stale { " (tolerated: --allow-stale)" } else { "" }) } else { String::new() };
     println!(
-        "torture ({mode:?}, {method}{cut}): {n} cycles, {} durable ops verified (at least {} in a cycle; floor {min_per_cycle} per cycle), {} ops in flight at a kill{blocked}; {}{stale}; {:.0} s",
+        "torture ({mode:?}, {method}{cut}): {n} cycles, {} durable ops verified (at least {} in a cycle; floor {min_per_cycle} per cycle), {} ops in flight at a kill{blocked}; {}; {:.0} s",
         tot.durable,
         if n > 0 { tot.min_in_cycle } else { 0 },
         tot.inflight,
@@ -1322,8 +1309,8 @@ fn stress(mnt: &Path, workers: u32, ops: u64, seed: u64, journals: &Path) -> Exi
 
 fn main() -> ExitCode {
     match Cli::parse().cmd {
-        Cmd::Run { tdefs, cycles, seed, mode, method, workdir, max_run_ms, powercut, min_durable_per_cycle, scan, allow_stale, sync_before_cut } => {
-            run(tdefs, cycles, seed, mode, &method, workdir, max_run_ms, powercut, min_durable_per_cycle, scan, allow_stale, sync_before_cut)
+        Cmd::Run { tdefs, cycles, seed, mode, method, workdir, max_run_ms, powercut, min_durable_per_cycle, scan, sync_before_cut } => {
+            run(tdefs, cycles, seed, mode, &method, workdir, max_run_ms, powercut, min_durable_per_cycle, scan, sync_before_cut)
         }
         Cmd::Work { mnt, dir, journal, seed, ops } => work(&mnt, &dir, &journal, seed, ops),
         Cmd::Stress { mnt, workers, ops, seed, journals } => stress(&mnt, workers, ops, seed, &journals),
