@@ -125,6 +125,25 @@ fn tdefs_umount_then_check_is_always_clean() {
     }
 }
 
+/// A mount whose daemon died (kill -9) is still unmounted by `tdefs umount`, but the exit
+/// status says a clean close could not be confirmed (1, not 0): a script doing
+/// `tdefs umount && start-the-database` must not go on as if the dictionary were flushed.
+#[test]
+fn tdefs_umount_of_a_dead_daemon_exits_1() {
+    let m = Mount::prepare("aes256-ctr");
+    let log = m.dir.path().join("dead.log");
+    let mut child = spawn_mount(&m, &log);
+    wait_mounted(&m.mnt, &mut child, &log);
+    fs::write(m.path("f"), b"x").unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let out = Command::new(TDEFS).arg("umount").arg(&m.mnt).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(err.contains("no tdefs daemon answered") && err.contains("tdefs check"), "{err}");
+    assert!(!is_mounted(&m.mnt), "the dead mount is detached all the same");
+}
+
 /// umount(8) runs /sbin/umount.fuse (with -t fuse.tdefs) for tdefs mounts: with tdefs
 /// installed under that name, a plain `umount` also returns only after the daemon closed
 /// cleanly; another FUSE filesystem (the power-cut simulator) is unmounted as before.

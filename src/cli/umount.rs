@@ -80,10 +80,11 @@ fn unmount_and_wait(mountpoint: &Path, lazy: bool, force: bool, timeout: Duratio
     }
     let Some(d) = daemon else {
         eprintln!(
-            "tdefs: unmounted {}; no tdefs daemon answered on its control socket, so its exit cannot be waited for",
+            "tdefs: unmounted {}, but no tdefs daemon answered on its control socket (it had died, or this \
+             was not a tdefs mount), so a clean close cannot be confirmed: run `tdefs check`",
             mp.display()
         );
-        return Ok(());
+        std::process::exit(1);
     };
     let deadline = Instant::now() + timeout;
     while running(d.pid) {
