@@ -71,6 +71,13 @@ fn kill_dash_nine_with_sm4() {
     torture("kill-fs", "sm4-ctr", 8, 12);
 }
 
+/// XTS: its read-modify-write of partial blocks and its ciphertext-stealing tail, killed
+/// at any instant in every mode.
+#[test]
+fn kill_dash_nine_mixed_modes_aes256_xts() {
+    torture("mixed", "aes256-xts", 16, 13);
+}
+
 mod common;
 use common::*;
 use std::fs;
