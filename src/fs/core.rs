@@ -368,8 +368,18 @@ impl Core {
             (None, Some(p)) => p.as_fd(),
             (None, None) => unreachable!("one of them is set"),
         };
-        if let (Some(_), Some(who)) = (size, &kill_privs) {
-            kill_suidgid(fd, who)?;
+        // A caller without CAP_FSETID drops set-id bits (kernel rule, see kill_suidgid) when
+        // it truncates, when it chowns (judged against the group the file has before the
+        // change, as setattr_should_drop_sgid does), and on an empty SETATTR: with
+        // FUSE_HANDLE_KILLPRIV_V2 that is how the kernel's file_remove_privs() (fallocate,
+        // copy_file_range) asks for it, fuse_setattr() having stripped ATTR_KILL_SUID/SGID
+        // and ATTR_MODE. The backing fchown runs as root and keeps 02666's set-gid bit.
+        // Directories keep theirs (chown_common() asks for no kill on a directory).
+        let empty = mode.is_none() && uid.is_none() && gid.is_none() && size.is_none() && atime.is_none() && mtime.is_none();
+        if let Some(who) = &kill_privs {
+            if inode.kind != FileType::Directory && (size.is_some() || uid.is_some() || gid.is_some() || empty) {
+                kill_suidgid(fd, who)?;
+            }
         }
         // The backing chown drops set-id bits and capabilities itself, as on ext4.
         if uid.is_some() || gid.is_some() {
@@ -380,7 +390,7 @@ impl Core {
                 sys::fchmod_path(fd, mode & 0o7777)?;
             }
         }
-        if mode.is_none() && uid.is_none() && gid.is_none() && size.is_none() && atime.is_none() && mtime.is_none() {
+        if empty {
             // chown(f, -1, -1), or only a ctime from the kernel's writeback cache: ext4
             // updates ctime, and an ownership "change" to the same owner does just that.
             sys::fchown(fd, u32::MAX, u32::MAX)?;
@@ -535,6 +545,24 @@ impl Core {
             self.inode(nodeid)?.no_caps.store(false, Ordering::Relaxed);
         }
         Ok(())
+    }
+
+    /// After a caller without CAP_FSETID set `system.posix_acl_access`: as the kernel's
+    /// posix_acl_update_mode() on ext4, the set-gid bit goes unless the caller is in the
+    /// file's group (FUSE says so only with FUSE_SETXATTR_EXT, which fuser 0.18 cannot
+    /// parse). Returns whether the mode changed.
+    pub fn acl_kill_sgid(&self, nodeid: u64, who: &KillPrivs) -> Result<bool> {
+        let inode = self.inode(nodeid)?;
+        if inode.kind == FileType::Symlink {
+            return Ok(false);
+        }
+        let fd = self.pfd(&inode)?;
+        let st = sys::fstat(fd.as_fd())?;
+        if st.st_mode & libc::S_ISGID == 0 || who.in_group(st.st_gid) {
+            return Ok(false);
+        }
+        sys::fchmod_path(fd.as_fd(), st.st_mode & 0o7777 & !libc::S_ISGID)?;
+        Ok(true)
     }
 
     /// Whether directory `nodeid` has a default ACL (new entries inherit it).

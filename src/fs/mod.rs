@@ -245,7 +245,7 @@ impl Filesystem for TdeFs {
         reply: ReplyAttr,
     ) {
         serve(Op::Setattr, || {
-            let kill = if size.is_some() { lacks_fsetid(req) } else { None };
+            let kill = lacks_fsetid(req); // Core::setattr decides which changes drop set-id bits
             match self.core.setattr(ino.0, mode, uid, gid, size, atime, mtime, fh.map(|f| f.0), kill) {
                 Ok(st) => reply.attr(&self.ttl(), &attr::to_attr(ino.0, &st)),
                 Err(e) => reply.error(fail(&e)),
@@ -503,11 +503,21 @@ impl Filesystem for TdeFs {
         })
     }
 
-    fn setxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32, _position: u32, reply: ReplyEmpty) {
+    fn setxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32, _position: u32, reply: ReplyEmpty) {
         serve(Op::Setxattr, || {
             // Tests make this handler panic (TDEFS_FAULT=panic:request:setxattr).
             crate::hooks::crash("request:setxattr");
-            Self::empty(self.core.setxattr(ino.0, name, value, flags), reply);
+            let mut r = self.core.setxattr(ino.0, name, value, flags);
+            if r.is_ok() && name == "system.posix_acl_access" {
+                if let Some(who) = lacks_fsetid(req) {
+                    match self.core.acl_kill_sgid(ino.0, &who) {
+                        Ok(true) => self.attrs_changed(ino),
+                        Ok(false) => {}
+                        Err(e) => r = Err(e),
+                    }
+                }
+            }
+            Self::empty(r, reply);
         })
     }
 
