@@ -664,6 +664,22 @@ impl Core {
     pub fn release(&self, fh: u64) {
         self.files.remove(fh);
     }
+
+    /// A READ that fills the kernel's page cache (not O_DIRECT) is about to read file `fh`:
+    /// called before the backing read, so that a direct write that reaches the backing file
+    /// after that read sees the mark (`had_page_cache_reads`, checked after the write).
+    pub fn note_page_cache_read(&self, fh: u64) {
+        if let Some(h) = self.files.get(fh) {
+            if !h.inode.page_cache_reads.load(Ordering::Relaxed) {
+                h.inode.page_cache_reads.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Whether the file behind `fh` has had page-cache READs (see `note_page_cache_read`).
+    pub fn had_page_cache_reads(&self, fh: u64) -> bool {
+        self.files.get(fh).is_some_and(|h| h.inode.page_cache_reads.load(Ordering::SeqCst))
+    }
 }
 
 /// Proof that `key_use` is held shared (see `new_entry`).

@@ -88,6 +88,10 @@ pub struct Inode {
     /// absent it is given from memory. Only tdefs changes the backing files' xattrs, and
     /// every setxattr/removexattr of that name through tdefs clears this.
     pub no_caps: AtomicBool,
+    /// The kernel has cached pages of this file: a READ without O_DIRECT reached it (noted
+    /// before its backing read). Direct writes to such a file wait for the written range
+    /// to leave the page cache (see `dio`).
+    pub page_cache_reads: AtomicBool,
 }
 
 impl Inode {
@@ -103,6 +107,7 @@ impl Inode {
             data: RwLock::new(state),
             refusal_logged: AtomicBool::new(false),
             no_caps: AtomicBool::new(false),
+            page_cache_reads: AtomicBool::new(false),
         }
     }
 

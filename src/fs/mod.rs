@@ -5,6 +5,7 @@
 mod attr;
 mod core;
 pub mod data;
+mod dio;
 mod errno;
 mod handle;
 mod housekeeping;
@@ -47,6 +48,8 @@ pub struct MountSpec {
     pub default_permissions: bool,
     pub threads: usize,
     pub writeback_cache: bool,
+    /// See `dio`: direct writes wait for the page cache to drop what they overwrote.
+    pub direct_write_invalidation: bool,
     pub flags: crate::config::MountFlags,
 }
 
@@ -58,6 +61,9 @@ pub struct TdeFs {
     /// The kernel enforces POSIX ACLs (FUSE_POSIX_ACL) and leaves the umask to us
     /// (FUSE_DONT_MASK): see `creation_mode`.
     acl: std::sync::atomic::AtomicBool,
+    /// `mount.direct-write-invalidation`: replies to direct writes of files with cached
+    /// pages go through this thread (see `dio`).
+    invalidator: Option<dio::Invalidator>,
 }
 
 const GEN: Generation = Generation(0);
@@ -87,8 +93,13 @@ fn fail(e: &errno::Error) -> Errno {
 }
 
 impl TdeFs {
-    pub fn new(core: Arc<Core>, writeback_cache: bool) -> TdeFs {
-        TdeFs { core, writeback_cache, notifier: Arc::default(), acl: Default::default() }
+    pub fn new(core: Arc<Core>, spec: &MountSpec) -> std::io::Result<TdeFs> {
+        let notifier: Arc<std::sync::OnceLock<fuser::Notifier>> = Arc::default();
+        let invalidator = match spec.direct_write_invalidation {
+            true => Some(dio::Invalidator::start(notifier.clone())?),
+            false => None,
+        };
+        Ok(TdeFs { core, writeback_cache: spec.writeback_cache, notifier, acl: Default::default(), invalidator })
     }
 
     /// We changed attributes the kernel caches (set-id bits dropped on its behalf): without
@@ -166,8 +177,10 @@ impl Filesystem for TdeFs {
     fn init(&mut self, _req: &Request, cfg: &mut KernelConfig) -> std::io::Result<()> {
         let _ = cfg.set_max_write(1 << 20);
         let _ = cfg.set_max_readahead(1 << 20);
-        let _ = cfg.set_max_background(64);
-        let _ = cfg.set_congestion_threshold(48);
+        // Direct-write invalidation holds replies back: room for them (see dio).
+        let bg = if self.invalidator.is_some() { dio::MAX_BACKGROUND } else { 64 };
+        let _ = cfg.set_max_background(bg);
+        let _ = cfg.set_congestion_threshold((u32::from(bg) * 3 / 4) as u16);
         let mut wanted = vec![
             InitFlags::FUSE_ATOMIC_O_TRUNC,
             InitFlags::FUSE_PARALLEL_DIROPS,
@@ -346,6 +359,9 @@ impl Filesystem for TdeFs {
             if misaligned_direct(flags, offset, size as usize) {
                 return reply.error(fail(&errno::Error::Os(libc::EINVAL)));
             }
+            if self.invalidator.is_some() && flags.0 & libc::O_DIRECT == 0 {
+                self.core.note_page_cache_read(fh.0);
+            }
             self.core.read(fh.0, offset, size, |r| match r {
                 Ok(data) => {
                     metrics::read_bytes(data.len());
@@ -383,6 +399,11 @@ impl Filesystem for TdeFs {
             match self.core.write(fh.0, offset, data) {
                 Ok(n) => {
                     metrics::written_bytes(n as usize);
+                    if let Some(inv) = &self.invalidator {
+                        if dio::is_direct_write(write_flags, flags) && self.core.had_page_cache_reads(fh.0) {
+                            return inv.reply_after_invalidation(ino, offset, n, reply);
+                        }
+                    }
                     reply.written(n)
                 }
                 Err(e) => reply.error(fail(&e)),
