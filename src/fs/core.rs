@@ -17,6 +17,7 @@ use super::attr::{kind_of, timespec_from_request};
 use super::errno::{err, Error, Result};
 use super::handle::{DirHandle, FileHandle, HandleTable};
 use super::inode::{FileState, Inode, InodeTable, Loc};
+use super::times::{is_times_xattr, TIMES_XATTR};
 use crate::crypto::{random_iv, FileCipher, Method};
 use crate::dictionary::{FileDict, FileEntry};
 use crate::keys::KeyStore;
@@ -516,6 +517,9 @@ impl Core {
     }
 
     pub fn getxattr(&self, nodeid: u64, name: &OsStr, buf: &mut [u8]) -> Result<usize> {
+        if is_times_xattr(name) {
+            return err(libc::ENODATA); // tdefs' own (see times)
+        }
         let caps = name.as_bytes() == CAPS_XATTR;
         let inode = if caps { Some(self.inode(nodeid)?) } else { None };
         if let Some(i) = &inode {
@@ -534,6 +538,10 @@ impl Core {
     }
 
     pub fn setxattr(&self, nodeid: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+        if is_times_xattr(name) {
+            tracing::warn!("refusing to set tdefs' reserved xattr {TIMES_XATTR} through the mount");
+            return err(libc::EPERM);
+        }
         self.forget_no_caps(nodeid, name)?;
         let (t, _fd) = self.xattr_target(nodeid)?;
         Ok(sys::setxattr(&t, name, value, flags)?)
@@ -575,16 +583,22 @@ impl Core {
 
     /// `hide_trusted`: the caller lacks CAP_SYS_ADMIN, so `trusted.*` names are not shown
     /// (ext4 filters them; the kernel leaves it to FUSE servers, and tdefs lists as root).
+    /// tdefs' own `trusted.tdefs.times` is never shown.
     pub fn listxattr(&self, nodeid: u64, buf: &mut [u8], hide_trusted: bool) -> Result<usize> {
         let (t, _fd) = self.xattr_target(nodeid)?;
-        if !hide_trusted {
-            return Ok(sys::listxattr(&t, buf)?);
-        }
-        let mut all = vec![0u8; sys::listxattr(&t, &mut [])?];
-        let n = sys::listxattr(&t, &mut all)?;
+        // The list can grow between the two calls: retry on ERANGE.
+        let (all, n) = loop {
+            let mut all = vec![0u8; sys::listxattr(&t, &mut [])?];
+            match sys::listxattr(&t, &mut all) {
+                Ok(n) => break (all, n),
+                Err(e) if e.raw_os_error() == Some(libc::ERANGE) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        };
         let shown: Vec<u8> = all[..n]
             .split_inclusive(|&b| b == 0)
-            .filter(|name| !name.starts_with(b"trusted."))
+            .filter(|name| !(hide_trusted && name.starts_with(b"trusted.")))
+            .filter(|name| name.strip_suffix(b"\0").unwrap_or(name) != TIMES_XATTR.as_bytes())
             .flatten()
             .copied()
             .collect();
@@ -599,6 +613,9 @@ impl Core {
     }
 
     pub fn removexattr(&self, nodeid: u64, name: &OsStr) -> Result<()> {
+        if is_times_xattr(name) {
+            return err(libc::ENODATA);
+        }
         self.forget_no_caps(nodeid, name)?;
         let (t, _fd) = self.xattr_target(nodeid)?;
         Ok(sys::removexattr(&t, name)?)

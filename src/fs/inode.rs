@@ -62,6 +62,18 @@ impl Drop for Inode {
     }
 }
 
+/// A time as stat gives it: seconds, nanoseconds.
+pub type Ts = (i64, i64);
+
+/// A regular file's mtime and ctime as the kernel keeps them with the writeback cache (see
+/// `times`), and what the backing file's `trusted.tdefs.times` is known to hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelTimes {
+    pub mtime: Ts,
+    pub ctime: Ts,
+    pub recorded: Option<(Ts, Ts)>,
+}
+
 /// Where the kernel last saw this inode: parent and name.
 #[derive(Clone)]
 pub struct Loc {
@@ -92,6 +104,9 @@ pub struct Inode {
     /// before its backing read). Direct writes to such a file wait for the written range
     /// to leave the page cache (see `dio`).
     pub page_cache_reads: AtomicBool,
+    /// With the writeback cache: the mtime and ctime the kernel has for this regular file,
+    /// once reported (see `times`).
+    pub ktimes: Mutex<Option<KernelTimes>>,
 }
 
 impl Inode {
@@ -108,6 +123,7 @@ impl Inode {
             refusal_logged: AtomicBool::new(false),
             no_caps: AtomicBool::new(false),
             page_cache_reads: AtomicBool::new(false),
+            ktimes: Mutex::new(None),
         }
     }
 

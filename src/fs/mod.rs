@@ -15,6 +15,7 @@ pub mod mounting;
 mod namespace;
 #[cfg(test)]
 mod tests;
+mod times;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -131,9 +132,20 @@ impl TdeFs {
         self.core.opts.ttl
     }
 
+    /// With the writeback cache, regular files' mtime and ctime as the kernel has them (see
+    /// `times`); without it the kernel takes the backing file's every time.
+    fn report_times(&self, inode: &inode::Inode, st: &mut crate::sys::Stat) {
+        if self.writeback_cache {
+            self.core.report_times(inode, st);
+        }
+    }
+
     fn entry(&self, r: errno::Result<(Arc<inode::Inode>, crate::sys::Stat)>, reply: ReplyEntry) {
         match r {
-            Ok((i, st)) => reply.entry(&self.ttl(), &attr::to_attr(i.nodeid, &st), GEN),
+            Ok((i, mut st)) => {
+                self.report_times(&i, &mut st);
+                reply.entry(&self.ttl(), &attr::to_attr(i.nodeid, &st), GEN)
+            }
             Err(e) => reply.error(fail(&e)),
         }
     }
@@ -212,6 +224,9 @@ impl Filesystem for TdeFs {
     }
 
     fn destroy(&mut self) {
+        if self.writeback_cache {
+            self.core.keep_all_times();
+        }
         if let Err(e) = self.core.dict().flush() {
             tracing::error!(error = %e, "final dictionary flush failed");
         }
@@ -226,6 +241,12 @@ impl Filesystem for TdeFs {
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
         serve(Op::Forget, || {
+            // Before the inode can go: a lookup meanwhile finds it, times and all.
+            if self.writeback_cache {
+                if let Ok(i) = self.core.inode(ino.0) {
+                    self.core.keep_times(&i);
+                }
+            }
             self.core.forget(ino.0, nlookup);
         })
     }
@@ -233,7 +254,12 @@ impl Filesystem for TdeFs {
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         serve(Op::Getattr, || {
             match self.core.getattr(ino.0, fh.map(|f| f.0)) {
-                Ok(st) => reply.attr(&self.ttl(), &attr::to_attr(ino.0, &st)),
+                Ok(mut st) => {
+                    if let (true, Ok(i)) = (self.writeback_cache, self.core.inode(ino.0)) {
+                        self.core.report_times(&i, &mut st);
+                    }
+                    reply.attr(&self.ttl(), &attr::to_attr(ino.0, &st))
+                }
                 Err(e) => reply.error(fail(&e)),
             }
         })
@@ -249,7 +275,7 @@ impl Filesystem for TdeFs {
         size: Option<u64>,
         atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
-        _ctime: Option<SystemTime>,
+        ctime: Option<SystemTime>,
         fh: Option<FileHandle>,
         _crtime: Option<SystemTime>,
         _chgtime: Option<SystemTime>,
@@ -260,7 +286,13 @@ impl Filesystem for TdeFs {
         serve(Op::Setattr, || {
             let kill = lacks_fsetid(req); // Core::setattr decides which changes drop set-id bits
             match self.core.setattr(ino.0, mode, uid, gid, size, atime, mtime, fh.map(|f| f.0), kill) {
-                Ok(st) => reply.attr(&self.ttl(), &attr::to_attr(ino.0, &st)),
+                Ok(mut st) => {
+                    // The kernel's own mtime/ctime, as it sends them (writeback cache).
+                    if let (true, Ok(i)) = (self.writeback_cache, self.core.inode(ino.0)) {
+                        self.core.setattr_times(&i, &mut st, mtime.is_some(), ctime);
+                    }
+                    reply.attr(&self.ttl(), &attr::to_attr(ino.0, &st))
+                }
                 Err(e) => reply.error(fail(&e)),
             }
         })
@@ -476,7 +508,8 @@ impl Filesystem for TdeFs {
                     };
                 }
                 match core.lookup(&dir, name) {
-                    Ok((i, st)) => {
+                    Ok((i, mut st)) => {
+                        self.report_times(&i, &mut st);
                         let full = reply.add(INodeNo(i.nodeid), off, name, &ttl, &attr::to_attr(i.nodeid, &st), GEN);
                         if full {
                             core.forget(i.nodeid, 1); // not sent: give the reference back
@@ -583,7 +616,8 @@ impl Filesystem for TdeFs {
         serve(Op::Create, || {
             let mode = self.creation_mode(parent, mode, umask);
             match self.core.create(parent.0, name, mode, flags, caller(req)) {
-                Ok((i, st, fh)) => {
+                Ok((i, mut st, fh)) => {
+                    self.report_times(&i, &mut st);
                     reply.created(&self.ttl(), &attr::to_attr(i.nodeid, &st), GEN, FileHandle(fh), Self::open_flags())
                 }
                 Err(e) => reply.error(fail(&e)),
