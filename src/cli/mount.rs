@@ -172,6 +172,8 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
         method: enc.data_encryption_method,
         rotation: enc.data_key_rotation_period,
         ttl: cfg.mount.attr_timeout,
+        noatime: flags.atime == crate::config::Atime::Noatime,
+        nodiratime: !flags.diratime,
     };
     let core = Arc::new(Core::new(&meta, fs_opts).context("cannot open the backing root")?);
     let spec = MountSpec {

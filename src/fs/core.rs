@@ -30,6 +30,10 @@ pub struct FsOptions {
     pub method: Method,
     pub rotation: Duration,
     pub ttl: Duration,
+    /// The mount is `noatime`: no access to the backing files updates their atime.
+    pub noatime: bool,
+    /// The mount is `nodiratime`: no directory listing updates a backing directory's atime.
+    pub nodiratime: bool,
 }
 
 pub struct Core {
@@ -58,11 +62,32 @@ pub struct Core {
     /// A plain descriptor of the backing root: `open_by_handle_at` refuses `O_PATH` ones.
     mount_fd: OwnedFd,
     other_devs: Mutex<HashMap<u64, u64>>,
+    /// With `noatime`/`nodiratime`: the private copy of the backing mount tree, with those
+    /// flags, that every backing inode is reached through (see `Core::new`).
+    _atime_tree: Option<OwnedFd>,
 }
 
 impl Core {
     pub fn new(meta: &Metadata, opts: FsOptions) -> Result<Core> {
-        let fd = sys::openat(meta.backing_fd(), OsStr::new("."), libc::O_PATH | libc::O_DIRECTORY, 0)?;
+        // noatime / nodiratime, exactly: the kernel never updates atime of a FUSE inode
+        // itself (fuse_iget sets S_NOATIME), only tdefs' backing accesses can. Reached
+        // through a private copy of the backing mount with the same flags, no backing
+        // access (reads, listings, readlink) moves an atime; without the privilege for
+        // that copy, backing files and directories are opened O_NOATIME (see
+        // `file_atime_flag`), which leaves symlinks' atimes to the backing mount's rule.
+        let atime_tree = if opts.noatime || opts.nodiratime {
+            match sys::noatime_tree(meta.backing_fd(), opts.noatime, opts.nodiratime) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    tracing::info!(error = %e, "no private noatime copy of the backing mount: opening backing files O_NOATIME instead");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let base = atime_tree.as_ref().map_or(meta.backing_fd(), |t| t.as_fd());
+        let fd = sys::openat(base, OsStr::new("."), libc::O_PATH | libc::O_DIRECTORY, 0)?;
         let st = sys::fstat(fd.as_fd())?;
         let mount_fd = sys::openat(fd.as_fd(), OsStr::new("."), libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
         // File handles let the descriptor cache stay bounded; opening by handle needs
@@ -95,6 +120,7 @@ impl Core {
             handles,
             mount_fd,
             other_devs: Mutex::new(HashMap::new()),
+            _atime_tree: atime_tree,
         })
     }
 
@@ -445,7 +471,13 @@ impl Core {
 
     pub fn opendir(&self, nodeid: u64) -> Result<u64> {
         let inode = self.inode(nodeid)?;
-        let fd = sys::openat(self.pfd(&inode)?.as_fd(), OsStr::new("."), libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+        let pfd = self.pfd(&inode)?;
+        let open = |extra: i32| sys::openat(pfd.as_fd(), OsStr::new("."), libc::O_RDONLY | libc::O_DIRECTORY | extra, 0);
+        let fd = match open(self.dir_atime_flag()) {
+            // O_NOATIME on a directory the daemon does not own, without CAP_FOWNER.
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => open(0)?,
+            r => r?,
+        };
         Ok(self.dirs.insert(DirHandle { inode, fd: Mutex::new(fd) }))
     }
 
@@ -627,12 +659,21 @@ impl Core {
         // O_APPEND is dropped: the kernel gives every write its offset, and pwrite on an
         // O_APPEND descriptor would ignore it. O_DIRECT is the kernel's business (the
         // page cache above us); O_SYNC/O_DSYNC pass through to the backing file.
-        let keep = flags & (libc::O_SYNC | libc::O_DSYNC | libc::O_NOATIME);
+        let keep = flags & (libc::O_SYNC | libc::O_DSYNC | libc::O_NOATIME) | self.file_atime_flag();
         // By handle when there is one: a single call, and no descriptor cached for it.
-        let open = |fl: i32| -> Result<OwnedFd> {
+        let open_as = |fl: i32| -> Result<OwnedFd> {
             match &inode.handle {
                 Some(h) => Ok(sys::open_handle(self.mount_fd.as_fd(), h, fl)?),
                 None => Ok(sys::reopen(self.pfd(inode)?.as_fd(), fl)?),
+            }
+        };
+        let open = |fl: i32| -> Result<OwnedFd> {
+            match open_as(fl) {
+                // O_NOATIME on a file the daemon does not own, without CAP_FOWNER.
+                Err(Error::Io(e)) if e.raw_os_error() == Some(libc::EPERM) && fl & libc::O_NOATIME != 0 => {
+                    open_as(fl & !libc::O_NOATIME)
+                }
+                r => r,
             }
         };
         match open(libc::O_RDWR | keep) {
@@ -641,6 +682,25 @@ impl Core {
                 open((flags & libc::O_ACCMODE) | keep)
             }
             Err(e) => Err(e),
+        }
+    }
+
+    /// O_NOATIME for opening backing files when the mount is `noatime` (harmless, and
+    /// redundant, when they are reached through the private noatime mount).
+    pub(super) fn file_atime_flag(&self) -> i32 {
+        if self.opts.noatime {
+            libc::O_NOATIME
+        } else {
+            0
+        }
+    }
+
+    /// O_NOATIME for opening backing directories when the mount is `noatime` or `nodiratime`.
+    pub(super) fn dir_atime_flag(&self) -> i32 {
+        if self.opts.noatime || self.opts.nodiratime {
+            libc::O_NOATIME
+        } else {
+            0
         }
     }
 
