@@ -429,6 +429,37 @@ pub fn noatime_tree(dir: BorrowedFd<'_>, noatime: bool, nodiratime: bool) -> io:
 
 const HANDLE_HEADER: usize = 8; // struct file_handle { u32 handle_bytes; i32 handle_type; }
 
+/// FILEID_INO32_GEN and FILEID_INO32_GEN_PARENT (include/linux/exportfs.h): inode number
+/// and generation as two u32, the handles of ext2/3/4 (and of xfs with 32-bit inodes).
+const FILEID_INO32_GEN: i32 = 1;
+const FILEID_INO32_GEN_PARENT: i32 = 2;
+
+impl Handle {
+    /// The inode generation, for handles that carry one where it is known to be
+    /// (FILEID_INO32_GEN*).
+    pub fn generation(&self) -> Option<u32> {
+        match self.ty {
+            FILEID_INO32_GEN | FILEID_INO32_GEN_PARENT if self.bytes.len() >= 8 => {
+                Some(u32::from_ne_bytes(self.bytes[4..8].try_into().expect("4 bytes")))
+            }
+            _ => None,
+        }
+    }
+
+    /// For a filesystem whose handles are FILEID_INO32_GEN* (as `like`'s): a handle of inode
+    /// `ino` with generation 0, which ext4 takes as "any generation" (ext4_nfs_get_inode);
+    /// the caller compares the real generation afterwards.
+    pub fn any_generation(like: &Handle, ino: u64) -> Option<Handle> {
+        if !matches!(like.ty, FILEID_INO32_GEN | FILEID_INO32_GEN_PARENT) || ino > u64::from(u32::MAX) {
+            return None;
+        }
+        let mut b = Vec::with_capacity(8);
+        b.extend_from_slice(&(ino as u32).to_ne_bytes());
+        b.extend_from_slice(&0u32.to_ne_bytes());
+        Some(Handle { ty: FILEID_INO32_GEN, bytes: b.into() })
+    }
+}
+
 /// The handle of `dir/name` (not following a final symlink); `name` empty means the inode
 /// behind `dir` itself.
 pub fn handle_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<Handle> {

@@ -38,7 +38,7 @@ pub struct FsOptions {
 
 pub struct Core {
     pub(super) root: Arc<Inode>,
-    root_dev: u64,
+    pub(super) root_dev: u64,
     pub(super) inodes: InodeTable,
     pub(super) files: HandleTable<FileHandle>,
     pub(super) dirs: HandleTable<DirHandle>,
@@ -60,11 +60,16 @@ pub struct Core {
     /// Whether inodes are named by file handles (else every inode keeps its descriptor).
     handles: bool,
     /// A plain descriptor of the backing root: `open_by_handle_at` refuses `O_PATH` ones.
-    mount_fd: OwnedFd,
+    pub(super) mount_fd: OwnedFd,
     other_devs: Mutex<HashMap<u64, u64>>,
     /// With `noatime`/`nodiratime`: the private copy of the backing mount tree, with those
     /// flags, that every backing inode is reached through (see `Core::new`).
     _atime_tree: Option<OwnedFd>,
+    /// The backing root's file handle (its kind tells whether inodes can be opened by
+    /// number alone: see `export`).
+    pub(super) root_handle: Option<sys::Handle>,
+    /// Where recently forgotten files were (see `export`).
+    pub(super) departed: super::export::DepartedFiles,
 }
 
 impl Core {
@@ -92,9 +97,8 @@ impl Core {
         let mount_fd = sys::openat(fd.as_fd(), OsStr::new("."), libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
         // File handles let the descriptor cache stay bounded; opening by handle needs
         // CAP_DAC_READ_SEARCH, so probe the whole round trip.
-        let handles = sys::handle_at(fd.as_fd(), OsStr::new(""))
-            .and_then(|h| sys::open_handle(mount_fd.as_fd(), &h, libc::O_PATH))
-            .is_ok();
+        let root_handle = sys::handle_at(fd.as_fd(), OsStr::new("")).ok();
+        let handles = root_handle.as_ref().is_some_and(|h| sys::open_handle(mount_fd.as_fd(), h, libc::O_PATH).is_ok());
         let limit = sys::nofile_limit();
         if !handles {
             tracing::warn!(
@@ -121,6 +125,8 @@ impl Core {
             mount_fd,
             other_devs: Mutex::new(HashMap::new()),
             _atime_tree: atime_tree,
+            root_handle: if handles { root_handle } else { None },
+            departed: Default::default(),
         })
     }
 
@@ -341,7 +347,14 @@ impl Core {
     }
 
     pub fn forget(&self, nodeid: u64, n: u64) {
-        self.inodes.forget(nodeid, n);
+        // Released inodes give back the references they held (`Inode::pins`), iteratively.
+        let mut todo = vec![(nodeid, n)];
+        while let Some((id, n)) = todo.pop() {
+            if let Some(gone) = self.inodes.forget(id, n) {
+                self.remember_departed(&gone);
+                todo.extend(std::mem::take(&mut *gone.pins.lock()).into_iter().map(|p| (p, 1)));
+            }
+        }
     }
 
     pub fn getattr(&self, nodeid: u64, fh: Option<u64>) -> Result<Stat> {

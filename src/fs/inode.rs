@@ -107,6 +107,11 @@ pub struct Inode {
     /// With the writeback cache: the mtime and ctime the kernel has for this regular file,
     /// once reported (see `times`).
     pub ktimes: Mutex<Option<KernelTimes>>,
+    /// Directories this inode holds a reference on: an inode found by file handle alone
+    /// (open_by_handle_at, NFS) is reached through a chain of directories the kernel does
+    /// not hold; they stay known (and their locations kept current by renames) until this
+    /// inode is forgotten. See `export`.
+    pub pins: Mutex<Vec<u64>>,
 }
 
 impl Inode {
@@ -124,6 +129,7 @@ impl Inode {
             no_caps: AtomicBool::new(false),
             page_cache_reads: AtomicBool::new(false),
             ktimes: Mutex::new(None),
+            pins: Mutex::new(Vec::new()),
         }
     }
 
@@ -320,27 +326,41 @@ impl InodeTable {
         i
     }
 
-    /// Drop `n` kernel references; the inode is released when none remain.
-    pub fn forget(&self, nodeid: u64, n: u64) {
+    /// One more kernel reference on `inode`, if it is still the known inode for its node
+    /// id (false: it was released meanwhile).
+    pub fn add_ref(&self, inode: &Arc<Inode>) -> bool {
+        let shard = self.shard(inode.nodeid).read();
+        match shard.get(&inode.nodeid) {
+            Some(i) if Arc::ptr_eq(i, inode) => {
+                i.lookups.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Drop `n` kernel references; the inode is released when none remain, and returned.
+    pub fn forget(&self, nodeid: u64, n: u64) -> Option<Arc<Inode>> {
         if nodeid == fuser::INodeNo::ROOT.0 {
-            return;
+            return None;
         }
         let mut shard = self.shard(nodeid).write();
-        if let Some(i) = shard.get(&nodeid) {
-            let prev = i.lookups.fetch_sub(n.min(i.lookups.load(Ordering::Relaxed)), Ordering::Relaxed);
-            if prev <= n {
-                let i = shard.remove(&nodeid).expect("present");
-                drop(shard);
-                if i.holds_cached_fd() {
-                    self.cached.fetch_sub(1, Ordering::Relaxed);
-                }
-                if nodeid & ALT_BASE != 0 {
-                    if let Some(h) = &i.handle {
-                        self.alt.write().remove(h);
-                    }
-                }
+        let i = shard.get(&nodeid)?;
+        let prev = i.lookups.fetch_sub(n.min(i.lookups.load(Ordering::Relaxed)), Ordering::Relaxed);
+        if prev > n {
+            return None;
+        }
+        let i = shard.remove(&nodeid).expect("present");
+        drop(shard);
+        if i.holds_cached_fd() {
+            self.cached.fetch_sub(1, Ordering::Relaxed);
+        }
+        if nodeid & ALT_BASE != 0 {
+            if let Some(h) = &i.handle {
+                self.alt.write().remove(h);
             }
         }
+        Some(i)
     }
 
     /// Account for one more cached descriptor; over budget, sweep the clock until a

@@ -7,6 +7,7 @@ mod core;
 pub mod data;
 mod dio;
 mod errno;
+mod export;
 mod handle;
 mod housekeeping;
 mod inode;
@@ -144,7 +145,7 @@ impl TdeFs {
         match r {
             Ok((i, mut st)) => {
                 self.report_times(&i, &mut st);
-                reply.entry(&self.ttl(), &attr::to_attr(i.nodeid, &st), GEN)
+                reply.entry(&self.ttl(), &attr::to_attr(i.nodeid, &st), Generation(self.core.generation(&i)))
             }
             Err(e) => reply.error(fail(&e)),
         }
@@ -200,6 +201,8 @@ impl Filesystem for TdeFs {
             InitFlags::FUSE_READDIRPLUS_AUTO,
             InitFlags::FUSE_CACHE_SYMLINKS,
             InitFlags::FUSE_ASYNC_DIO,
+            // File handles that outlive the kernel's inode cache and the daemon (export).
+            InitFlags::FUSE_EXPORT_SUPPORT,
         ];
         if self.writeback_cache {
             wanted.push(InitFlags::FUSE_WRITEBACK_CACHE);
@@ -234,7 +237,13 @@ impl Filesystem for TdeFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         serve(Op::Lookup, || {
-            let r = self.core.inode(parent.0).and_then(|p| self.core.lookup(&p, name));
+            // "." and ".." come only from the kernel's export operations (file handles,
+            // FUSE_EXPORT_SUPPORT): a node by id, a directory's parent. See `export`.
+            let r = match name.as_encoded_bytes() {
+                b"." => self.core.lookup_dot(parent.0),
+                b".." => self.core.lookup_dotdot(parent.0),
+                _ => self.core.inode(parent.0).and_then(|p| self.core.lookup(&p, name)),
+            };
             self.entry(r, reply);
         })
     }
@@ -510,7 +519,8 @@ impl Filesystem for TdeFs {
                 match core.lookup(&dir, name) {
                     Ok((i, mut st)) => {
                         self.report_times(&i, &mut st);
-                        let full = reply.add(INodeNo(i.nodeid), off, name, &ttl, &attr::to_attr(i.nodeid, &st), GEN);
+                        let gen = Generation(core.generation(&i));
+                        let full = reply.add(INodeNo(i.nodeid), off, name, &ttl, &attr::to_attr(i.nodeid, &st), gen);
                         if full {
                             core.forget(i.nodeid, 1); // not sent: give the reference back
                         }
@@ -618,7 +628,8 @@ impl Filesystem for TdeFs {
             match self.core.create(parent.0, name, mode, flags, caller(req)) {
                 Ok((i, mut st, fh)) => {
                     self.report_times(&i, &mut st);
-                    reply.created(&self.ttl(), &attr::to_attr(i.nodeid, &st), GEN, FileHandle(fh), Self::open_flags())
+                    let gen = Generation(self.core.generation(&i));
+                    reply.created(&self.ttl(), &attr::to_attr(i.nodeid, &st), gen, FileHandle(fh), Self::open_flags())
                 }
                 Err(e) => reply.error(fail(&e)),
             }
