@@ -371,7 +371,94 @@ pub struct Handle {
     bytes: Box<[u8]>,
 }
 
+/// `struct mount_attr` of mount_setattr(2).
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+const AT_RECURSIVE: libc::c_uint = 0x8000;
+const MOUNT_ATTR_NOATIME: u64 = 0x10;
+const MOUNT_ATTR_ATIME_MASK: u64 = 0x70; // MOUNT_ATTR__ATIME
+const MOUNT_ATTR_NODIRATIME: u64 = 0x80;
+
+/// A private, unattached copy of the mount tree at `dir` (`open_tree(OPEN_TREE_CLONE |
+/// AT_RECURSIVE)`) with `noatime` and/or `nodiratime` set on it (`mount_setattr`): what is
+/// opened through it never updates access times, whatever the original mount says. Needs
+/// CAP_SYS_ADMIN and Linux 5.12.
+pub fn noatime_tree(dir: BorrowedFd<'_>, noatime: bool, nodiratime: bool) -> io::Result<OwnedFd> {
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            dir.as_raw_fd(),
+            EMPTY.as_ptr(),
+            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_EMPTY_PATH as libc::c_uint | AT_RECURSIVE,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let tree = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    let mut attr = MountAttr { attr_set: 0, attr_clr: 0, propagation: 0, userns_fd: 0 };
+    if noatime {
+        attr.attr_set |= MOUNT_ATTR_NOATIME;
+        attr.attr_clr |= MOUNT_ATTR_ATIME_MASK;
+    }
+    if nodiratime {
+        attr.attr_set |= MOUNT_ATTR_NODIRATIME;
+    }
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            EMPTY.as_ptr(),
+            libc::AT_EMPTY_PATH as libc::c_uint | AT_RECURSIVE,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(tree)
+}
+
 const HANDLE_HEADER: usize = 8; // struct file_handle { u32 handle_bytes; i32 handle_type; }
+
+/// FILEID_INO32_GEN and FILEID_INO32_GEN_PARENT (include/linux/exportfs.h): inode number
+/// and generation as two u32, the handles of ext2/3/4 (and of xfs with 32-bit inodes).
+const FILEID_INO32_GEN: i32 = 1;
+const FILEID_INO32_GEN_PARENT: i32 = 2;
+
+impl Handle {
+    /// The inode generation, for handles that carry one where it is known to be
+    /// (FILEID_INO32_GEN*).
+    pub fn generation(&self) -> Option<u32> {
+        match self.ty {
+            FILEID_INO32_GEN | FILEID_INO32_GEN_PARENT if self.bytes.len() >= 8 => {
+                Some(u32::from_ne_bytes(self.bytes[4..8].try_into().expect("4 bytes")))
+            }
+            _ => None,
+        }
+    }
+
+    /// For a filesystem whose handles are FILEID_INO32_GEN* (as `like`'s): a handle of inode
+    /// `ino` with generation 0, which ext4 takes as "any generation" (ext4_nfs_get_inode);
+    /// the caller compares the real generation afterwards.
+    pub fn any_generation(like: &Handle, ino: u64) -> Option<Handle> {
+        if !matches!(like.ty, FILEID_INO32_GEN | FILEID_INO32_GEN_PARENT) || ino > u64::from(u32::MAX) {
+            return None;
+        }
+        let mut b = Vec::with_capacity(8);
+        b.extend_from_slice(&(ino as u32).to_ne_bytes());
+        b.extend_from_slice(&0u32.to_ne_bytes());
+        Some(Handle { ty: FILEID_INO32_GEN, bytes: b.into() })
+    }
+}
 
 /// The handle of `dir/name` (not following a final symlink); `name` empty means the inode
 /// behind `dir` itself.

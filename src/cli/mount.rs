@@ -172,6 +172,8 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
         method: enc.data_encryption_method,
         rotation: enc.data_key_rotation_period,
         ttl: cfg.mount.attr_timeout,
+        noatime: flags.atime == crate::config::Atime::Noatime,
+        nodiratime: !flags.diratime,
     };
     let core = Arc::new(Core::new(&meta, fs_opts).context("cannot open the backing root")?);
     let spec = MountSpec {
@@ -182,12 +184,13 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
         default_permissions: cfg.mount.default_permissions,
         threads: cfg.mount.threads,
         writeback_cache: cfg.mount.writeback_cache,
+        direct_write_invalidation: cfg.mount.direct_write_invalidation,
     };
     // Rotate a data key that expired while unmounted; drop keys no file uses any more.
     core.rotate_data_key_if_due().context("data key rotation")?;
     core.collect_unused_keys().context("deleting unused data keys")?;
     let maintenance = Housekeeping::start(core.clone());
-    let fs = TdeFs::new(core.clone(), spec.writeback_cache);
+    let fs = TdeFs::new(core.clone(), &spec).context("cannot start the page-cache invalidation thread")?;
     let notifier = fs.notifier_slot();
     let config = fuser_config(&spec);
     let direct = if unsafe { libc::geteuid() } == 0 {

@@ -72,6 +72,13 @@ pub struct MountConfig {
     /// Let the kernel cache writes and send them in large batches.
     #[serde(default = "yes")]
     pub writeback_cache: bool,
+    /// After an O_DIRECT write to a file that also had page-cache reads, drop the written
+    /// range from the kernel's page cache before answering the write. Kernels without
+    /// "fuse: invalidate the page cache after direct write" (4c4c472d25f5) otherwise let a
+    /// buffered read racing an AIO O_DIRECT write cache the old bytes for good. Set to
+    /// false only on kernels that have that fix.
+    #[serde(default = "yes")]
+    pub direct_write_invalidation: bool,
     /// How long the kernel may cache attributes and names.
     #[serde(default = "one_second", deserialize_with = "de_duration")]
     pub attr_timeout: Duration,
@@ -129,6 +136,7 @@ impl Default for MountConfig {
             default_permissions: true,
             threads: 0,
             writeback_cache: true,
+            direct_write_invalidation: true,
             attr_timeout: one_second(),
             unmount_wait: thirty_seconds(),
             suid: false,
@@ -526,6 +534,9 @@ path = "/run/keys/tdefs.key"
         let c = Config::parse(GOOD).unwrap();
         assert_eq!(c.mount.flags(), MountFlags::default());
         assert_eq!(c.mount.flags().to_options(), "nosuid,nodev,exec,relatime");
+        assert!(c.mount.direct_write_invalidation, "on by default (kernels before 4c4c472d25f5)");
+        let c = Config::parse(&format!("{GOOD}[mount]\ndirect-write-invalidation = false\n")).unwrap();
+        assert!(!c.mount.direct_write_invalidation);
         let c = Config::parse(&format!("{GOOD}[mount]\nsuid = true\natime = \"noatime\"\ndiratime = false\n")).unwrap();
         assert_eq!(c.mount.flags().to_options(), "suid,nodev,exec,noatime,nodiratime");
         let e = err(&format!("{GOOD}[mount]\natime = \"sometimes\"\n"));

@@ -17,6 +17,7 @@ use super::attr::{kind_of, timespec_from_request};
 use super::errno::{err, Error, Result};
 use super::handle::{DirHandle, FileHandle, HandleTable};
 use super::inode::{FileState, Inode, InodeTable, Loc};
+use super::times::{is_times_xattr, TIMES_XATTR};
 use crate::crypto::{random_iv, FileCipher, Method};
 use crate::dictionary::{FileDict, FileEntry};
 use crate::keys::KeyStore;
@@ -29,11 +30,15 @@ pub struct FsOptions {
     pub method: Method,
     pub rotation: Duration,
     pub ttl: Duration,
+    /// The mount is `noatime`: no access to the backing files updates their atime.
+    pub noatime: bool,
+    /// The mount is `nodiratime`: no directory listing updates a backing directory's atime.
+    pub nodiratime: bool,
 }
 
 pub struct Core {
     pub(super) root: Arc<Inode>,
-    root_dev: u64,
+    pub(super) root_dev: u64,
     pub(super) inodes: InodeTable,
     pub(super) files: HandleTable<FileHandle>,
     pub(super) dirs: HandleTable<DirHandle>,
@@ -55,20 +60,45 @@ pub struct Core {
     /// Whether inodes are named by file handles (else every inode keeps its descriptor).
     handles: bool,
     /// A plain descriptor of the backing root: `open_by_handle_at` refuses `O_PATH` ones.
-    mount_fd: OwnedFd,
+    pub(super) mount_fd: OwnedFd,
     other_devs: Mutex<HashMap<u64, u64>>,
+    /// With `noatime`/`nodiratime`: the private copy of the backing mount tree, with those
+    /// flags, that every backing inode is reached through (see `Core::new`).
+    _atime_tree: Option<OwnedFd>,
+    /// The backing root's file handle (its kind tells whether inodes can be opened by
+    /// number alone: see `export`).
+    pub(super) root_handle: Option<sys::Handle>,
+    /// Where recently forgotten files were (see `export`).
+    pub(super) departed: super::export::DepartedFiles,
 }
 
 impl Core {
     pub fn new(meta: &Metadata, opts: FsOptions) -> Result<Core> {
-        let fd = sys::openat(meta.backing_fd(), OsStr::new("."), libc::O_PATH | libc::O_DIRECTORY, 0)?;
+        // noatime / nodiratime, exactly: the kernel never updates atime of a FUSE inode
+        // itself (fuse_iget sets S_NOATIME), only tdefs' backing accesses can. Reached
+        // through a private copy of the backing mount with the same flags, no backing
+        // access (reads, listings, readlink) moves an atime; without the privilege for
+        // that copy, backing files and directories are opened O_NOATIME (see
+        // `file_atime_flag`), which leaves symlinks' atimes to the backing mount's rule.
+        let atime_tree = if opts.noatime || opts.nodiratime {
+            match sys::noatime_tree(meta.backing_fd(), opts.noatime, opts.nodiratime) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    tracing::info!(error = %e, "no private noatime copy of the backing mount: opening backing files O_NOATIME instead");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let base = atime_tree.as_ref().map_or(meta.backing_fd(), |t| t.as_fd());
+        let fd = sys::openat(base, OsStr::new("."), libc::O_PATH | libc::O_DIRECTORY, 0)?;
         let st = sys::fstat(fd.as_fd())?;
         let mount_fd = sys::openat(fd.as_fd(), OsStr::new("."), libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
         // File handles let the descriptor cache stay bounded; opening by handle needs
         // CAP_DAC_READ_SEARCH, so probe the whole round trip.
-        let handles = sys::handle_at(fd.as_fd(), OsStr::new(""))
-            .and_then(|h| sys::open_handle(mount_fd.as_fd(), &h, libc::O_PATH))
-            .is_ok();
+        let root_handle = sys::handle_at(fd.as_fd(), OsStr::new("")).ok();
+        let handles = root_handle.as_ref().is_some_and(|h| sys::open_handle(mount_fd.as_fd(), h, libc::O_PATH).is_ok());
         let limit = sys::nofile_limit();
         if !handles {
             tracing::warn!(
@@ -94,6 +124,9 @@ impl Core {
             handles,
             mount_fd,
             other_devs: Mutex::new(HashMap::new()),
+            _atime_tree: atime_tree,
+            root_handle: if handles { root_handle } else { None },
+            departed: Default::default(),
         })
     }
 
@@ -314,7 +347,14 @@ impl Core {
     }
 
     pub fn forget(&self, nodeid: u64, n: u64) {
-        self.inodes.forget(nodeid, n);
+        // Released inodes give back the references they held (`Inode::pins`), iteratively.
+        let mut todo = vec![(nodeid, n)];
+        while let Some((id, n)) = todo.pop() {
+            if let Some(gone) = self.inodes.forget(id, n) {
+                self.remember_departed(&gone);
+                todo.extend(std::mem::take(&mut *gone.pins.lock()).into_iter().map(|p| (p, 1)));
+            }
+        }
     }
 
     pub fn getattr(&self, nodeid: u64, fh: Option<u64>) -> Result<Stat> {
@@ -368,8 +408,18 @@ impl Core {
             (None, Some(p)) => p.as_fd(),
             (None, None) => unreachable!("one of them is set"),
         };
-        if let (Some(_), Some(who)) = (size, &kill_privs) {
-            kill_suidgid(fd, who)?;
+        // A caller without CAP_FSETID drops set-id bits (kernel rule, see kill_suidgid) when
+        // it truncates, when it chowns (judged against the group the file has before the
+        // change, as setattr_should_drop_sgid does), and on an empty SETATTR: with
+        // FUSE_HANDLE_KILLPRIV_V2 that is how the kernel's file_remove_privs() (fallocate,
+        // copy_file_range) asks for it, fuse_setattr() having stripped ATTR_KILL_SUID/SGID
+        // and ATTR_MODE. The backing fchown runs as root and keeps 02666's set-gid bit.
+        // Directories keep theirs (chown_common() asks for no kill on a directory).
+        let empty = mode.is_none() && uid.is_none() && gid.is_none() && size.is_none() && atime.is_none() && mtime.is_none();
+        if let Some(who) = &kill_privs {
+            if inode.kind != FileType::Directory && (size.is_some() || uid.is_some() || gid.is_some() || empty) {
+                kill_suidgid(fd, who)?;
+            }
         }
         // The backing chown drops set-id bits and capabilities itself, as on ext4.
         if uid.is_some() || gid.is_some() {
@@ -380,7 +430,7 @@ impl Core {
                 sys::fchmod_path(fd, mode & 0o7777)?;
             }
         }
-        if mode.is_none() && uid.is_none() && gid.is_none() && size.is_none() && atime.is_none() && mtime.is_none() {
+        if empty {
             // chown(f, -1, -1), or only a ctime from the kernel's writeback cache: ext4
             // updates ctime, and an ownership "change" to the same owner does just that.
             sys::fchown(fd, u32::MAX, u32::MAX)?;
@@ -434,7 +484,13 @@ impl Core {
 
     pub fn opendir(&self, nodeid: u64) -> Result<u64> {
         let inode = self.inode(nodeid)?;
-        let fd = sys::openat(self.pfd(&inode)?.as_fd(), OsStr::new("."), libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+        let pfd = self.pfd(&inode)?;
+        let open = |extra: i32| sys::openat(pfd.as_fd(), OsStr::new("."), libc::O_RDONLY | libc::O_DIRECTORY | extra, 0);
+        let fd = match open(self.dir_atime_flag()) {
+            // O_NOATIME on a directory the daemon does not own, without CAP_FOWNER.
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => open(0)?,
+            r => r?,
+        };
         Ok(self.dirs.insert(DirHandle { inode, fd: Mutex::new(fd) }))
     }
 
@@ -506,6 +562,9 @@ impl Core {
     }
 
     pub fn getxattr(&self, nodeid: u64, name: &OsStr, buf: &mut [u8]) -> Result<usize> {
+        if is_times_xattr(name) {
+            return err(libc::ENODATA); // tdefs' own (see times)
+        }
         let caps = name.as_bytes() == CAPS_XATTR;
         let inode = if caps { Some(self.inode(nodeid)?) } else { None };
         if let Some(i) = &inode {
@@ -524,6 +583,10 @@ impl Core {
     }
 
     pub fn setxattr(&self, nodeid: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+        if is_times_xattr(name) {
+            tracing::warn!("refusing to set tdefs' reserved xattr {TIMES_XATTR} through the mount");
+            return err(libc::EPERM);
+        }
         self.forget_no_caps(nodeid, name)?;
         let (t, _fd) = self.xattr_target(nodeid)?;
         Ok(sys::setxattr(&t, name, value, flags)?)
@@ -537,6 +600,24 @@ impl Core {
         Ok(())
     }
 
+    /// After a caller without CAP_FSETID set `system.posix_acl_access`: as the kernel's
+    /// posix_acl_update_mode() on ext4, the set-gid bit goes unless the caller is in the
+    /// file's group (FUSE says so only with FUSE_SETXATTR_EXT, which fuser 0.18 cannot
+    /// parse). Returns whether the mode changed.
+    pub fn acl_kill_sgid(&self, nodeid: u64, who: &KillPrivs) -> Result<bool> {
+        let inode = self.inode(nodeid)?;
+        if inode.kind == FileType::Symlink {
+            return Ok(false);
+        }
+        let fd = self.pfd(&inode)?;
+        let st = sys::fstat(fd.as_fd())?;
+        if st.st_mode & libc::S_ISGID == 0 || who.in_group(st.st_gid) {
+            return Ok(false);
+        }
+        sys::fchmod_path(fd.as_fd(), st.st_mode & 0o7777 & !libc::S_ISGID)?;
+        Ok(true)
+    }
+
     /// Whether directory `nodeid` has a default ACL (new entries inherit it).
     pub fn has_default_acl(&self, nodeid: u64) -> bool {
         match self.xattr_target(nodeid) {
@@ -547,16 +628,22 @@ impl Core {
 
     /// `hide_trusted`: the caller lacks CAP_SYS_ADMIN, so `trusted.*` names are not shown
     /// (ext4 filters them; the kernel leaves it to FUSE servers, and tdefs lists as root).
+    /// tdefs' own `trusted.tdefs.times` is never shown.
     pub fn listxattr(&self, nodeid: u64, buf: &mut [u8], hide_trusted: bool) -> Result<usize> {
         let (t, _fd) = self.xattr_target(nodeid)?;
-        if !hide_trusted {
-            return Ok(sys::listxattr(&t, buf)?);
-        }
-        let mut all = vec![0u8; sys::listxattr(&t, &mut [])?];
-        let n = sys::listxattr(&t, &mut all)?;
+        // The list can grow between the two calls: retry on ERANGE.
+        let (all, n) = loop {
+            let mut all = vec![0u8; sys::listxattr(&t, &mut [])?];
+            match sys::listxattr(&t, &mut all) {
+                Ok(n) => break (all, n),
+                Err(e) if e.raw_os_error() == Some(libc::ERANGE) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        };
         let shown: Vec<u8> = all[..n]
             .split_inclusive(|&b| b == 0)
-            .filter(|name| !name.starts_with(b"trusted."))
+            .filter(|name| !(hide_trusted && name.starts_with(b"trusted.")))
+            .filter(|name| name.strip_suffix(b"\0").unwrap_or(name) != TIMES_XATTR.as_bytes())
             .flatten()
             .copied()
             .collect();
@@ -571,6 +658,9 @@ impl Core {
     }
 
     pub fn removexattr(&self, nodeid: u64, name: &OsStr) -> Result<()> {
+        if is_times_xattr(name) {
+            return err(libc::ENODATA);
+        }
         self.forget_no_caps(nodeid, name)?;
         let (t, _fd) = self.xattr_target(nodeid)?;
         Ok(sys::removexattr(&t, name)?)
@@ -582,12 +672,21 @@ impl Core {
         // O_APPEND is dropped: the kernel gives every write its offset, and pwrite on an
         // O_APPEND descriptor would ignore it. O_DIRECT is the kernel's business (the
         // page cache above us); O_SYNC/O_DSYNC pass through to the backing file.
-        let keep = flags & (libc::O_SYNC | libc::O_DSYNC | libc::O_NOATIME);
+        let keep = flags & (libc::O_SYNC | libc::O_DSYNC | libc::O_NOATIME) | self.file_atime_flag();
         // By handle when there is one: a single call, and no descriptor cached for it.
-        let open = |fl: i32| -> Result<OwnedFd> {
+        let open_as = |fl: i32| -> Result<OwnedFd> {
             match &inode.handle {
                 Some(h) => Ok(sys::open_handle(self.mount_fd.as_fd(), h, fl)?),
                 None => Ok(sys::reopen(self.pfd(inode)?.as_fd(), fl)?),
+            }
+        };
+        let open = |fl: i32| -> Result<OwnedFd> {
+            match open_as(fl) {
+                // O_NOATIME on a file the daemon does not own, without CAP_FOWNER.
+                Err(Error::Io(e)) if e.raw_os_error() == Some(libc::EPERM) && fl & libc::O_NOATIME != 0 => {
+                    open_as(fl & !libc::O_NOATIME)
+                }
+                r => r,
             }
         };
         match open(libc::O_RDWR | keep) {
@@ -596,6 +695,25 @@ impl Core {
                 open((flags & libc::O_ACCMODE) | keep)
             }
             Err(e) => Err(e),
+        }
+    }
+
+    /// O_NOATIME for opening backing files when the mount is `noatime` (harmless, and
+    /// redundant, when they are reached through the private noatime mount).
+    pub(super) fn file_atime_flag(&self) -> i32 {
+        if self.opts.noatime {
+            libc::O_NOATIME
+        } else {
+            0
+        }
+    }
+
+    /// O_NOATIME for opening backing directories when the mount is `noatime` or `nodiratime`.
+    pub(super) fn dir_atime_flag(&self) -> i32 {
+        if self.opts.noatime || self.opts.nodiratime {
+            libc::O_NOATIME
+        } else {
+            0
         }
     }
 
@@ -635,6 +753,22 @@ impl Core {
 
     pub fn release(&self, fh: u64) {
         self.files.remove(fh);
+    }
+
+    /// A READ that fills the kernel's page cache (not O_DIRECT) is about to read file `fh`:
+    /// called before the backing read, so that a direct write that reaches the backing file
+    /// after that read sees the mark (`had_page_cache_reads`, checked after the write).
+    pub fn note_page_cache_read(&self, fh: u64) {
+        if let Some(h) = self.files.get(fh) {
+            if !h.inode.page_cache_reads.load(Ordering::Relaxed) {
+                h.inode.page_cache_reads.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Whether the file behind `fh` has had page-cache READs (see `note_page_cache_read`).
+    pub fn had_page_cache_reads(&self, fh: u64) -> bool {
+        self.files.get(fh).is_some_and(|h| h.inode.page_cache_reads.load(Ordering::SeqCst))
     }
 }
 

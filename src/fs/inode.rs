@@ -62,6 +62,18 @@ impl Drop for Inode {
     }
 }
 
+/// A time as stat gives it: seconds, nanoseconds.
+pub type Ts = (i64, i64);
+
+/// A regular file's mtime and ctime as the kernel keeps them with the writeback cache (see
+/// `times`), and what the backing file's `trusted.tdefs.times` is known to hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelTimes {
+    pub mtime: Ts,
+    pub ctime: Ts,
+    pub recorded: Option<(Ts, Ts)>,
+}
+
 /// Where the kernel last saw this inode: parent and name.
 #[derive(Clone)]
 pub struct Loc {
@@ -88,6 +100,18 @@ pub struct Inode {
     /// absent it is given from memory. Only tdefs changes the backing files' xattrs, and
     /// every setxattr/removexattr of that name through tdefs clears this.
     pub no_caps: AtomicBool,
+    /// The kernel has cached pages of this file: a READ without O_DIRECT reached it (noted
+    /// before its backing read). Direct writes to such a file wait for the written range
+    /// to leave the page cache (see `dio`).
+    pub page_cache_reads: AtomicBool,
+    /// With the writeback cache: the mtime and ctime the kernel has for this regular file,
+    /// once reported (see `times`).
+    pub ktimes: Mutex<Option<KernelTimes>>,
+    /// Directories this inode holds a reference on: an inode found by file handle alone
+    /// (open_by_handle_at, NFS) is reached through a chain of directories the kernel does
+    /// not hold; they stay known (and their locations kept current by renames) until this
+    /// inode is forgotten. See `export`.
+    pub pins: Mutex<Vec<u64>>,
 }
 
 impl Inode {
@@ -103,6 +127,9 @@ impl Inode {
             data: RwLock::new(state),
             refusal_logged: AtomicBool::new(false),
             no_caps: AtomicBool::new(false),
+            page_cache_reads: AtomicBool::new(false),
+            ktimes: Mutex::new(None),
+            pins: Mutex::new(Vec::new()),
         }
     }
 
@@ -299,27 +326,41 @@ impl InodeTable {
         i
     }
 
-    /// Drop `n` kernel references; the inode is released when none remain.
-    pub fn forget(&self, nodeid: u64, n: u64) {
+    /// One more kernel reference on `inode`, if it is still the known inode for its node
+    /// id (false: it was released meanwhile).
+    pub fn add_ref(&self, inode: &Arc<Inode>) -> bool {
+        let shard = self.shard(inode.nodeid).read();
+        match shard.get(&inode.nodeid) {
+            Some(i) if Arc::ptr_eq(i, inode) => {
+                i.lookups.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Drop `n` kernel references; the inode is released when none remain, and returned.
+    pub fn forget(&self, nodeid: u64, n: u64) -> Option<Arc<Inode>> {
         if nodeid == fuser::INodeNo::ROOT.0 {
-            return;
+            return None;
         }
         let mut shard = self.shard(nodeid).write();
-        if let Some(i) = shard.get(&nodeid) {
-            let prev = i.lookups.fetch_sub(n.min(i.lookups.load(Ordering::Relaxed)), Ordering::Relaxed);
-            if prev <= n {
-                let i = shard.remove(&nodeid).expect("present");
-                drop(shard);
-                if i.holds_cached_fd() {
-                    self.cached.fetch_sub(1, Ordering::Relaxed);
-                }
-                if nodeid & ALT_BASE != 0 {
-                    if let Some(h) = &i.handle {
-                        self.alt.write().remove(h);
-                    }
-                }
+        let i = shard.get(&nodeid)?;
+        let prev = i.lookups.fetch_sub(n.min(i.lookups.load(Ordering::Relaxed)), Ordering::Relaxed);
+        if prev > n {
+            return None;
+        }
+        let i = shard.remove(&nodeid).expect("present");
+        drop(shard);
+        if i.holds_cached_fd() {
+            self.cached.fetch_sub(1, Ordering::Relaxed);
+        }
+        if nodeid & ALT_BASE != 0 {
+            if let Some(h) = &i.handle {
+                self.alt.write().remove(h);
             }
         }
+        Some(i)
     }
 
     /// Account for one more cached descriptor; over budget, sweep the clock until a

@@ -5,7 +5,9 @@
 mod attr;
 mod core;
 pub mod data;
+mod dio;
 mod errno;
+mod export;
 mod handle;
 mod housekeeping;
 mod inode;
@@ -14,6 +16,7 @@ pub mod mounting;
 mod namespace;
 #[cfg(test)]
 mod tests;
+mod times;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -47,6 +50,8 @@ pub struct MountSpec {
     pub default_permissions: bool,
     pub threads: usize,
     pub writeback_cache: bool,
+    /// See `dio`: direct writes wait for the page cache to drop what they overwrote.
+    pub direct_write_invalidation: bool,
     pub flags: crate::config::MountFlags,
 }
 
@@ -58,6 +63,9 @@ pub struct TdeFs {
     /// The kernel enforces POSIX ACLs (FUSE_POSIX_ACL) and leaves the umask to us
     /// (FUSE_DONT_MASK): see `creation_mode`.
     acl: std::sync::atomic::AtomicBool,
+    /// `mount.direct-write-invalidation`: replies to direct writes of files with cached
+    /// pages go through this thread (see `dio`).
+    invalidator: Option<dio::Invalidator>,
 }
 
 const GEN: Generation = Generation(0);
@@ -87,8 +95,13 @@ fn fail(e: &errno::Error) -> Errno {
 }
 
 impl TdeFs {
-    pub fn new(core: Arc<Core>, writeback_cache: bool) -> TdeFs {
-        TdeFs { core, writeback_cache, notifier: Arc::default(), acl: Default::default() }
+    pub fn new(core: Arc<Core>, spec: &MountSpec) -> std::io::Result<TdeFs> {
+        let notifier: Arc<std::sync::OnceLock<fuser::Notifier>> = Arc::default();
+        let invalidator = match spec.direct_write_invalidation {
+            true => Some(dio::Invalidator::start(notifier.clone())?),
+            false => None,
+        };
+        Ok(TdeFs { core, writeback_cache: spec.writeback_cache, notifier, acl: Default::default(), invalidator })
     }
 
     /// We changed attributes the kernel caches (set-id bits dropped on its behalf): without
@@ -120,9 +133,20 @@ impl TdeFs {
         self.core.opts.ttl
     }
 
+    /// With the writeback cache, regular files' mtime and ctime as the kernel has them (see
+    /// `times`); without it the kernel takes the backing file's every time.
+    fn report_times(&self, inode: &inode::Inode, st: &mut crate::sys::Stat) {
+        if self.writeback_cache {
+            self.core.report_times(inode, st);
+        }
+    }
+
     fn entry(&self, r: errno::Result<(Arc<inode::Inode>, crate::sys::Stat)>, reply: ReplyEntry) {
         match r {
-            Ok((i, st)) => reply.entry(&self.ttl(), &attr::to_attr(i.nodeid, &st), GEN),
+            Ok((i, mut st)) => {
+                self.report_times(&i, &mut st);
+                reply.entry(&self.ttl(), &attr::to_attr(i.nodeid, &st), Generation(self.core.generation(&i)))
+            }
             Err(e) => reply.error(fail(&e)),
         }
     }
@@ -166,8 +190,10 @@ impl Filesystem for TdeFs {
     fn init(&mut self, _req: &Request, cfg: &mut KernelConfig) -> std::io::Result<()> {
         let _ = cfg.set_max_write(1 << 20);
         let _ = cfg.set_max_readahead(1 << 20);
-        let _ = cfg.set_max_background(64);
-        let _ = cfg.set_congestion_threshold(48);
+        // Direct-write invalidation holds replies back: room for them (see dio).
+        let bg = if self.invalidator.is_some() { dio::MAX_BACKGROUND } else { 64 };
+        let _ = cfg.set_max_background(bg);
+        let _ = cfg.set_congestion_threshold((u32::from(bg) * 3 / 4) as u16);
         let mut wanted = vec![
             InitFlags::FUSE_ATOMIC_O_TRUNC,
             InitFlags::FUSE_PARALLEL_DIROPS,
@@ -175,6 +201,8 @@ impl Filesystem for TdeFs {
             InitFlags::FUSE_READDIRPLUS_AUTO,
             InitFlags::FUSE_CACHE_SYMLINKS,
             InitFlags::FUSE_ASYNC_DIO,
+            // File handles that outlive the kernel's inode cache and the daemon (export).
+            InitFlags::FUSE_EXPORT_SUPPORT,
         ];
         if self.writeback_cache {
             wanted.push(InitFlags::FUSE_WRITEBACK_CACHE);
@@ -199,6 +227,9 @@ impl Filesystem for TdeFs {
     }
 
     fn destroy(&mut self) {
+        if self.writeback_cache {
+            self.core.keep_all_times();
+        }
         if let Err(e) = self.core.dict().flush() {
             tracing::error!(error = %e, "final dictionary flush failed");
         }
@@ -206,13 +237,25 @@ impl Filesystem for TdeFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         serve(Op::Lookup, || {
-            let r = self.core.inode(parent.0).and_then(|p| self.core.lookup(&p, name));
+            // "." and ".." come only from the kernel's export operations (file handles,
+            // FUSE_EXPORT_SUPPORT): a node by id, a directory's parent. See `export`.
+            let r = match name.as_encoded_bytes() {
+                b"." => self.core.lookup_dot(parent.0),
+                b".." => self.core.lookup_dotdot(parent.0),
+                _ => self.core.inode(parent.0).and_then(|p| self.core.lookup(&p, name)),
+            };
             self.entry(r, reply);
         })
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
         serve(Op::Forget, || {
+            // Before the inode can go: a lookup meanwhile finds it, times and all.
+            if self.writeback_cache {
+                if let Ok(i) = self.core.inode(ino.0) {
+                    self.core.keep_times(&i);
+                }
+            }
             self.core.forget(ino.0, nlookup);
         })
     }
@@ -220,7 +263,12 @@ impl Filesystem for TdeFs {
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         serve(Op::Getattr, || {
             match self.core.getattr(ino.0, fh.map(|f| f.0)) {
-                Ok(st) => reply.attr(&self.ttl(), &attr::to_attr(ino.0, &st)),
+                Ok(mut st) => {
+                    if let (true, Ok(i)) = (self.writeback_cache, self.core.inode(ino.0)) {
+                        self.core.report_times(&i, &mut st);
+                    }
+                    reply.attr(&self.ttl(), &attr::to_attr(ino.0, &st))
+                }
                 Err(e) => reply.error(fail(&e)),
             }
         })
@@ -236,7 +284,7 @@ impl Filesystem for TdeFs {
         size: Option<u64>,
         atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
-        _ctime: Option<SystemTime>,
+        ctime: Option<SystemTime>,
         fh: Option<FileHandle>,
         _crtime: Option<SystemTime>,
         _chgtime: Option<SystemTime>,
@@ -245,9 +293,15 @@ impl Filesystem for TdeFs {
         reply: ReplyAttr,
     ) {
         serve(Op::Setattr, || {
-            let kill = if size.is_some() { lacks_fsetid(req) } else { None };
+            let kill = lacks_fsetid(req); // Core::setattr decides which changes drop set-id bits
             match self.core.setattr(ino.0, mode, uid, gid, size, atime, mtime, fh.map(|f| f.0), kill) {
-                Ok(st) => reply.attr(&self.ttl(), &attr::to_attr(ino.0, &st)),
+                Ok(mut st) => {
+                    // The kernel's own mtime/ctime, as it sends them (writeback cache).
+                    if let (true, Ok(i)) = (self.writeback_cache, self.core.inode(ino.0)) {
+                        self.core.setattr_times(&i, &mut st, mtime.is_some(), ctime);
+                    }
+                    reply.attr(&self.ttl(), &attr::to_attr(ino.0, &st))
+                }
                 Err(e) => reply.error(fail(&e)),
             }
         })
@@ -346,6 +400,9 @@ impl Filesystem for TdeFs {
             if misaligned_direct(flags, offset, size as usize) {
                 return reply.error(fail(&errno::Error::Os(libc::EINVAL)));
             }
+            if self.invalidator.is_some() && flags.0 & libc::O_DIRECT == 0 {
+                self.core.note_page_cache_read(fh.0);
+            }
             self.core.read(fh.0, offset, size, |r| match r {
                 Ok(data) => {
                     metrics::read_bytes(data.len());
@@ -383,6 +440,11 @@ impl Filesystem for TdeFs {
             match self.core.write(fh.0, offset, data) {
                 Ok(n) => {
                     metrics::written_bytes(n as usize);
+                    if let Some(inv) = &self.invalidator {
+                        if dio::is_direct_write(write_flags, flags) && self.core.had_page_cache_reads(fh.0) {
+                            return inv.reply_after_invalidation(ino, offset, n, reply);
+                        }
+                    }
                     reply.written(n)
                 }
                 Err(e) => reply.error(fail(&e)),
@@ -455,8 +517,10 @@ impl Filesystem for TdeFs {
                     };
                 }
                 match core.lookup(&dir, name) {
-                    Ok((i, st)) => {
-                        let full = reply.add(INodeNo(i.nodeid), off, name, &ttl, &attr::to_attr(i.nodeid, &st), GEN);
+                    Ok((i, mut st)) => {
+                        self.report_times(&i, &mut st);
+                        let gen = Generation(core.generation(&i));
+                        let full = reply.add(INodeNo(i.nodeid), off, name, &ttl, &attr::to_attr(i.nodeid, &st), gen);
                         if full {
                             core.forget(i.nodeid, 1); // not sent: give the reference back
                         }
@@ -503,11 +567,21 @@ impl Filesystem for TdeFs {
         })
     }
 
-    fn setxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32, _position: u32, reply: ReplyEmpty) {
+    fn setxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32, _position: u32, reply: ReplyEmpty) {
         serve(Op::Setxattr, || {
             // Tests make this handler panic (TDEFS_FAULT=panic:request:setxattr).
             crate::hooks::crash("request:setxattr");
-            Self::empty(self.core.setxattr(ino.0, name, value, flags), reply);
+            let mut r = self.core.setxattr(ino.0, name, value, flags);
+            if r.is_ok() && name == "system.posix_acl_access" {
+                if let Some(who) = lacks_fsetid(req) {
+                    match self.core.acl_kill_sgid(ino.0, &who) {
+                        Ok(true) => self.attrs_changed(ino),
+                        Ok(false) => {}
+                        Err(e) => r = Err(e),
+                    }
+                }
+            }
+            Self::empty(r, reply);
         })
     }
 
@@ -552,8 +626,10 @@ impl Filesystem for TdeFs {
         serve(Op::Create, || {
             let mode = self.creation_mode(parent, mode, umask);
             match self.core.create(parent.0, name, mode, flags, caller(req)) {
-                Ok((i, st, fh)) => {
-                    reply.created(&self.ttl(), &attr::to_attr(i.nodeid, &st), GEN, FileHandle(fh), Self::open_flags())
+                Ok((i, mut st, fh)) => {
+                    self.report_times(&i, &mut st);
+                    let gen = Generation(self.core.generation(&i));
+                    reply.created(&self.ttl(), &attr::to_attr(i.nodeid, &st), gen, FileHandle(fh), Self::open_flags())
                 }
                 Err(e) => reply.error(fail(&e)),
             }

@@ -113,7 +113,8 @@ impl Core {
         }
         let (entry, cipher, key_use) = self.new_entry()?;
         let recorded = self.record_new_name(&parent, name, Some(entry), key_use)?;
-        let open_flags = libc::O_CREAT | libc::O_EXCL | libc::O_RDWR | (flags & (libc::O_SYNC | libc::O_DSYNC));
+        let open_flags =
+            libc::O_CREAT | libc::O_EXCL | libc::O_RDWR | (flags & (libc::O_SYNC | libc::O_DSYNC)) | self.file_atime_flag();
         let fd = match sys::openat(pfd.as_fd(), name, open_flags, mode & 0o7777) {
             Ok(fd) => fd,
             Err(e) => {

@@ -13,7 +13,13 @@ fn core_in(dir: &std::path::Path) -> Arc<Core> {
     let master = MasterKeyConfig::Plaintext;
     let opts = OpenOptions { adopt: false, rewrite_threshold: 1_000_000 };
     let meta = Metadata::open_or_init(dir, &MasterKeys { current: &master, previous: None }, &opts).unwrap();
-    let fs = FsOptions { method: Method::Aes256Ctr, rotation: Duration::from_secs(3600), ttl: Duration::from_secs(1) };
+    let fs = FsOptions {
+        method: Method::Aes256Ctr,
+        rotation: Duration::from_secs(3600),
+        ttl: Duration::from_secs(1),
+        noatime: false,
+        nodiratime: false,
+    };
     Arc::new(Core::new(&meta, fs).unwrap())
 }
 
