@@ -127,3 +127,43 @@ fn status_never_blocks_creates() {
     let st = t.join().unwrap();
     assert!(st.files_by_method.get("aes256-ctr").copied().unwrap_or(0) >= 50);
 }
+
+/// A file whose kernel inode was forgotten once (its times recorded in `trusted.tdefs.times`)
+/// is chmodded: the kernel's new ctime and the backing file's are the same instant. When the
+/// kernel forgets it again, the record must be brought up to date, not removed: removing an
+/// xattr moves the backing ctime, and the next inode got the time of the removal (generic/021
+/// under load, where other tests' cache drops evicted the inode between write and chmod).
+#[test]
+fn a_times_record_is_never_removed_when_the_ctimes_meet() {
+    let d = tempfile::tempdir().unwrap();
+    let core = core_in(d.path());
+    let sys_time = |t: (i64, i64)| std::time::UNIX_EPOCH + Duration::new(t.0 as u64, t.1 as u32);
+    let ctime = |st: &crate::sys::Stat| (st.st_ctime, st.st_ctime_nsec);
+    let (inode, mut st, fh) = core.create(1, OsStr::new("f"), 0o644, 0, Caller { uid: 0, gid: 0 }).unwrap();
+    core.release(fh);
+    core.report_times(&inode, &mut st);
+    // The kernel's ctime is older than the backing file's (it wrote later, say).
+    let kernel_c = (st.st_ctime - 5, st.st_ctime_nsec);
+    core.setattr_times(&inode, &mut st.clone(), false, Some(sys_time(kernel_c)));
+    if let Err(e) = core.persist_times(&inode) {
+        eprintln!("skipped: no trusted.* xattrs here ({e})");
+        return;
+    }
+    core.forget(inode.nodeid, 1);
+    let root = core.inode(1).unwrap();
+    let (i2, mut st2) = core.lookup(&root, OsStr::new("f")).unwrap();
+    core.report_times(&i2, &mut st2);
+    assert_eq!(ctime(&st2), kernel_c, "the recorded ctime after the first forget");
+    // chmod: the backing ctime and the kernel's are the same instant.
+    std::thread::sleep(Duration::from_millis(20));
+    let mut st3 = core.setattr(i2.nodeid, Some(0o600), None, None, None, None, None, None, None).unwrap();
+    let chmod_c = ctime(&st3);
+    core.setattr_times(&i2, &mut st3, false, Some(sys_time(chmod_c)));
+    std::thread::sleep(Duration::from_millis(20));
+    core.persist_times(&i2).unwrap();
+    core.forget(i2.nodeid, 1);
+    let (i3, mut st4) = core.lookup(&root, OsStr::new("f")).unwrap();
+    core.report_times(&i3, &mut st4);
+    assert_eq!(ctime(&st4), chmod_c, "the chmod's ctime after the second forget");
+    core.forget(i3.nodeid, 1);
+}

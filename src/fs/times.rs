@@ -16,7 +16,8 @@
 //! inode, and at unmount, tdefs sets the backing mtime to the kernel's and, if the backing
 //! ctime is not the kernel's, writes both into `trusted.tdefs.times` on the backing file.
 //! The next time the kernel gets the inode, tdefs reports that ctime while the backing
-//! mtime is still the recorded one. A crash skips the last step: the backing file's own,
+//! mtime is still the recorded one. A record is rewritten, never removed: removing it would
+//! itself move the backing ctime. A crash skips the last step: the backing file's own,
 //! newer times win (never older than its data); any later change of the backing file
 //! moves its mtime and voids the record. The name is not visible through the mount.
 
@@ -148,22 +149,24 @@ impl Core {
             sys::utimens(fd.as_fd(), None, &times, 0)?;
             st = sys::fstat(fd.as_fd())?;
         }
-        let (target, _fd) = self.times_target(inode)?;
-        let recorded = if ctime_of(&st) == t.ctime {
-            if t.recorded.is_some() {
-                match sys::removexattr(&target, OsStr::new(TIMES_XATTR)) {
-                    Err(e) if e.raw_os_error() != Some(libc::ENODATA) => return Err(e.into()),
-                    _ => {}
-                }
-            }
-            None
-        } else if t.recorded == Some((t.mtime, t.ctime)) {
-            return Ok(());
+        // Never remove a record: removing an xattr sets the backing ctime to now, and it
+        // is exactly when the backing ctime equals the kernel's (a chmod or rename: the
+        // kernel and the backing file took the same coarse clock tick) that a record would
+        // be dropped, so the next inode would get the ctime of the removal instead. What
+        // the backing file holds is read here rather than taken from `t.recorded`: the
+        // record may have been written under another `Inode` of this file.
+        let on_disk = self.read_times_record(inode);
+        let wanted = Some((t.mtime, t.ctime));
+        // A record is read back only while its mtime is the backing mtime (`t.mtime` now).
+        let misleading = on_disk.is_some_and(|(m, _)| m == t.mtime);
+        let recorded = if on_disk == wanted || (ctime_of(&st) == t.ctime && !misleading) {
+            on_disk
         } else {
             // Not as root (trusted.* needs CAP_SYS_ADMIN) or without xattrs on the backing
             // filesystem: the mtime is kept, the ctime is the backing file's.
+            let (target, _fd) = self.times_target(inode)?;
             sys::setxattr(&target, OsStr::new(TIMES_XATTR), &encode(t.mtime, t.ctime), 0)?;
-            Some((t.mtime, t.ctime))
+            wanted
         };
         if let Some(k) = inode.ktimes.lock().as_mut() {
             k.recorded = recorded;
