@@ -1,7 +1,7 @@
 //! The block copy both conversions share, and the copy of a file's owner, xattrs, mode and
 //! times.
 //!
-//! The copy keeps the hole rule of DESIGN.md §4 in both directions: a complete, aligned
+//! The copy keeps the hole rule of docs/design.md §4 in both directions: a complete, aligned
 //! 4 KiB block of zeros is a hole (on the backing file it reads as zeros; in plaintext it
 //! is zeros) and is not written, so sparse and preallocated files stay sparse; every other
 //! block, and the partial last block always, goes through the ciphers: decrypted with the

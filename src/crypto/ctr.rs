@@ -14,8 +14,8 @@ use super::{Iv, Method};
 ///
 /// - **Stream methods** (CTR, plaintext; `block_size() == 1`): keystream for byte `o` is byte
 ///   `o % 16` of `E(key, IV + o/16)` with a wrapping 128-bit big-endian add: the layout of
-///   DESIGN.md §3, identical to OpenSSL's `*-ctr`. Any byte range; encryption and decryption
-///   are the same XOR (`apply`).
+///   docs/design.md §3, identical to OpenSSL's `*-ctr`. Any byte range; encryption and
+///   decryption are the same XOR (`apply`).
 /// - **XTS methods** (`block_size() == 16`): IEEE 1619 over 4 KiB data units at file offsets,
 ///   the tweak of unit `n` derived from the IV and `n`; see `encrypt` and `crypto::xts`.
 ///
@@ -452,7 +452,7 @@ mod tests {
                     assert_ne!(x, q, "{m}: C(0) ^ C(P) gives a block of P");
                 }
             }
-            // The same check fails for CTR, as DESIGN.md §3 says.
+            // The same check fails for CTR, as docs/design.md §3 says.
             let c = FileCipher::new(Method::Aes256Ctr, &[1; 32], &[9; 16]).unwrap();
             let p = page(5);
             let (mut cz, mut cp) = (vec![0u8; p.len()], p.clone());

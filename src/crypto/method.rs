@@ -3,7 +3,7 @@ use std::str::FromStr;
 
 /// Data encryption method of one file. The CTR names and on-disk codes 1-5 follow TiKV's
 /// `EncryptionMethod`, so operators who know TiKV read the same words here; the XTS methods
-/// (IEEE 1619 over 4 KiB data units, DESIGN.md §3) are tdefs' own, codes 6-8.
+/// (IEEE 1619 over 4 KiB data units, docs/design.md §3) are tdefs' own, codes 6-8.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Method {
     Plaintext,

@@ -5,7 +5,7 @@
 //! write + fdatasync. Compaction starts a new log generation, writes a snapshot covering the
 //! older ones, and deletes them; a crash at any step leaves a loadable set of files.
 //!
-//! Ordering with the FUSE adapter (docs/design.md, durability): `submit` applies a record to
+//! Ordering with the FUSE adapter (docs/design.md §5): `submit` applies a record to
 //! the in-memory tree and queues it; `sync` waits until it is durable. Callers submit under
 //! their namespace lock (so log order matches memory order) and wait outside it.
 //!

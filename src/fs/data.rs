@@ -1,4 +1,4 @@
-//! Encrypted data path: every method at any offset, and the hole rule (docs/design.md).
+//! Encrypted data path: every method at any offset, and the hole rule (docs/design.md §4).
 //!
 //! Invariant kept on every backing file: each complete, aligned 4 KiB block is either all
 //! zero bytes (a hole: reads as zeros) or all ciphertext; the partial block at the end of the

@@ -1,5 +1,6 @@
-//! Namespace operations, in the order that keeps the dictionary invariant of DESIGN.md §5:
-//! every file whose bytes are ciphertext has a durable entry under every name it has.
+//! Namespace operations, in the order that keeps the dictionary invariant of
+//! docs/design.md §5: every file whose bytes are ciphertext has a durable entry under every
+//! name it has.
 //!
 //! - create / mknod / link: the entry is durable before the name exists in the backing dir.
 //! - unlink: the name goes first; its entry is dropped after, and that record may reach the
