@@ -227,7 +227,9 @@ _pg_kill() {
     local pid; pid=$(cat "$SCRATCH/pg.pid" 2>/dev/null)
     [ -n "$pid" ] || pid=$(head -1 "$TEST_DIR/pg/postmaster.pid" 2>/dev/null)
     [ -n "$pid" ] || return 0
-    pkill -9 -P "$pid" 2>/dev/null; kill -9 "$pid" 2>/dev/null
+    # Stop the postmaster first: between listing its children and its own death it could
+    # fork one more backend, which would survive and wait forever for a lock a killed one held.
+    kill -STOP "$pid" 2>/dev/null; pkill -9 -P "$pid" 2>/dev/null; kill -9 "$pid" 2>/dev/null
     local i; for i in $(seq 1 200); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
     pkill -9 -f "postgres.*-D $TEST_DIR/pg" 2>/dev/null || true
     sleep 0.2
