@@ -15,12 +15,16 @@
 //! `P ⊕ T_j`, so it would take `P = 0` and then the output is `E_K1(T_j) ⊕ T_j`, with `T_j`
 //! secret). Like CTR, rewriting the tail in place reveals the XOR of its old and new bytes.
 //!
-//! Blocks go to the cipher in batches (`encrypt_blocks`): the AES-NI pipeline stays full, no
-//! allocation, and the expanded keys are only ever borrowed.
+//! Speed: for AES the XTS loop runs inside the cipher's backend (`BlockClosure`), eight
+//! blocks per AES-NI call, with the tweaks in SSE2 registers; no allocation, and the expanded
+//! keys are only ever borrowed. One core, 64 KiB: XTS-AES-256 6.2 GB/s against CTR's 8.3
+//! (`scripts/bench/crypto.sh`); it was 5.2 with a call to `encrypt_blocks` per batch and the
+//! tweaks in u128s.
 
 use aes::cipher::consts::U16;
 use aes::cipher::inout::InOutBuf;
-use aes::cipher::{BlockDecrypt, BlockEncrypt, KeyInit};
+use aes::cipher::typenum::Unsigned;
+use aes::cipher::{BlockBackend, BlockClosure, BlockDecrypt, BlockEncrypt, BlockSizeUser, KeyInit};
 use zeroize::Zeroize;
 
 use super::sm4::Sm4;
@@ -33,19 +37,71 @@ pub const XTS_DATA_UNIT: u64 = 4096;
 pub const XTS_BLOCK: usize = 16;
 
 const UNIT: usize = XTS_DATA_UNIT as usize;
-/// Blocks per `encrypt_blocks` call: the tweaks of a batch stay in registers' reach and the
-/// data in L1 between the three passes over it.
+/// Blocks per call to a cipher that has no backend interface (SM4): the tweaks of a batch
+/// and its data stay in L1 between the three passes over it.
 const BATCH: usize = 32;
 
-/// A 16-byte block cipher that encrypts and decrypts many blocks per call.
+/// A 16-byte block cipher, and XTS over whole blocks with it.
 pub(crate) trait Blocks {
     fn encrypt_blocks(&self, blocks: &mut [[u8; 16]]);
-    fn decrypt_blocks(&self, blocks: &mut [[u8; 16]]);
+    /// XTS over consecutive blocks, the first with tweak `t`; returns the tweak of the block
+    /// after the last.
+    fn xts_blocks(&self, dir: Dir, t: Tweak, blocks: &mut [[u8; 16]]) -> Tweak;
 }
 
 fn as_inout(blocks: &mut [[u8; 16]]) -> InOutBuf<'_, '_, aes::Block> {
     let (chunks, _empty_tail) = InOutBuf::from(blocks.as_flattened_mut()).into_chunks::<U16>();
     chunks
+}
+
+/// XTS over `blocks` in batches of `batch` (≤ BATCH) blocks, `crypt` applying the block
+/// cipher to a batch: XOR the tweaks in, cipher, XOR them out.
+#[inline(always)]
+fn xts_batches(mut t: Tweak, blocks: &mut [[u8; 16]], batch: usize, mut crypt: impl FnMut(&mut [[u8; 16]])) -> Tweak {
+    assert!(batch <= BATCH);
+    let mut tw = [Tweak::ZERO; BATCH];
+    for chunk in blocks.chunks_mut(batch) {
+        for (b, w) in chunk.iter_mut().zip(tw.iter_mut()) {
+            *w = t;
+            t = t.double();
+            w.xor_into(b);
+        }
+        crypt(chunk);
+        for (b, w) in chunk.iter_mut().zip(&tw) {
+            w.xor_into(b);
+        }
+    }
+    tw.zeroize();
+    t
+}
+
+/// `xts_batches` run inside the AES backend (`BlockClosure`), one batch per parallel-blocks
+/// call: with AES-NI the rounds and the tweak arithmetic are then one function the compiler
+/// and the CPU interleave (the doubling chain of the next batch under this batch's rounds).
+struct AesXts<'a> {
+    t: &'a mut Tweak,
+    blocks: &'a mut [[u8; 16]],
+}
+
+impl BlockSizeUser for AesXts<'_> {
+    type BlockSize = U16;
+}
+
+impl BlockClosure for AesXts<'_> {
+    fn call<B: BlockBackend<BlockSize = U16>>(self, backend: &mut B) {
+        let par = B::ParBlocksSize::USIZE;
+        *self.t = xts_batches(*self.t, self.blocks, par, |chunk| {
+            let io = as_inout(chunk);
+            if io.len() == par {
+                let (mut pars, _) = io.into_chunks::<B::ParBlocksSize>();
+                backend.proc_par_blocks(pars.get(0));
+            } else {
+                for b in io {
+                    backend.proc_block(b);
+                }
+            }
+        });
+    }
 }
 
 macro_rules! aes_blocks {
@@ -54,8 +110,13 @@ macro_rules! aes_blocks {
             fn encrypt_blocks(&self, blocks: &mut [[u8; 16]]) {
                 BlockEncrypt::encrypt_blocks_inout(self, as_inout(blocks));
             }
-            fn decrypt_blocks(&self, blocks: &mut [[u8; 16]]) {
-                BlockDecrypt::decrypt_blocks_inout(self, as_inout(blocks));
+            fn xts_blocks(&self, dir: Dir, mut t: Tweak, blocks: &mut [[u8; 16]]) -> Tweak {
+                let job = AesXts { t: &mut t, blocks };
+                match dir {
+                    Dir::Encrypt => self.encrypt_with_backend(job),
+                    Dir::Decrypt => self.decrypt_with_backend(job),
+                }
+                t
             }
         }
     )*};
@@ -66,13 +127,18 @@ impl Blocks for Sm4 {
     fn encrypt_blocks(&self, blocks: &mut [[u8; 16]]) {
         Sm4::encrypt_blocks(self, blocks);
     }
-    fn decrypt_blocks(&self, blocks: &mut [[u8; 16]]) {
-        Sm4::decrypt_blocks(self, blocks);
+    fn xts_blocks(&self, dir: Dir, t: Tweak, blocks: &mut [[u8; 16]]) -> Tweak {
+        xts_batches(t, blocks, BATCH, |batch| match dir {
+            Dir::Encrypt => Sm4::encrypt_blocks(self, batch),
+            Dir::Decrypt => Sm4::decrypt_blocks(self, batch),
+        })
     }
 }
 
 /// Multiplication by α in GF(2^128) mod x^128 + x^7 + x^2 + x + 1, on the little-endian
-/// value of a tweak block (IEEE 1619-2007 §5.2); no branch on the secret tweak.
+/// value of a tweak block (IEEE 1619-2007 §5.2); no branch on the secret tweak. (x86_64
+/// does this in a register: `Tweak::double`.)
+#[cfg(any(test, not(target_arch = "x86_64")))]
 #[inline(always)]
 fn double(t: u128) -> u128 {
     (t << 1) ^ ((t >> 127).wrapping_neg() & 0x87)
@@ -87,7 +153,7 @@ fn as_blocks(buf: &mut [u8]) -> &mut [[u8; 16]] {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Dir {
+pub(crate) enum Dir {
     Encrypt,
     Decrypt,
 }
@@ -151,38 +217,105 @@ impl<C: Blocks> Xts<C> {
         debug_assert!(first * 16 + buf.len() <= UNIT);
         let mut t = [tweak];
         self.tweak.encrypt_blocks(&mut t);
-        let mut t = u128::from_le_bytes(t[0]);
+        let mut tj = Tweak::load(&t[0]);
+        t.zeroize();
         for _ in 0..first {
-            t = double(t);
+            tj = tj.double();
         }
         let whole = buf.len() / 16 * 16;
         let (full, tail) = buf.split_at_mut(whole);
-        let mut tw = [0u128; BATCH];
-        for batch in as_blocks(full).chunks_mut(BATCH) {
-            for (b, w) in batch.iter_mut().zip(tw.iter_mut()) {
-                *w = t;
-                t = double(t);
-                *b = (u128::from_le_bytes(*b) ^ *w).to_le_bytes();
-            }
-            match dir {
-                Dir::Encrypt => self.data.encrypt_blocks(batch),
-                Dir::Decrypt => self.data.decrypt_blocks(batch),
-            }
-            for (b, w) in batch.iter_mut().zip(&tw) {
-                *b = (u128::from_le_bytes(*b) ^ *w).to_le_bytes();
-            }
-        }
+        tj = self.data.xts_blocks(dir, tj, as_blocks(full));
         if !tail.is_empty() {
             // Tail mode (see the module doc): the same XOR both ways.
-            let mut pad = [t.to_le_bytes()];
+            let mut pad = [tj.bytes()];
             self.data.encrypt_blocks(&mut pad);
             for (b, p) in tail.iter_mut().zip(&pad[0]) {
                 *b ^= p;
             }
             pad.zeroize();
         }
-        t.zeroize();
-        tw.zeroize();
+        tj.zeroize();
+    }
+}
+
+/// A tweak `T_j` and what XTS does with it: double it, XOR it into a block. In an SSE2
+/// register on x86_64 (SSE2 is part of its baseline, so no feature detection): the same loop
+/// with the tweak as a u128 in two general-purpose registers ran at two thirds of the speed,
+/// moving every tweak between register files.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+pub(crate) struct Tweak(std::arch::x86_64::__m128i);
+
+#[cfg(target_arch = "x86_64")]
+impl Tweak {
+    // SAFETY (all `unsafe` below): SSE2 intrinsics, always present on x86_64; loads and stores
+    // are the unaligned forms, through pointers to 16 bytes we borrow.
+    const ZERO: Tweak = Tweak(unsafe { std::mem::transmute::<[u8; 16], std::arch::x86_64::__m128i>([0; 16]) });
+
+    fn load(b: &[u8; 16]) -> Tweak {
+        Tweak(unsafe { std::arch::x86_64::_mm_loadu_si128(b.as_ptr().cast()) })
+    }
+
+    fn bytes(self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        unsafe { std::arch::x86_64::_mm_storeu_si128(b.as_mut_ptr().cast(), self.0) };
+        b
+    }
+
+    /// `double` on the register: each 64-bit half shifted left, the bit shifted out of the
+    /// low half carried into the high half, the one out of the high half reduced to 0x87.
+    /// The carries come from the sign bits of the 32-bit lanes, with no branch on the tweak.
+    #[inline(always)]
+    fn double(self) -> Tweak {
+        use std::arch::x86_64::*;
+        unsafe {
+            let signs = _mm_srai_epi32::<31>(self.0);
+            // dword 0 <- sign of dword 3 (bit 127), dword 2 <- sign of dword 1 (bit 63).
+            let carry = _mm_and_si128(_mm_shuffle_epi32::<0x13>(signs), _mm_set_epi32(0, 1, 0, 0x87));
+            Tweak(_mm_xor_si128(_mm_add_epi64(self.0, self.0), carry))
+        }
+    }
+
+    #[inline(always)]
+    fn xor_into(&self, b: &mut [u8; 16]) {
+        use std::arch::x86_64::*;
+        unsafe {
+            let v = _mm_loadu_si128(b.as_ptr().cast());
+            _mm_storeu_si128(b.as_mut_ptr().cast(), _mm_xor_si128(v, self.0));
+        }
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[derive(Clone, Copy)]
+pub(crate) struct Tweak(u128);
+
+#[cfg(not(target_arch = "x86_64"))]
+impl Tweak {
+    const ZERO: Tweak = Tweak(0);
+
+    fn load(b: &[u8; 16]) -> Tweak {
+        Tweak(u128::from_le_bytes(*b))
+    }
+
+    fn bytes(self) -> [u8; 16] {
+        self.0.to_le_bytes()
+    }
+
+    #[inline(always)]
+    fn double(self) -> Tweak {
+        Tweak(double(self.0))
+    }
+
+    #[inline(always)]
+    fn xor_into(&self, b: &mut [u8; 16]) {
+        *b = (u128::from_le_bytes(*b) ^ self.0).to_le_bytes();
+    }
+}
+
+impl Zeroize for Tweak {
+    fn zeroize(&mut self) {
+        self.0.zeroize();
     }
 }
 
@@ -283,6 +416,40 @@ mod tests {
         assert_eq!(double(1), 2);
         assert_eq!(double(1 << 127), 0x87);
         assert_eq!(double((1 << 127) | 1), 0x87 ^ 2);
+    }
+
+    proptest! {
+        // The register form against the plain one, carries across both halves included.
+        #[test]
+        fn tweak_doubling_matches_u128(t in any::<u128>(), steps in 1usize..300) {
+            let mut x = Tweak::load(&t.to_le_bytes());
+            let mut y = t;
+            for _ in 0..steps {
+                x = x.double();
+                y = double(y);
+                prop_assert_eq!(u128::from_le_bytes(x.bytes()), y);
+            }
+        }
+    }
+
+    proptest! {
+        // The tail pad is E_K1(T_j) for the tail's block position j (module doc), whatever
+        // block the range starts at and however many full blocks come before the tail.
+        #[test]
+        fn tail_mode_uses_the_tweak_of_its_block(first in 0usize..255, blocks in 0usize..256, tail in 1usize..16) {
+            let blocks = blocks.min(255 - first);
+            let x: Xts<aes::Aes128> = Xts::from_key_pair(&[0x5a; 32]).unwrap();
+            let tweak = [9u8; 16];
+            let mut buf = vec![0u8; blocks * 16 + tail];
+            x.crypt_unit(tweak, first, &mut buf, Dir::Encrypt);
+            let mut t = [tweak];
+            Blocks::encrypt_blocks(&x.tweak, &mut t);
+            let tj = (0..first + blocks).fold(u128::from_le_bytes(t[0]), |t, _| double(t));
+            let mut pad = [tj.to_le_bytes()];
+            Blocks::encrypt_blocks(&x.data, &mut pad);
+            prop_assert_eq!(&buf[blocks * 16..], &pad[0][..tail]);
+        }
+
     }
 
     /// An independent SM4-XTS: RustCrypto's `xts-mode` over the `sm4` crate, one whole data
