@@ -420,7 +420,12 @@ fn recover(
     // shutdown checks every entry (one stat each, after the renames below settled where
     // each entry lives); a clean one only what the log wrote.
     let unclean = keys.dictionary_mark().is_some_and(|m| !m.clean);
-    let touched: HashSet<Vec<u8>> = loaded.touched.iter().cloned().collect();
+    let touched: Vec<Vec<u8>> = if unclean {
+        Vec::new() // every entry is listed below, once the renames settled
+    } else {
+        let unique: HashSet<&Vec<u8>> = loaded.touched.iter().collect();
+        unique.into_iter().cloned().collect()
+    };
     if unclean || !intents.is_empty() || !touched.is_empty() {
         // What a crash left in the page cache must be on disk before we reason about it.
         sys::syncfs(backing.as_fd()).map_err(io_err("syncfs", Path::new("backing directory")))?;
@@ -448,7 +453,7 @@ fn recover(
         dict.with_tree(|t| t.for_each(|p, _| all.push(p.to_vec())));
         all
     } else {
-        touched.into_iter().collect()
+        touched
     };
     for path in touched {
         if dict.get(&path).is_none() {
