@@ -1,11 +1,13 @@
 //! tdefs: transparent data encryption at rest for unmodified databases, as a FUSE filesystem.
 //!
 //! Module map (one concern each, mirroring the architecture):
+//! - [`codec`]: the byte format every metadata file shares (header, bounds-checked codec).
 //! - [`config`]: TOML configuration.
 //! - [`crypto`]: per-file CTR ciphers and metadata sealing.
 //! - [`keys`]: master-key backends and the data-key store.
 //! - [`dictionary`]: the durable file dictionary (records, log, snapshot).
 //! - [`meta`]: the `.tdefs` metadata directory: initialisation, opening, locking.
+//! - [`layout`]: the 4 KiB block layout of backing files (hole rule arithmetic).
 //! - [`fs`]: the FUSE adapter (inodes, handles, data path).
 //! - [`control`]: the control socket of a running mount.
 //! - [`convert`]: `tdefs encrypt` / `decrypt`: converting existing data, offline.
@@ -15,6 +17,7 @@
 //! - [`cli`]: the command line.
 
 pub mod cli;
+pub mod codec;
 pub mod config;
 pub mod control;
 pub mod convert;
@@ -23,6 +26,7 @@ pub mod dictionary;
 pub mod fs;
 pub mod hooks;
 pub mod keys;
+pub mod layout;
 pub mod meta;
 pub mod metrics;
 pub mod sys;

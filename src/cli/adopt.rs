@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::Args;
 
-use crate::config::{Config, DEFAULT_CONFIG_PATH};
+use crate::config::DEFAULT_CONFIG_PATH;
 use crate::dictionary::{FileEntry, Record};
 use crate::meta::{is_hidden_name, MasterKeys, OpenOptions, OpenReport, Offline};
 use crate::sys;
@@ -38,7 +38,7 @@ pub struct AdoptArgs {
 }
 
 pub fn run(args: AdoptArgs) -> anyhow::Result<()> {
-    let cfg = Config::load(&args.config)?;
+    let cfg = super::load_config(&args.config)?;
     let enc = &cfg.security.encryption;
     let Some(backing) = args.backing.or(cfg.backing_dir.clone()) else {
         bail!("no backing directory: give --backing or set `backing-dir` in the config");

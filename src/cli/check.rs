@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use crate::config::{Config, DEFAULT_CONFIG_PATH};
+use crate::config::DEFAULT_CONFIG_PATH;
 use crate::dictionary::{DictError, FileDict, Record};
 use crate::meta::check::{check, CheckReport};
 use crate::meta::{MasterKeys, OpenOptions, OpenReport, Offline};
@@ -95,7 +95,7 @@ pub fn run(args: CheckArgs) -> ExitCode {
 }
 
 fn run_inner(args: CheckArgs) -> anyhow::Result<bool> {
-    let cfg = Config::load(&args.config)?;
+    let cfg = super::load_config(&args.config)?;
     let backing = args.backing.or(cfg.backing_dir.clone()).ok_or_else(|| {
         anyhow::anyhow!("no backing directory: give it on the command line or set `backing-dir` in the config")
     })?;

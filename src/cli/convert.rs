@@ -129,7 +129,7 @@ fn finish(r: anyhow::Result<ExitCode>) -> ExitCode {
 
 pub fn run_encrypt(args: EncryptArgs) -> ExitCode {
     finish((|| {
-        let cfg = Config::load(&args.config)?;
+        let cfg = super::load_config(&args.config)?;
         let enc = &cfg.security.encryption;
         if enc.data_encryption_method.is_plaintext() {
             return Err(crate::convert::ConvertError::PlaintextMethod.into());
@@ -153,7 +153,7 @@ pub fn run_encrypt(args: EncryptArgs) -> ExitCode {
 
 pub fn run_decrypt(args: DecryptArgs) -> ExitCode {
     finish((|| {
-        let cfg = Config::load(&args.config)?;
+        let cfg = super::load_config(&args.config)?;
         let meta = open(&cfg, &args.backing, false)?;
         let opts = decrypt::Options {
             to: args.to.clone(),

@@ -8,7 +8,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use clap::{Args, Subcommand};
 use serde::Serialize;
 
-use crate::config::{Config, DEFAULT_CONFIG_PATH};
+use crate::config::DEFAULT_CONFIG_PATH;
 use crate::meta::{MasterKeys, Offline};
 
 /// Show the file or key dictionary of an unmounted backing directory.
@@ -68,7 +68,7 @@ fn time(secs: u64) -> String {
 }
 
 pub fn run(args: DumpArgs) -> anyhow::Result<()> {
-    let cfg = Config::load(&args.config)?;
+    let cfg = super::load_config(&args.config)?;
     let backing = args.backing.clone().or(cfg.backing_dir.clone()).ok_or_else(|| {
         anyhow::anyhow!("no backing directory: give --backing or set `backing-dir` in the config")
     })?;

@@ -14,7 +14,6 @@ use std::path::PathBuf;
 use anyhow::Context;
 
 use super::mount::{self, MountArgs};
-use crate::config::Config;
 
 pub const NAME: &str = "mount.fuse.tdefs";
 
@@ -162,7 +161,7 @@ pub fn run(args: &[OsString]) -> anyhow::Result<()> {
     let req = parse(args)?;
     // The config decides the backing directory when the options do not: resolve it here so
     // that the daemon gets explicit paths.
-    let cfg = Config::load(&req.config)?;
+    let cfg = super::load_config(&req.config)?;
     let backing = req.backing.clone().or(cfg.backing_dir.clone()).with_context(|| {
         format!("no backing directory: add backing=DIR to the mount options or set backing-dir in {}", req.config.display())
     })?;

@@ -14,12 +14,12 @@ mod sdnotify;
 mod status;
 mod umount;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::LogLevel;
+use crate::config::{Config, ConfigError, LogLevel};
 
 #[derive(Parser)]
 #[command(
@@ -144,4 +144,12 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Load a config file and apply its process-wide settings: how long opening a backing
+/// directory waits for a daemon that is still unmounting it (`[mount] unmount-wait`).
+fn load_config(path: &Path) -> Result<Config, ConfigError> {
+    let cfg = Config::load(path)?;
+    crate::meta::set_unmount_wait(cfg.mount.unmount_wait);
+    Ok(cfg)
 }

@@ -7,7 +7,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 
 use super::{daemon, sdnotify};
-use crate::config::{Config, DEFAULT_CONFIG_PATH};
+use crate::config::DEFAULT_CONFIG_PATH;
 use crate::fs::{fuser_config, mounting, Core, FsOptions, Housekeeping, MountSpec, TdeFs};
 use crate::control;
 use crate::crypto::Method;
@@ -79,7 +79,7 @@ fn start_control(mountpoint: &Path, backing: &Path, core: Arc<Core>, method: Met
             })
             .to_string()),
             control::Request::RotateMasterKey { config } => {
-                let cfg = Config::load(&config).map_err(|e| format!("{e:#}"))?;
+                let cfg = super::load_config(&config).map_err(|e| format!("{e:#}"))?;
                 if let Some(b) = &cfg.backing_dir {
                     if std::fs::canonicalize(b).ok().as_deref() != Some(backing.as_path()) {
                         return Err(format!(
@@ -129,7 +129,7 @@ fn foreground_args(args: &MountArgs, backing: &Path, mountpoint: &Path) -> Vec<s
 }
 
 pub fn run(args: MountArgs) -> anyhow::Result<()> {
-    let cfg = Config::load(&args.config)?;
+    let cfg = super::load_config(&args.config)?;
     super::init_logging(cfg.log_level);
     let backing = pick(args.backing.clone(), &cfg.backing_dir, "backing directory", "backing-dir")?;
     let mountpoint = pick(args.mountpoint.clone(), &cfg.mountpoint, "mountpoint", "mountpoint")?;
@@ -215,7 +215,7 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
     let control = start_control(&mountpoint, meta.backing(), core.clone(), enc.data_encryption_method);
     if let Some(ep) = metrics_endpoint {
         let (core, method) = (core.clone(), enc.data_encryption_method);
-        ep.serve(move || metrics::Gauges::of(&core, method)).context("cannot start the metrics thread")?;
+        ep.serve(move || gauges(&core, method)).context("cannot start the metrics thread")?;
     }
     let mut unmounter = session.unmount_callable();
     let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])?;
@@ -255,4 +255,19 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
     result.context("FUSE session ended with an error")?;
     tracing::info!("unmounted cleanly");
     Ok(())
+}
+
+/// The state of a running mount for the metrics endpoint: what `tdefs status` reports, less
+/// the count of plaintext files (a walk over the whole backing tree, too slow for every
+/// scrape).
+fn gauges(core: &crate::fs::Core, method: crate::crypto::Method) -> metrics::Gauges {
+    let keys = core.keys();
+    metrics::Gauges {
+        method: Some(method),
+        data_keys: keys.keys().len(),
+        current_key_age: keys.current().map(|k| k.age(std::time::SystemTime::now())),
+        files_by_method: core.dict().with_tree(crate::meta::status::files_by_method),
+        // Every metadata file, as `tdefs status` counts it (key dictionary included).
+        dictionary_bytes: core.dict().disk_size(),
+    }
 }

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::Args;
 
-use crate::config::Config;
 use crate::control::{self, Request};
 
 /// Re-wrap a running mount's keys under a new master key, while the database keeps running.
@@ -26,7 +25,7 @@ pub struct RotateArgs {
 
 pub fn run(args: RotateArgs) -> anyhow::Result<()> {
     // Validate here too, so a typo is reported before anything is sent.
-    let cfg = Config::load(&args.config)?;
+    let cfg = super::load_config(&args.config)?;
     let Some(mp) = args.mountpoint.or(cfg.mountpoint) else {
         bail!("no mountpoint: give it on the command line or set `mountpoint` in {}", args.config.display());
     };

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::Args;
 
-use crate::config::{Config, DEFAULT_CONFIG_PATH};
+use crate::config::DEFAULT_CONFIG_PATH;
 use crate::control::{self, Request};
 use crate::meta::status::{self, Status};
 use crate::meta::{MasterKeys, MetaError, Offline, META_DIR};
@@ -48,7 +48,7 @@ fn gather(args: &StatusArgs) -> anyhow::Result<Status> {
     if let (Some(mp), None) = (&args.mountpoint, given_backing) {
         return ask(mp);
     }
-    let cfg = Config::load(&args.config)?;
+    let cfg = super::load_config(&args.config)?;
     if given_backing.is_none() {
         if let Some(mp) = &cfg.mountpoint {
             if let Ok(st) = ask(mp) {

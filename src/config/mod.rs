@@ -326,7 +326,6 @@ impl Config {
         let text = std::fs::read_to_string(path)
             .map_err(|err| ConfigError::Read { path: path.to_path_buf(), err })?;
         let cfg = Config::parse(&text).map_err(|message| ConfigError::Invalid { path: path.to_path_buf(), message })?;
-        crate::meta::UNMOUNT_WAIT_MS.store(cfg.mount.unmount_wait.as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
         Ok(cfg)
     }
 

@@ -16,7 +16,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::MetadataExt;
 
 use crate::crypto::FileCipher;
-use crate::fs::data::{all_zero, down, up, BLOCK};
+use crate::layout::{all_zero, down, up, BLOCK};
 use crate::sys;
 
 const CHUNK: usize = 1 << 20;

@@ -9,7 +9,7 @@
 //! dictionary key for all of them.
 
 use crate::crypto::{SealKey, SealKeys};
-use crate::meta::format::{check_header, write_header, Dec, Enc, FileKind, HeaderError, HEADER_LEN};
+use crate::codec::{check_header, write_header, Dec, Enc, FileKind, HeaderError, HEADER_LEN};
 
 use super::record::Record;
 

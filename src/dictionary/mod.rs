@@ -35,8 +35,8 @@ pub use self::snapshot::{SnapshotInfo, SNAPSHOT_FILE};
 pub use self::tree::Tree;
 
 use crate::crypto::{SealKey, SealKeys};
-pub use crate::meta::format::DictMark;
-use crate::meta::format::HeaderError;
+pub use crate::codec::DictMark;
+use crate::codec::HeaderError;
 use crate::sys;
 
 /// Where the dictionary's mark is kept (the key dictionary). Writing it must be durable on
@@ -297,7 +297,7 @@ impl FileDict {
 
         let mut next_seq = info.last_seq + 1;
         let (mut records, mut touched, mut torn_tail, mut last_valid_len) = (0, Vec::new(), None, 0);
-        let (mut log_version, mut newest_records) = (crate::meta::format::FORMAT_VERSION, 0);
+        let (mut log_version, mut newest_records) = (crate::codec::FORMAT_VERSION, 0);
         for (i, &gen) in gens.iter().enumerate() {
             let path = dir.join(&log_file_name(gen));
             let bytes = dir.read(&log_file_name(gen)).map_err(io_err("read", &path))?;
@@ -704,7 +704,7 @@ impl FileDict {
         self.store_mark(DictMark { gen: new_gen, seq: info.last_seq, clean: false })?;
         st.file = Arc::new(file);
         st.gen = new_gen;
-        st.version = crate::meta::format::FORMAT_VERSION;
+        st.version = crate::codec::FORMAT_VERSION;
         st.seal = self.keys.log(new_gen);
         st.written = LOG_HEADER_LEN as u64;
         st.preallocated = 0;

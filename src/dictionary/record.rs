@@ -1,7 +1,7 @@
 //! Dictionary records: what one log entry says, and its byte encoding.
 
 use crate::crypto::{Iv, Method};
-use crate::meta::format::{Dec, Enc};
+use crate::codec::{Dec, Enc};
 
 /// Longest path a record may carry. Paths inside a deep tree can exceed PATH_MAX.
 pub const MAX_PATH: usize = 1 << 20;

@@ -11,7 +11,7 @@
 use std::io::Read;
 
 use crate::crypto::{SealKey, SealKeys};
-use crate::meta::format::{check_header, write_header, Dec, Enc, FileKind, HeaderError, HEADER_LEN};
+use crate::codec::{check_header, write_header, Dec, Enc, FileKind, HeaderError, HEADER_LEN};
 
 use super::record::{decode_entry, encode_entry, valid_path, FileEntry, Intent, MAX_PATH};
 use super::tree::Tree;
@@ -49,7 +49,7 @@ fn chunk_seal(keys: &SealKeys, info: &SnapshotInfo, version: u16) -> SealKey {
 
 /// Serialise `tree` as a complete snapshot file (current format).
 pub fn encode(tree: &Tree, keys: &SealKeys, instance: &[u8; 16], info: SnapshotInfo) -> Vec<u8> {
-    let version = crate::meta::format::FORMAT_VERSION;
+    let version = crate::codec::FORMAT_VERSION;
     let seal = chunk_seal(keys, &info, version);
     let mut plains: Vec<Vec<u8>> = Vec::new();
     let mut cur = Enc::default();
@@ -185,7 +185,7 @@ mod tests {
         let info = SnapshotInfo { covers_gen: 2, last_seq: 99 };
         let b = encode(&t, &seal, &inst, info);
         let (r, i, v) = decode(&mut &b[..], &seal, &inst).unwrap();
-        assert_eq!(v, crate::meta::format::FORMAT_VERSION);
+        assert_eq!(v, crate::codec::FORMAT_VERSION);
         assert_eq!(i, info);
         assert_eq!(r.len(), 30_000);
         assert_eq!(r.get(b"/dir3/file10"), t.get(b"/dir3/file10"));

@@ -28,7 +28,7 @@ use std::io;
 
 use crate::crypto::FileCipher;
 
-pub const BLOCK: u64 = 4096;
+pub use crate::layout::{all_zero, down, up, BLOCK};
 
 pub const FALLOC_KEEP_SIZE: i32 = libc::FALLOC_FL_KEEP_SIZE;
 pub const FALLOC_PUNCH_HOLE: i32 = libc::FALLOC_FL_PUNCH_HOLE;
@@ -44,14 +44,6 @@ pub trait Store {
     fn fallocate(&self, mode: i32, off: u64, len: u64) -> io::Result<()>;
 }
 
-pub(crate) fn down(x: u64) -> u64 {
-    x & !(BLOCK - 1)
-}
-
-pub(crate) fn up(x: u64) -> u64 {
-    down(x + BLOCK - 1)
-}
-
 /// Down and up to the cipher's block (1 for CTR, 16 for XTS).
 fn down_to(x: u64, bs: u64) -> u64 {
     x - x % bs
@@ -59,11 +51,6 @@ fn down_to(x: u64, bs: u64) -> u64 {
 
 fn up_to(x: u64, bs: u64) -> u64 {
     down_to(x + bs - 1, bs)
-}
-
-pub(crate) fn all_zero(b: &[u8]) -> bool {
-    let (head, words, tail) = unsafe { b.align_to::<u128>() };
-    head.iter().all(|&x| x == 0) && words.iter().all(|&x| x == 0) && tail.iter().all(|&x| x == 0)
 }
 
 /// Read `len` plaintext bytes at `off` into `out` (cleared first); short at end of file.

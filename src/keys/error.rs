@@ -1,6 +1,6 @@
 use std::path::PathBuf;
 
-use crate::meta::format::HeaderError;
+use crate::codec::HeaderError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {

@@ -17,7 +17,7 @@ use parking_lot::{Mutex, RwLock};
 
 use super::{KeyError, MasterKeyBackend};
 use crate::crypto::{random_bytes, random_u64, FileCipher, Iv, Method, SealKey, SealKeys, Secret};
-use crate::meta::format::{check_header, write_header, Dec, DictMark, Enc, FileKind, HEADER_LEN};
+use crate::codec::{check_header, write_header, Dec, DictMark, Enc, FileKind, HEADER_LEN};
 
 pub const KEYS_FILE: &str = "keys";
 const BODY_AAD: &[u8] = b"tdefs key dictionary body v1";
@@ -107,7 +107,7 @@ impl KeyStore {
             seals: Arc::new(SealKeys::new(&dict_key, instance)),
             dict_key,
             instance,
-            format: crate::meta::format::FORMAT_VERSION,
+            format: crate::codec::FORMAT_VERSION,
             state: RwLock::new(state.clone()),
             write_lock: Mutex::new(()),
         };

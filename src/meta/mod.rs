@@ -2,7 +2,6 @@
 //! with the configured master key, exclusive use, and recovery after a crash.
 
 pub mod check;
-pub mod format;
 pub mod owner;
 pub mod status;
 
@@ -33,7 +32,12 @@ pub const PROGRESS_FILE: &str = "progress.json";
 
 /// How long opening a backing directory waits for a previous tdefs that is finishing its
 /// unmount of it (`[mount] unmount-wait`), in milliseconds.
-pub static UNMOUNT_WAIT_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(30_000);
+static UNMOUNT_WAIT_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(30_000);
+
+/// Set the wait above (the CLI does, from the config it loaded).
+pub fn set_unmount_wait(wait: std::time::Duration) {
+    UNMOUNT_WAIT_MS.store(wait.as_millis() as u64, std::sync::atomic::Ordering::Relaxed);
+}
 
 /// Names in the backing root that tdefs reserves.
 pub fn is_hidden_name(name: &OsStr) -> bool {

@@ -20,7 +20,6 @@ use prometheus::{
 
 pub use self::http::{bind, Endpoint, MetricsError};
 use crate::crypto::Method;
-use crate::meta::status;
 
 macro_rules! ops {
     ($($v:ident = $n:literal),* $(,)?) => {
@@ -79,7 +78,8 @@ pub struct Metrics {
     dict_size: IntGauge,
 }
 
-/// State of the mount, read at scrape time.
+/// State of the mount, read at scrape time: gathered by the caller of `Endpoint::serve`
+/// (this module sees no filesystem, so every layer may call its hooks).
 #[derive(Debug, Clone, Default)]
 pub struct Gauges {
     /// Method for new files.
@@ -89,22 +89,6 @@ pub struct Gauges {
     /// Files with a dictionary entry, per method name.
     pub files_by_method: BTreeMap<String, u64>,
     pub dictionary_bytes: u64,
-}
-
-impl Gauges {
-    /// The state of a running mount: what `tdefs status` reports, less the count of
-    /// plaintext files (a walk over the whole backing tree, too slow for every scrape).
-    pub fn of(core: &crate::fs::Core, method: Method) -> Gauges {
-        let keys = core.keys();
-        Gauges {
-            method: Some(method),
-            data_keys: keys.keys().len(),
-            current_key_age: keys.current().map(|k| k.age(std::time::SystemTime::now())),
-            files_by_method: core.dict().with_tree(status::files_by_method),
-            // Every metadata file, as `tdefs status` counts it (key dictionary included).
-            dictionary_bytes: core.dict().disk_size(),
-        }
-    }
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
