@@ -528,6 +528,30 @@ fn truncate_to_zero_gives_a_fresh_keystream() {
 }
 
 #[test]
+fn version_names_the_commit_and_the_crypto_in_use() {
+    let out = Command::new(TDEFS).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    let v = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = v.lines().collect();
+    assert_eq!(lines[0], format!("tdefs {}", env!("CARGO_PKG_VERSION")), "{v}");
+    let head = Command::new("git").args(["rev-parse", "--short=12", "HEAD"]).current_dir(env!("CARGO_MANIFEST_DIR")).output();
+    if let Some(h) = head.ok().filter(|h| h.status.success()) {
+        let commit = String::from_utf8_lossy(&h.stdout).trim().to_string();
+        assert!(lines.iter().any(|l| l.starts_with(&format!("commit: {commit}"))), "{v}");
+    } else {
+        assert!(lines.iter().any(|l| l.starts_with("commit: unknown")), "{v}");
+    }
+    let cpu_aes = fs::read_to_string("/proc/cpuinfo").unwrap().lines().any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == "aes"));
+    let aes = lines.iter().find(|l| l.starts_with("crypto: AES: RustCrypto aes 0.")).unwrap_or_else(|| panic!("{v}"));
+    assert_eq!(aes.ends_with(", AES-NI"), cpu_aes, "{v}");
+    for want in ["fuse: fuser 0.18", "crypto: XTS:", "crypto: SM4:", "crypto: metadata: AES-256-GCM"] {
+        assert!(lines.iter().any(|l| l.starts_with(want)), "{want} in {v}");
+    }
+    let short = Command::new(TDEFS).arg("-V").output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&short.stdout).trim(), lines[0]);
+}
+
+#[test]
 fn cli_errors_name_the_problem() {
     let m = Mount::prepare("aes256-ctr");
     let run = |args: &[&str]| Command::new(TDEFS).args(args).output().unwrap();

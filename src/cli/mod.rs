@@ -17,7 +17,7 @@ mod umount;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::config::{Config, ConfigError, LogLevel};
 
@@ -28,7 +28,8 @@ use crate::config::{Config, ConfigError, LogLevel};
     about = "Transparent data encryption at rest for unmodified databases (a FUSE filesystem)",
     long_about = "tdefs mounts a backing directory that holds ciphertext and shows its plaintext at a \
 mountpoint. Point the database at the mountpoint; every byte that reaches the backing disk is \
-encrypted (AES-CTR or SM4-CTR, same length and offset), while names, sizes and layout stay as they are.",
+encrypted (AES or SM4, in XTS or CTR mode, same length and offset), while names, sizes and layout stay as \
+they are.",
     after_help = "Examples:\n  tdefs genkey /run/keys/tdefs.key\n  tdefs mount --config /etc/tdefs/tdefs.toml\n  \
 tdefs mount --config tdefs.toml /var/lib/tdefs/backing /var/lib/postgresql/15/main\n  \
 mount -t fuse.tdefs /etc/tdefs/tdefs.toml /srv/db   # after: ln -s /usr/local/bin/tdefs /sbin/mount.fuse.tdefs"
@@ -109,7 +110,8 @@ pub fn main() -> ExitCode {
         let args: Vec<_> = std::env::args_os().skip(1).collect();
         return report(umount::run_helper(&args));
     }
-    let cli = Cli::parse();
+    let matches = Cli::command().long_version(long_version()).get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // The mount sets up logging once it has read its config (log-level).
     if !matches!(cli.cmd, Command::Mount(_) | Command::MountHelper { .. }) {
         init_logging(LogLevel::default());
@@ -152,4 +154,21 @@ fn load_config(path: &Path) -> Result<Config, ConfigError> {
     let cfg = Config::load(path)?;
     crate::meta::set_unmount_wait(cfg.mount.unmount_wait);
     Ok(cfg)
+}
+
+/// `tdefs --version`: the version, the commit it was built from, the FUSE crate, and the
+/// crypto implementations with the code path this CPU runs (`-V` prints the version only).
+fn long_version() -> &'static str {
+    let mut v = format!(
+        "{}\ncommit: {}\nfuse: fuser {}",
+        env!("CARGO_PKG_VERSION"),
+        env!("TDEFS_GIT_COMMIT"),
+        env!("TDEFS_VERSION_FUSER")
+    );
+    for line in crate::crypto::backends() {
+        v.push_str("\ncrypto: ");
+        v.push_str(&line);
+    }
+    // Printed once by a process that then exits: leaking it is what clap's &'static wants.
+    Box::leak(v.into_boxed_str())
 }
