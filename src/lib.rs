@@ -8,6 +8,7 @@
 //! - [`dictionary`]: the durable file dictionary (records, log, snapshot).
 //! - [`meta`]: the `.tdefs` metadata directory: initialisation, opening, locking.
 //! - [`layout`]: the 4 KiB block layout of backing files (hole rule arithmetic).
+//! - [`error`]: the I/O error with its operation and path, shared by every layer.
 //! - [`fs`]: the FUSE adapter (inodes, handles, data path).
 //! - [`control`]: the control socket of a running mount.
 //! - [`convert`]: `tdefs encrypt` / `decrypt`: converting existing data, offline.
@@ -23,6 +24,7 @@ pub mod control;
 pub mod convert;
 pub mod crypto;
 pub mod dictionary;
+pub mod error;
 pub mod fs;
 pub mod hooks;
 pub mod keys;

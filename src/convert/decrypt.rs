@@ -16,10 +16,11 @@ use std::path::{Path, PathBuf};
 
 use super::copy::{copy_attrs, set_times, transform, Ciphers};
 use super::progress::{Display, Progress};
-use super::{create_staging, ensure_dir, io_err, remove_staging, select, show, ConvertError, Item, Kind, Summary};
+use super::{create_staging, ensure_dir, remove_staging, select, show, ConvertError, Item, Kind, Summary};
 use crate::crypto::{FileCipher, Method};
 use crate::meta::{status, Metadata};
 use crate::sys;
+use crate::error::io_err;
 
 pub struct Options {
     pub to: PathBuf,

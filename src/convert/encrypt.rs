@@ -22,11 +22,12 @@ use std::time::Duration;
 
 use super::copy::{copy_attrs, set_times, transform, Ciphers};
 use super::progress::{Display, Progress};
-use super::{create_staging, io_err, remove_staging, select, show, ConvertError, Kind, Summary};
+use super::{create_staging, remove_staging, select, show, ConvertError, Kind, Summary};
 use crate::crypto::{random_iv, random_u64, Method};
 use crate::dictionary::{FileEntry, Record};
 use crate::meta::{status, Metadata, STAGING_PREFIX};
 use crate::sys::{self, Dir};
+use crate::error::io_err;
 use std::ffi::OsStr;
 use std::os::fd::AsFd;
 use std::sync::Arc;

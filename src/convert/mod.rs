@@ -24,13 +24,14 @@ use std::sync::Arc;
 
 use crate::meta::{Metadata, STAGING_DIR};
 use crate::sys::{self, Dir};
+use crate::error::io_err;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConvertError {
     #[error("{path}: {problem}")]
     Select { path: PathBuf, problem: String },
-    #[error("{op} {path}: {err}")]
-    Io { op: &'static str, path: PathBuf, err: std::io::Error },
+    #[error(transparent)]
+    Io(#[from] crate::error::IoError),
     #[error(transparent)]
     Meta(#[from] crate::meta::MetaError),
     #[error(transparent)]
@@ -84,7 +85,7 @@ fn ensure_dir(dir: &Path) -> std::io::Result<()> {
 fn create_staging(meta: &Metadata) -> Result<Arc<Dir>, ConvertError> {
     let path = meta.backing().join(STAGING_DIR);
     match sys::mkdirat(meta.backing_fd(), OsStr::new(STAGING_DIR), 0o700) {
-        Err(e) if e.raw_os_error() != Some(libc::EEXIST) => return Err(io_err("create", &path)(e)),
+        Err(e) if e.raw_os_error() != Some(libc::EEXIST) => return Err(io_err("create", &path)(e).into()),
         _ => {}
     }
     let dir = Dir::open_verified(meta.backing_fd(), OsStr::new(STAGING_DIR), &path).map_err(io_err("open", &path))?;
@@ -95,13 +96,9 @@ fn create_staging(meta: &Metadata) -> Result<Arc<Dir>, ConvertError> {
 fn remove_staging(meta: &Metadata) -> Result<(), ConvertError> {
     let path = meta.backing().join(STAGING_DIR);
     match sys::unlinkat(meta.backing_fd(), OsStr::new(STAGING_DIR), libc::AT_REMOVEDIR) {
-        Ok(()) => sys::fsync(meta.backing_fd()).map_err(io_err("fsync", meta.backing())),
+        Ok(()) => Ok(sys::fsync(meta.backing_fd()).map_err(io_err("fsync", meta.backing()))?),
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-        Err(e) => Err(io_err("remove", path)(e)),
+        Err(e) => Err(io_err("remove", &path)(e).into()),
     }
 }
 
-fn io_err(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> ConvertError {
-    let path = path.into();
-    move |err| ConvertError::Io { op, path, err }
-}

@@ -7,6 +7,7 @@ use std::path::{Component, Path, PathBuf};
 
 use super::ConvertError;
 use crate::meta::is_hidden_name;
+use crate::error::IoError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -102,14 +103,14 @@ fn kind_of(md: &std::fs::Metadata) -> Kind {
 fn walk(dir: &Path, rel: &mut Vec<u8>, top: bool, out: &mut BTreeMap<Vec<u8>, Item>) -> Result<(), ConvertError> {
     let mut todo: Vec<(PathBuf, Vec<u8>, bool)> = vec![(dir.to_path_buf(), rel.clone(), top)];
     while let Some((dir, rel, top)) = todo.pop() {
-        let list_err = |e| ConvertError::Io { op: "list", path: dir.clone(), err: e };
+        let list_err = |e| ConvertError::from(IoError::new("list", dir.clone(), e));
         for e in std::fs::read_dir(&dir).map_err(list_err)? {
             let e = e.map_err(list_err)?;
             let name = e.file_name();
             if top && is_hidden_name(&name) {
                 continue;
             }
-            let md = e.metadata().map_err(|err| ConvertError::Io { op: "stat", path: e.path(), err })?;
+            let md = e.metadata().map_err(|err| ConvertError::from(IoError::new("stat", e.path(), err)))?;
             let child = [&rel[..], b"/", name.as_bytes()].concat();
             let kind = kind_of(&md);
             out.insert(child.clone(), Item { rel: child.clone(), kind, md });

@@ -23,7 +23,7 @@ use std::fs::File;
 use crate::sys::Dir;
 use std::os::fd::AsFd;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -38,6 +38,7 @@ use crate::crypto::{SealKey, SealKeys};
 pub use crate::codec::DictMark;
 use crate::codec::HeaderError;
 use crate::sys;
+use crate::error::{io_err, IoError};
 
 /// Where the dictionary's mark is kept (the key dictionary). Writing it must be durable on
 /// return.
@@ -55,8 +56,8 @@ const PREALLOC: u64 = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DictError {
-    #[error("{op} {path}: {err}")]
-    Io { op: &'static str, path: PathBuf, err: io::Error },
+    #[error(transparent)]
+    Io(#[from] crate::error::IoError),
 
     #[error("{path} ({what}) is damaged at byte {offset}: {reason}. Nothing was modified. {}", repair_hint(.what))]
     Damaged { path: PathBuf, what: &'static str, offset: u64, reason: String },
@@ -117,7 +118,7 @@ impl DictError {
     pub fn errno(&self) -> i32 {
         match self {
             DictError::NoSpace => libc::ENOSPC,
-            DictError::Io { err, .. } => err.raw_os_error().unwrap_or(libc::EIO),
+            DictError::Io(e) => e.errno(),
             _ => libc::EIO,
         }
     }
@@ -227,9 +228,6 @@ pub struct FileDict {
     last_compaction: Mutex<Option<Instant>>,
 }
 
-fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> DictError + 'a {
-    move |err| DictError::Io { op, path: path.to_path_buf(), err }
-}
 
 impl FileDict {
     /// Create a dictionary in `dir` holding `initial` (durably): generation 1, mark
@@ -239,7 +237,7 @@ impl FileDict {
         let snap = snapshot::encode(initial, keys, instance, info);
         dir.write_durably(SNAPSHOT_FILE, &snap).map_err(io_err("write", &dir.join(SNAPSHOT_FILE)))?;
         let name = log_file_name(1);
-        dir.write_durably(&name, &log::encode_header(1, instance)).map_err(io_err("write", &dir.join(&name)))
+        Ok(dir.write_durably(&name, &log::encode_header(1, instance)).map_err(io_err("write", &dir.join(&name)))?)
     }
 
     /// Read the snapshot and replay the logs, and check them against `mark` (none: a
@@ -259,7 +257,7 @@ impl FileDict {
         let snap_path = dir.join(SNAPSHOT_FILE);
         let f = dir.open(SNAPSHOT_FILE, libc::O_RDONLY).map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => DictError::Missing { dir: dir.path().into(), what: format!("{SNAPSHOT_FILE} is missing") },
-            _ => DictError::Io { op: "open", path: snap_path.clone(), err: e },
+            _ => IoError::new("open", snap_path.clone(), e).into(),
         })?;
         let (mut tree, info, mut format) = snapshot::decode(&mut io::BufReader::with_capacity(1 << 20, f), keys, instance)
             .map_err(|e| match e {
@@ -268,7 +266,7 @@ impl FileDict {
                     DictError::Damaged { path: snap_path.clone(), what: "file dictionary snapshot", offset, reason }
                 }
                 snapshot::SnapError::ForeignInstance => DictError::Foreign { path: snap_path.clone() },
-                snapshot::SnapError::Io(err) => DictError::Io { op: "read", path: snap_path.clone(), err },
+                snapshot::SnapError::Io(err) => IoError::new("read", snap_path.clone(), err).into(),
             })?;
 
         let mut gens = Vec::new();
@@ -570,7 +568,7 @@ impl FileDict {
                     return Err(if errno == libc::ENOSPC || errno == libc::EDQUOT {
                         DictError::NoSpace
                     } else {
-                        DictError::Io { op: "append to", path: self.log_path(st.gen), err: io::Error::from_raw_os_error(errno) }
+                        IoError::new("append to", self.log_path(st.gen), io::Error::from_raw_os_error(errno)).into()
                     });
                 }
             }

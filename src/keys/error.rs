@@ -26,8 +26,8 @@ pub enum KeyError {
     #[error("key dictionary {path}: {err}. Nothing was modified.{}", if matches!(.err, HeaderError::NewerVersion(_)) { "" } else { " Restore it from a backup" })]
     Header { path: PathBuf, err: HeaderError },
 
-    #[error("{op} {path}: {err}")]
-    Io { op: &'static str, path: PathBuf, err: std::io::Error },
+    #[error(transparent)]
+    Io(#[from] crate::error::IoError),
 
     #[error("data key {0:#018x} is referenced by the file dictionary but missing from the key dictionary")]
     MissingDataKey(u64),

@@ -11,6 +11,7 @@ use zeroize::Zeroize;
 use super::KeyError;
 use crate::config::MasterKeyConfig;
 use crate::crypto::{SealKey, Secret};
+use crate::error::IoError;
 
 /// Associated data binding a wrapped dictionary key to its purpose.
 const WRAP_AAD: &[u8] = b"tdefs dictionary key v1";
@@ -148,7 +149,7 @@ fn parse_key_text(text: &[u8]) -> Result<Secret, String> {
 
 /// Write a new random master key to `path` (mode 0600), refusing to overwrite anything.
 pub fn generate_key_file(path: &Path) -> Result<(), KeyError> {
-    let io = |op, e| KeyError::Io { op, path: path.to_path_buf(), err: e };
+    let io = |op, e| KeyError::from(IoError::new(op, path, e));
     let key = Secret::random(32);
     let mut text = hex::encode(key.expose()).into_bytes();
     text.push(b'\n');

@@ -18,6 +18,7 @@ use parking_lot::{Mutex, RwLock};
 use super::{KeyError, MasterKeyBackend};
 use crate::crypto::{random_bytes, random_u64, FileCipher, Iv, Method, SealKey, SealKeys, Secret};
 use crate::codec::{check_header, write_header, Dec, DictMark, Enc, FileKind, HEADER_LEN};
+use crate::error::IoError;
 
 pub const KEYS_FILE: &str = "keys";
 const BODY_AAD: &[u8] = b"tdefs key dictionary body v1";
@@ -118,7 +119,7 @@ impl KeyStore {
     /// Open the key dictionary in `dir` with `backend`. Reads only.
     pub fn open(dir: &Arc<crate::sys::Dir>, backend: &dyn MasterKeyBackend) -> Result<KeyStore, KeyError> {
         let path = dir.join(KEYS_FILE);
-        let bytes = dir.read(KEYS_FILE).map_err(|e| KeyError::Io { op: "read", path: path.clone(), err: e })?;
+        let bytes = dir.read(KEYS_FILE).map_err(|e| KeyError::from(IoError::new("read", path.clone(), e)))?;
         let corrupt = |reason: &str| KeyError::Corrupt { path: path.clone(), reason: reason.to_string() };
         let format = check_header(&bytes, FileKind::Keys).map_err(|err| KeyError::Header { path: path.clone(), err })?;
         if bytes.len() < HEADER_LEN + 4 {
@@ -308,7 +309,7 @@ impl KeyStore {
         let crc = crc32fast::hash(&e.0);
         e.raw(&crc.to_le_bytes());
         self.dir.write_durably(KEYS_FILE, &e.0)
-            .map_err(|err| KeyError::Io { op: "write", path: self.path(), err })
+            .map_err(|err| KeyError::from(IoError::new("write", self.path(), err)))
     }
 }
 

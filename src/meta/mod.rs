@@ -16,6 +16,7 @@ use crate::config::MasterKeyConfig;
 use crate::dictionary::{DictError, DictMark, FileDict, FileEntry, Loaded, MarkStore, Record, Tree};
 use crate::keys::{backend_for, KeyError, KeyStore, MasterKeyBackend};
 use crate::sys::{self, Dir};
+use crate::error::{io_err, IoError};
 
 /// Metadata directory, hidden and inaccessible through the mount.
 pub const META_DIR: &str = ".tdefs";
@@ -66,13 +67,10 @@ pub enum MetaError {
     #[error(transparent)]
     Dict(#[from] DictError),
 
-    #[error("{op} {path}: {err}")]
-    Io { op: &'static str, path: PathBuf, err: std::io::Error },
+    #[error(transparent)]
+    Io(#[from] crate::error::IoError),
 }
 
-fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> MetaError + 'a {
-    move |err| MetaError::Io { op, path: path.to_path_buf(), err }
-}
 
 /// What opening found and did, for the log.
 #[derive(Debug, Default, Clone)]
@@ -147,7 +145,7 @@ impl Metadata {
                 report.adopted_entries = initialize(&backing, &backing_fd, backend.as_ref(), opts.adopt)?;
                 report.initialized = true;
             }
-            Err(e) => return Err(io_err("stat", &backing.join(META_DIR))(e)),
+            Err(e) => return Err(io_err("stat", &backing.join(META_DIR))(e).into()),
         }
         let off = Offline::open_existing(backing, backing_fd, master, true)?;
         let loaded = off.load()?;
@@ -529,14 +527,14 @@ fn remove_staged_copies(dict: &FileDict, backing_path: &Path, backing: &OwnedFd)
         match sys::unlinkat(dir.fd(), &name, 0) {
             Ok(()) => removed += (name != PROGRESS_FILE) as usize,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-            Err(e) => return Err(io_err("remove", &dir_path.join(&name))(e)),
+            Err(e) => return Err(io_err("remove", &dir_path.join(&name))(e).into()),
         }
     }
     drop(dir);
     match sys::unlinkat(backing.as_fd(), OsStr::new(STAGING_DIR), libc::AT_REMOVEDIR) {
         Ok(()) => {}
         Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTEMPTY)) => {}
-        Err(e) => return Err(io_err("remove", &dir_path)(e)),
+        Err(e) => return Err(io_err("remove", &dir_path)(e).into()),
     }
     if removed > 0 || !staged.is_empty() {
         tracing::warn!(
@@ -553,10 +551,6 @@ fn lookup(backing: &OwnedFd, path: &[u8]) -> Result<Option<sys::Stat>, MetaError
     match sys::stat_below(backing.as_fd(), path) {
         Ok(st) => Ok(Some(st)),
         Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR)) => Ok(None),
-        Err(e) => Err(MetaError::Io {
-            op: "stat",
-            path: PathBuf::from(String::from_utf8_lossy(path).into_owned()),
-            err: e,
-        }),
+        Err(e) => Err(IoError::new("stat", String::from_utf8_lossy(path).into_owned(), e).into()),
     }
 }
