@@ -1,10 +1,16 @@
-//! Backing `stat` -> FUSE attributes, and time conversions.
+//! Attributes: getattr and setattr (mode, owner, size, times) over the backing inode,
+//! backing `stat` -> FUSE attributes, and time conversions.
 
+use std::os::fd::AsFd;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use fuser::{FileAttr, FileType, INodeNo};
+use fuser::{FileAttr, FileType, INodeNo, TimeOrNow};
 
-use crate::sys::Stat;
+use super::core::Core;
+use super::errno::{err, Error, Result};
+use super::inode::Inode;
+use super::setid::{kill_suidgid, KillPrivs};
+use crate::sys::{self, Stat};
 
 pub fn kind_of(mode: u32) -> FileType {
     match mode & libc::S_IFMT {
@@ -103,4 +109,113 @@ mod tests {
             assert_eq!((ts.tv_sec, ts.tv_nsec), (s, n));
         }
     }
+}
+
+impl Core {
+    pub fn getattr(&self, nodeid: u64, fh: Option<u64>) -> Result<Stat> {
+        if let Some(h) = fh.and_then(|fh| self.files.get(fh)) {
+            return Ok(sys::fstat(h.fd())?);
+        }
+        Ok(sys::fstat(self.pfd(&*self.inode(nodeid)?)?.as_fd())?)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn setattr(
+        &self,
+        nodeid: u64,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        fh: Option<u64>,
+        kill_privs: Option<KillPrivs>,
+    ) -> Result<Stat> {
+        let inode = self.inode(nodeid)?;
+        if let Some(size) = size {
+            if inode.kind != FileType::RegularFile {
+                return err(if inode.kind == FileType::Directory { libc::EISDIR } else { libc::EINVAL });
+            }
+            self.truncate(&inode, fh.and_then(|fh| self.files.get(fh)), size)?;
+        }
+        // Through the open file when the kernel names one (it may be unlinked), else by the
+        // inode's own descriptor.
+        let handle = fh.and_then(|fh| self.files.get(fh));
+        let pfd = match &handle {
+            Some(_) => None,
+            None => match self.pfd(&inode) {
+                Ok(fd) => Some(fd),
+                // The kernel flushing cached times (writeback cache) of a file whose last
+                // name was removed and that nobody has open: the backing inode is gone,
+                // as it would be on ext4 by now, so there is nothing left to change.
+                // (open_by_handle_at says ESTALE, or ENOMEM while the inode is being freed.)
+                Err(Error::Io(e))
+                    if matches!(e.raw_os_error(), Some(libc::ESTALE | libc::ENOMEM)) && inode.loc().is_none() =>
+                {
+                    return Ok(gone_stat(&inode));
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        let fd = match (&handle, &pfd) {
+            (Some(h), _) => h.fd(),
+            (None, Some(p)) => p.as_fd(),
+            (None, None) => unreachable!("one of them is set"),
+        };
+        // A caller without CAP_FSETID drops set-id bits (kernel rule, see kill_suidgid) when
+        // it truncates, when it chowns (judged against the group the file has before the
+        // change, as setattr_should_drop_sgid does), and on an empty SETATTR: with
+        // FUSE_HANDLE_KILLPRIV_V2 that is how the kernel's file_remove_privs() (fallocate,
+        // copy_file_range) asks for it, fuse_setattr() having stripped ATTR_KILL_SUID/SGID
+        // and ATTR_MODE. The backing fchown runs as root and keeps 02666's set-gid bit.
+        // Directories keep theirs (chown_common() asks for no kill on a directory).
+        let empty = mode.is_none() && uid.is_none() && gid.is_none() && size.is_none() && atime.is_none() && mtime.is_none();
+        if let Some(who) = &kill_privs {
+            if inode.kind != FileType::Directory && (size.is_some() || uid.is_some() || gid.is_some() || empty) {
+                kill_suidgid(fd, who)?;
+            }
+        }
+        // The backing chown drops set-id bits and capabilities itself, as on ext4.
+        if uid.is_some() || gid.is_some() {
+            sys::fchown(fd, uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX))?;
+        }
+        if let Some(mode) = mode {
+            if inode.kind != FileType::Symlink {
+                sys::fchmod_path(fd, mode & 0o7777)?;
+            }
+        }
+        if empty {
+            // chown(f, -1, -1), or only a ctime from the kernel's writeback cache: ext4
+            // updates ctime, and an ownership "change" to the same owner does just that.
+            sys::fchown(fd, u32::MAX, u32::MAX)?;
+        }
+        if atime.is_some() || mtime.is_some() {
+            let conv = |t: Option<TimeOrNow>| match t {
+                None => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
+                Some(TimeOrNow::Now) => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_NOW },
+                Some(TimeOrNow::SpecificTime(t)) => timespec_from_request(t),
+            };
+            let times = [conv(atime), conv(mtime)];
+            if inode.kind == FileType::Symlink {
+                let loc = inode.loc().ok_or(Error::Os(libc::ENOENT))?;
+                sys::utimens(self.pfd(&loc.parent)?.as_fd(), Some(&loc.name), &times, libc::AT_SYMLINK_NOFOLLOW)?;
+            } else {
+                sys::utimens(fd, None, &times, 0)?;
+            }
+        }
+        Ok(sys::fstat(fd)?)
+    }
+}
+
+/// Attributes of a file that no longer exists anywhere (no name, nobody has it open).
+pub(super) fn gone_stat(inode: &Inode) -> Stat {
+    let mut st: Stat = unsafe { std::mem::zeroed() };
+    st.st_mode = match inode.kind {
+        FileType::Directory => libc::S_IFDIR,
+        FileType::Symlink => libc::S_IFLNK,
+        _ => libc::S_IFREG,
+    };
+    st.st_nlink = 0;
+    st
 }

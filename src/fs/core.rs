@@ -1,23 +1,26 @@
-//! POSIX semantics over the backing directory: lookup, attributes, directories, xattrs,
-//! open. Every call works on descriptors of the backing inodes. Namespace changes that touch
-//! the dictionary live in `namespace.rs`, the data path in `io.rs`.
+//! The adapter's state and the POSIX calls that need all of it: lookup, inode numbering and
+//! registration, open and release, the choice of a new file's key and cipher. The other
+//! POSIX concerns have their own files: attributes (`attr.rs`), directories (`dir.rs`),
+//! xattrs (`xattr.rs`), permissions and set-id bits (`setid.rs`), data-key rotation and GC
+//! (`rotation.rs`), namespace changes that touch the dictionary (`namespace.rs`), the data
+//! path (`io.rs`).
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fuser::{FileType, INodeNo, TimeOrNow};
+use fuser::{FileType, INodeNo};
 use parking_lot::{Mutex, RwLock};
 
-use super::attr::{kind_of, timespec_from_request};
+use super::attr::kind_of;
 use super::errno::{err, Error, Result};
 use super::handle::{DirHandle, FileHandle, HandleTable};
 use super::inode::{FileState, Inode, InodeTable, Loc};
-use super::times::{is_times_xattr, TIMES_XATTR};
+use super::rotation::KeyUse;
+use super::setid::{kill_suidgid, KillPrivs};
 use crate::crypto::{random_iv, FileCipher, Method};
 use crate::dictionary::{FileDict, FileEntry};
 use crate::keys::KeyStore;
@@ -43,7 +46,7 @@ pub struct Core {
     pub(super) files: HandleTable<FileHandle>,
     pub(super) dirs: HandleTable<DirHandle>,
     pub(super) dict: Arc<FileDict>,
-    keys: Arc<KeyStore>,
+    pub(super) keys: Arc<KeyStore>,
     pub(super) opts: FsOptions,
     /// Namespace lock: pairs "compute a path from the inode tree" with "read or queue a
     /// dictionary record for it" (shared), against "a rename's outcome moves entries and
@@ -156,49 +159,6 @@ impl Core {
 
     pub fn keys(&self) -> &Arc<KeyStore> {
         &self.keys
-    }
-
-    /// Make a new data key if the current one is older than the rotation period or has
-    /// another method than the configured one (no-op for the plaintext method).
-    pub fn rotate_data_key_if_due(&self) -> Result<()> {
-        self.keys.key_for_new_file(self.opts.method, self.opts.rotation)?;
-        Ok(())
-    }
-
-    /// Delete data keys that no dictionary entry and no file in use references (never the
-    /// current key). Returns how many were deleted.
-    ///
-    /// The decision is taken under `key_use` (exclusive): no file is then between "took
-    /// the current key" and "its record is queued", so every key a file will ever record is
-    /// either referenced already or the current one, which is never deleted. Keys not
-    /// current at that moment can never be handed out again, so the deletion itself (a
-    /// durable rewrite of the key dictionary) runs after the lock is released. Entries of
-    /// staged copies (`.tdefs.convert/`) and of renames not yet concluded are in the tree
-    /// like any other, so their keys count as used.
-    pub fn collect_unused_keys(&self) -> Result<usize> {
-        // Keys of files in memory first, before `key_use` (an inode's data lock comes
-        // before it). A file's key changes only to a key taken under `key_use`.
-        let mut used = std::collections::HashSet::new();
-        self.inodes.for_each(|i| {
-            if let Some(e) = i.data.read().entry {
-                used.insert(e.key_id);
-            }
-        });
-        let unused = {
-            let _decide = self.key_use.write();
-            crate::hooks::point("gc:deciding");
-            let current = self.keys.current().map(|k| k.id);
-            used.extend(self.dict.with_tree(|t| t.key_refs().keys().copied().collect::<Vec<_>>()));
-            unused_keys(&self.keys.keys().iter().map(|k| k.id).collect::<Vec<_>>(), &used, current)
-        };
-        if unused.is_empty() {
-            return Ok(0);
-        }
-        let n = self.keys.remove_keys(&unused)?;
-        if n > 0 {
-            tracing::info!(removed = n, "deleted data keys that no file uses any more");
-        }
-        Ok(n)
     }
 
     /// Node id of a backing inode: its inode number on the backing filesystem (1 is FUSE's
@@ -357,313 +317,8 @@ impl Core {
         }
     }
 
-    pub fn getattr(&self, nodeid: u64, fh: Option<u64>) -> Result<Stat> {
-        if let Some(h) = fh.and_then(|fh| self.files.get(fh)) {
-            return Ok(sys::fstat(h.fd())?);
-        }
-        Ok(sys::fstat(self.pfd(&*self.inode(nodeid)?)?.as_fd())?)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    pub fn setattr(
-        &self,
-        nodeid: u64,
-        mode: Option<u32>,
-        uid: Option<u32>,
-        gid: Option<u32>,
-        size: Option<u64>,
-        atime: Option<TimeOrNow>,
-        mtime: Option<TimeOrNow>,
-        fh: Option<u64>,
-        kill_privs: Option<KillPrivs>,
-    ) -> Result<Stat> {
-        let inode = self.inode(nodeid)?;
-        if let Some(size) = size {
-            if inode.kind != FileType::RegularFile {
-                return err(if inode.kind == FileType::Directory { libc::EISDIR } else { libc::EINVAL });
-            }
-            self.truncate(&inode, fh.and_then(|fh| self.files.get(fh)), size)?;
-        }
-        // Through the open file when the kernel names one (it may be unlinked), else by the
-        // inode's own descriptor.
-        let handle = fh.and_then(|fh| self.files.get(fh));
-        let pfd = match &handle {
-            Some(_) => None,
-            None => match self.pfd(&inode) {
-                Ok(fd) => Some(fd),
-                // The kernel flushing cached times (writeback cache) of a file whose last
-                // name was removed and that nobody has open: the backing inode is gone,
-                // as it would be on ext4 by now, so there is nothing left to change.
-                // (open_by_handle_at says ESTALE, or ENOMEM while the inode is being freed.)
-                Err(Error::Io(e))
-                    if matches!(e.raw_os_error(), Some(libc::ESTALE | libc::ENOMEM)) && inode.loc().is_none() =>
-                {
-                    return Ok(gone_stat(&inode));
-                }
-                Err(e) => return Err(e),
-            },
-        };
-        let fd = match (&handle, &pfd) {
-            (Some(h), _) => h.fd(),
-            (None, Some(p)) => p.as_fd(),
-            (None, None) => unreachable!("one of them is set"),
-        };
-        // A caller without CAP_FSETID drops set-id bits (kernel rule, see kill_suidgid) when
-        // it truncates, when it chowns (judged against the group the file has before the
-        // change, as setattr_should_drop_sgid does), and on an empty SETATTR: with
-        // FUSE_HANDLE_KILLPRIV_V2 that is how the kernel's file_remove_privs() (fallocate,
-        // copy_file_range) asks for it, fuse_setattr() having stripped ATTR_KILL_SUID/SGID
-        // and ATTR_MODE. The backing fchown runs as root and keeps 02666's set-gid bit.
-        // Directories keep theirs (chown_common() asks for no kill on a directory).
-        let empty = mode.is_none() && uid.is_none() && gid.is_none() && size.is_none() && atime.is_none() && mtime.is_none();
-        if let Some(who) = &kill_privs {
-            if inode.kind != FileType::Directory && (size.is_some() || uid.is_some() || gid.is_some() || empty) {
-                kill_suidgid(fd, who)?;
-            }
-        }
-        // The backing chown drops set-id bits and capabilities itself, as on ext4.
-        if uid.is_some() || gid.is_some() {
-            sys::fchown(fd, uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX))?;
-        }
-        if let Some(mode) = mode {
-            if inode.kind != FileType::Symlink {
-                sys::fchmod_path(fd, mode & 0o7777)?;
-            }
-        }
-        if empty {
-            // chown(f, -1, -1), or only a ctime from the kernel's writeback cache: ext4
-            // updates ctime, and an ownership "change" to the same owner does just that.
-            sys::fchown(fd, u32::MAX, u32::MAX)?;
-        }
-        if atime.is_some() || mtime.is_some() {
-            let conv = |t: Option<TimeOrNow>| match t {
-                None => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT },
-                Some(TimeOrNow::Now) => libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_NOW },
-                Some(TimeOrNow::SpecificTime(t)) => timespec_from_request(t),
-            };
-            let times = [conv(atime), conv(mtime)];
-            if inode.kind == FileType::Symlink {
-                let loc = inode.loc().ok_or(Error::Os(libc::ENOENT))?;
-                sys::utimens(self.pfd(&loc.parent)?.as_fd(), Some(&loc.name), &times, libc::AT_SYMLINK_NOFOLLOW)?;
-            } else {
-                sys::utimens(fd, None, &times, 0)?;
-            }
-        }
-        Ok(sys::fstat(fd)?)
-    }
-
-    /// access(2) from the mode bits (as the kernel's generic_permission, without ACLs).
-    /// Root may read and write anything, and execute what has an execute bit (or is a
-    /// directory).
-    pub fn access(&self, nodeid: u64, uid: u32, who: &KillPrivs, mask: i32) -> Result<()> {
-        let st = sys::fstat(self.pfd(&*self.inode(nodeid)?)?.as_fd())?;
-        let mode = st.st_mode;
-        let is_dir = mode & libc::S_IFMT == libc::S_IFDIR;
-        let want = mask & (libc::R_OK | libc::W_OK | libc::X_OK);
-        let allowed = if uid == 0 {
-            libc::R_OK | libc::W_OK | if is_dir || mode & 0o111 != 0 { libc::X_OK } else { 0 }
-        } else {
-            let bits = if uid == st.st_uid {
-                mode >> 6
-            } else if who.in_group(st.st_gid) {
-                mode >> 3
-            } else {
-                mode
-            };
-            (bits & 0o7) as i32
-        };
-        if want & !allowed != 0 {
-            return err(libc::EACCES);
-        }
-        Ok(())
-    }
-
     pub fn readlink(&self, nodeid: u64) -> Result<OsString> {
         Ok(sys::readlink_fd(self.pfd(&*self.inode(nodeid)?)?.as_fd())?)
-    }
-
-    pub fn opendir(&self, nodeid: u64) -> Result<u64> {
-        let inode = self.inode(nodeid)?;
-        let pfd = self.pfd(&inode)?;
-        let open = |extra: i32| sys::openat(pfd.as_fd(), OsStr::new("."), libc::O_RDONLY | libc::O_DIRECTORY | extra, 0);
-        let fd = match open(self.dir_atime_flag()) {
-            // O_NOATIME on a directory the daemon does not own, without CAP_FOWNER.
-            Err(e) if e.raw_os_error() == Some(libc::EPERM) => open(0)?,
-            r => r?,
-        };
-        Ok(self.dirs.insert(DirHandle { inode, fd: Mutex::new(fd) }))
-    }
-
-    pub fn releasedir(&self, fh: u64) {
-        self.dirs.remove(fh);
-    }
-
-    pub fn fsyncdir(&self, fh: u64) -> Result<()> {
-        let d = self.dirs.get(fh).ok_or(Error::Os(libc::EBADF))?;
-        let fd = d.fd.lock();
-        Ok(sys::fsync(fd.as_fd())?)
-    }
-
-    /// List the directory from `offset` (a cookie from a previous entry), calling `add`
-    /// (name, node id, type, next offset) until it returns true (reply full).
-    pub fn readdir(&self, fh: u64, offset: u64, mut add: impl FnMut(&OsStr, u64, FileType, u64) -> bool) -> Result<()> {
-        let d = self.dirs.get(fh).ok_or(Error::Os(libc::EBADF))?;
-        let is_root = d.inode.nodeid == INodeNo::ROOT.0;
-        let dev = { sys::fstat(d.fd.lock().as_fd())?.st_dev };
-        let fd = d.fd.lock();
-        let fd = fd.as_fd();
-        sys::lseek(fd, offset as i64, libc::SEEK_SET)?;
-        let mut buf = vec![0u8; 32 * 1024];
-        loop {
-            let n = sys::getdents(fd, &mut buf)?;
-            if n == 0 {
-                return Ok(());
-            }
-            let mut pos = 0;
-            while pos < n {
-                // struct linux_dirent64 { u64 d_ino; i64 d_off; u16 d_reclen; u8 d_type; char d_name[]; }
-                let ino = u64::from_ne_bytes(buf[pos..pos + 8].try_into().unwrap());
-                let off = i64::from_ne_bytes(buf[pos + 8..pos + 16].try_into().unwrap());
-                let reclen = u16::from_ne_bytes(buf[pos + 16..pos + 18].try_into().unwrap()) as usize;
-                let dtype = buf[pos + 18];
-                let raw = &buf[pos + 19..pos + reclen];
-                let name = OsStr::from_bytes(&raw[..raw.iter().position(|&b| b == 0).unwrap_or(raw.len())]);
-                pos += reclen;
-                if is_root && is_hidden_name(name) {
-                    continue;
-                }
-                if add(name, self.nodeid(dev, ino), kind_of(u32::from(dtype) << 12), off as u64) {
-                    return Ok(());
-                }
-            }
-        }
-    }
-
-    pub fn statfs(&self) -> Result<libc::statvfs> {
-        Ok(sys::fstatvfs(self.root_fd())?)
-    }
-
-    /// Where xattr calls for `nodeid` go, and the descriptor that path refers through (keep
-    /// it alive for the call).
-    fn xattr_target(&self, nodeid: u64) -> Result<(sys::XattrTarget, Arc<OwnedFd>)> {
-        let inode = self.inode(nodeid)?;
-        if inode.kind == FileType::Symlink {
-            // A symlink's own xattrs: address it through its parent, without following.
-            let loc = inode.loc().ok_or(Error::Os(libc::ENOENT))?;
-            let pfd = self.pfd(&loc.parent)?;
-            let mut p = sys::proc_path(pfd.as_raw_fd()).into_bytes();
-            p.push(b'/');
-            p.extend_from_slice(loc.name.as_bytes());
-            let path = std::ffi::CString::new(p).map_err(|_| Error::Os(libc::EINVAL))?;
-            return Ok((sys::XattrTarget { path, follow: false }, pfd));
-        }
-        let fd = self.pfd(&inode)?;
-        Ok((sys::XattrTarget { path: sys::proc_path(fd.as_raw_fd()), follow: true }, fd))
-    }
-
-    pub fn getxattr(&self, nodeid: u64, name: &OsStr, buf: &mut [u8]) -> Result<usize> {
-        if is_times_xattr(name) {
-            return err(libc::ENODATA); // tdefs' own (see times)
-        }
-        let caps = name.as_bytes() == CAPS_XATTR;
-        let inode = if caps { Some(self.inode(nodeid)?) } else { None };
-        if let Some(i) = &inode {
-            if i.no_caps.load(Ordering::Relaxed) {
-                return err(libc::ENODATA);
-            }
-        }
-        let (t, _fd) = self.xattr_target(nodeid)?;
-        let r = sys::getxattr(&t, name, buf);
-        if let (Some(i), Err(e)) = (&inode, &r) {
-            if e.raw_os_error() == Some(libc::ENODATA) {
-                i.no_caps.store(true, Ordering::Relaxed);
-            }
-        }
-        Ok(r?)
-    }
-
-    pub fn setxattr(&self, nodeid: u64, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
-        if is_times_xattr(name) {
-            tracing::warn!("refusing to set tdefs' reserved xattr {TIMES_XATTR} through the mount");
-            return err(libc::EPERM);
-        }
-        self.forget_no_caps(nodeid, name)?;
-        let (t, _fd) = self.xattr_target(nodeid)?;
-        Ok(sys::setxattr(&t, name, value, flags)?)
-    }
-
-    /// Before `name` may change: the cached absence of capabilities no longer holds.
-    fn forget_no_caps(&self, nodeid: u64, name: &OsStr) -> Result<()> {
-        if name.as_bytes() == CAPS_XATTR {
-            self.inode(nodeid)?.no_caps.store(false, Ordering::Relaxed);
-        }
-        Ok(())
-    }
-
-    /// After a caller without CAP_FSETID set `system.posix_acl_access`: as the kernel's
-    /// posix_acl_update_mode() on ext4, the set-gid bit goes unless the caller is in the
-    /// file's group (FUSE says so only with FUSE_SETXATTR_EXT, which fuser 0.18 cannot
-    /// parse). Returns whether the mode changed.
-    pub fn acl_kill_sgid(&self, nodeid: u64, who: &KillPrivs) -> Result<bool> {
-        let inode = self.inode(nodeid)?;
-        if inode.kind == FileType::Symlink {
-            return Ok(false);
-        }
-        let fd = self.pfd(&inode)?;
-        let st = sys::fstat(fd.as_fd())?;
-        if st.st_mode & libc::S_ISGID == 0 || who.in_group(st.st_gid) {
-            return Ok(false);
-        }
-        sys::fchmod_path(fd.as_fd(), st.st_mode & 0o7777 & !libc::S_ISGID)?;
-        Ok(true)
-    }
-
-    /// Whether directory `nodeid` has a default ACL (new entries inherit it).
-    pub fn has_default_acl(&self, nodeid: u64) -> bool {
-        match self.xattr_target(nodeid) {
-            Ok((t, _fd)) => matches!(sys::getxattr(&t, OsStr::new("system.posix_acl_default"), &mut []), Ok(n) if n > 0),
-            Err(_) => false,
-        }
-    }
-
-    /// `hide_trusted`: the caller lacks CAP_SYS_ADMIN, so `trusted.*` names are not shown
-    /// (ext4 filters them; the kernel leaves it to FUSE servers, and tdefs lists as root).
-    /// tdefs' own `trusted.tdefs.times` is never shown.
-    pub fn listxattr(&self, nodeid: u64, buf: &mut [u8], hide_trusted: bool) -> Result<usize> {
-        let (t, _fd) = self.xattr_target(nodeid)?;
-        // The list can grow between the two calls: retry on ERANGE.
-        let (all, n) = loop {
-            let mut all = vec![0u8; sys::listxattr(&t, &mut [])?];
-            match sys::listxattr(&t, &mut all) {
-                Ok(n) => break (all, n),
-                Err(e) if e.raw_os_error() == Some(libc::ERANGE) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        };
-        let shown: Vec<u8> = all[..n]
-            .split_inclusive(|&b| b == 0)
-            .filter(|name| !(hide_trusted && name.starts_with(b"trusted.")))
-            .filter(|name| name.strip_suffix(b"\0").unwrap_or(name) != TIMES_XATTR.as_bytes())
-            .flatten()
-            .copied()
-            .collect();
-        if buf.is_empty() {
-            return Ok(shown.len());
-        }
-        if buf.len() < shown.len() {
-            return err(libc::ERANGE);
-        }
-        buf[..shown.len()].copy_from_slice(&shown);
-        Ok(shown.len())
-    }
-
-    pub fn removexattr(&self, nodeid: u64, name: &OsStr) -> Result<()> {
-        if is_times_xattr(name) {
-            return err(libc::ENODATA);
-        }
-        self.forget_no_caps(nodeid, name)?;
-        let (t, _fd) = self.xattr_target(nodeid)?;
-        Ok(sys::removexattr(&t, name)?)
     }
 
     /// Open the backing file read-write where possible (hole fills read before they write;
@@ -772,65 +427,3 @@ impl Core {
     }
 }
 
-/// Proof that `key_use` is held shared (see `new_entry`).
-pub(super) type KeyUse<'a> = parking_lot::RwLockReadGuard<'a, ()>;
-
-/// The keys among `all` that key GC may delete: not in `used`, not the current one.
-pub(super) fn unused_keys(all: &[u64], used: &std::collections::HashSet<u64>, current: Option<u64>) -> Vec<u64> {
-    all.iter().copied().filter(|id| !used.contains(id) && Some(*id) != current).collect()
-}
-
-const CAPS_XATTR: &[u8] = b"security.capability";
-
-/// A caller without CAP_FSETID modifying a file: its set-id bits may have to go.
-#[derive(Debug, Clone, Copy)]
-pub struct KillPrivs {
-    pub gid: u32,
-    pub pid: u32,
-}
-
-impl KillPrivs {
-    /// In the group `gid`: primary group from the request, supplementary ones from /proc
-    /// (FUSE passes only the former).
-    fn in_group(&self, gid: u32) -> bool {
-        if self.gid == gid {
-            return true;
-        }
-        std::fs::read_to_string(format!("/proc/{}/status", self.pid))
-            .ok()
-            .and_then(|s| s.lines().find(|l| l.starts_with("Groups:")).map(|l| l[7..].split_whitespace().any(|g| g.parse() == Ok(gid))))
-            .unwrap_or(false)
-    }
-}
-
-/// With FUSE_HANDLE_KILLPRIV_V2 the kernel leaves dropping set-id bits to us when a caller
-/// without CAP_FSETID writes or truncates (tdefs itself has it, so the backing filesystem
-/// would not). The kernel's rule (setattr_should_drop_suidgid): set-uid always; set-gid
-/// with group execute, or when the caller is not in the file's group. Capabilities need
-/// nothing here: the backing write/truncate/chown removes them. Returns whether the mode
-/// changed.
-pub(super) fn kill_suidgid(fd: std::os::fd::BorrowedFd<'_>, who: &KillPrivs) -> Result<bool> {
-    let st = sys::fstat(fd)?;
-    let mut mode = st.st_mode & 0o7777;
-    mode &= !libc::S_ISUID;
-    if mode & libc::S_ISGID != 0 && (mode & libc::S_IXGRP != 0 || !who.in_group(st.st_gid)) {
-        mode &= !libc::S_ISGID;
-    }
-    if mode == st.st_mode & 0o7777 {
-        return Ok(false);
-    }
-    sys::fchmod_path(fd, mode)?;
-    Ok(true)
-}
-
-/// Attributes of a file that no longer exists anywhere (no name, nobody has it open).
-fn gone_stat(inode: &Inode) -> Stat {
-    let mut st: Stat = unsafe { std::mem::zeroed() };
-    st.st_mode = match inode.kind {
-        FileType::Directory => libc::S_IFDIR,
-        FileType::Symlink => libc::S_IFLNK,
-        _ => libc::S_IFREG,
-    };
-    st.st_nlink = 0;
-    st
-}

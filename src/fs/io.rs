@@ -70,8 +70,8 @@ impl Core {
 
     /// Before a write the kernel flagged FUSE_WRITE_KILL_SUIDGID: drop the set-id bits
     /// the writer may not keep. Returns whether the mode changed.
-    pub fn kill_privs(&self, fh: u64, who: &super::core::KillPrivs) -> Result<bool> {
-        super::core::kill_suidgid(self.handle(fh)?.fd(), who)
+    pub fn kill_privs(&self, fh: u64, who: &super::setid::KillPrivs) -> Result<bool> {
+        super::setid::kill_suidgid(self.handle(fh)?.fd(), who)
     }
 
     pub fn write(&self, fh: u64, off: u64, bytes: &[u8]) -> Result<u32> {

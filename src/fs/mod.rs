@@ -1,11 +1,13 @@
-//! The FUSE adapter. `TdeFs` only translates between fuser's calls and `Core`, which keeps
-//! POSIX semantics (`core.rs`), dictionary ordering (`namespace.rs`) and the data path
-//! (`io.rs` over the pure hole/crypto logic of `data.rs`) in their own modules.
+//! The FUSE adapter. `TdeFs` only translates between fuser's calls and `Core`, whose POSIX
+//! semantics live in files named after the concern (`core.rs`: lookup and open; `attr.rs`,
+//! `dir.rs`, `xattr.rs`, `setid.rs`, `rotation.rs`), dictionary ordering in `namespace.rs`
+//! and the data path in `io.rs` over the pure hole/crypto logic of `data.rs`.
 
 mod attr;
 mod core;
 pub mod data;
 mod dio;
+mod dir;
 mod errno;
 mod export;
 mod handle;
@@ -14,9 +16,12 @@ mod inode;
 mod io;
 pub mod mounting;
 mod namespace;
+mod rotation;
+mod setid;
 #[cfg(test)]
 mod tests;
 mod times;
+mod xattr;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -32,7 +37,7 @@ use fuser::{
 
 pub use self::attr::{kind_of, time as system_time};
 pub use self::core::{Core, FsOptions};
-use self::core::KillPrivs;
+use self::setid::KillPrivs;
 pub use self::data::BLOCK;
 pub use self::housekeeping::Housekeeping;
 use self::errno::errno;
@@ -207,7 +212,7 @@ impl Filesystem for TdeFs {
         if self.writeback_cache {
             wanted.push(InitFlags::FUSE_WRITEBACK_CACHE);
         }
-        // We drop set-id bits on write/truncate ourselves (see core::kill_suidgid); in
+        // We drop set-id bits on write/truncate ourselves (see setid::kill_suidgid); in
         // return the kernel marks the superblock SB_NOSEC and stops asking for
         // security.capability before every write: one round trip less per write.
         wanted.push(InitFlags::FUSE_HANDLE_KILLPRIV_V2);

@@ -14,7 +14,8 @@ use std::sync::Arc;
 
 use fuser::FileType;
 
-use super::core::{Core, KeyUse};
+use super::core::Core;
+use super::rotation::KeyUse;
 use super::errno::{err, Error, Result};
 use super::handle::FileHandle;
 use super::inode::{FileState, Inode, Loc};

@@ -63,8 +63,8 @@ fn a_key_taken_by_a_create_is_never_collected() {
 #[test]
 fn unused_keys_spares_referenced_and_current_keys() {
     let used: std::collections::HashSet<u64> = [2, 3].into_iter().collect();
-    assert_eq!(core::unused_keys(&[1, 2, 3, 4, 5], &used, Some(5)), vec![1, 4]);
-    assert_eq!(core::unused_keys(&[1], &used, None), vec![1]);
+    assert_eq!(rotation::unused_keys(&[1, 2, 3, 4, 5], &used, Some(5)), vec![1, 4]);
+    assert_eq!(rotation::unused_keys(&[1], &used, None), vec![1]);
 }
 
 /// Keys referenced only by a staged copy of `tdefs encrypt` or by the source of a rename

@@ -1,0 +1,79 @@
+//! Directory handles: opendir, readdir (getdents of the backing directory, the metadata
+//! directory hidden at the root), fsyncdir, and statfs.
+
+use std::ffi::OsStr;
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
+
+use fuser::{FileType, INodeNo};
+use parking_lot::Mutex;
+
+use super::attr::kind_of;
+use super::core::Core;
+use super::errno::{Error, Result};
+use super::handle::DirHandle;
+use crate::meta::is_hidden_name;
+use crate::sys;
+
+impl Core {
+    pub fn opendir(&self, nodeid: u64) -> Result<u64> {
+        let inode = self.inode(nodeid)?;
+        let pfd = self.pfd(&inode)?;
+        let open = |extra: i32| sys::openat(pfd.as_fd(), OsStr::new("."), libc::O_RDONLY | libc::O_DIRECTORY | extra, 0);
+        let fd = match open(self.dir_atime_flag()) {
+            // O_NOATIME on a directory the daemon does not own, without CAP_FOWNER.
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => open(0)?,
+            r => r?,
+        };
+        Ok(self.dirs.insert(DirHandle { inode, fd: Mutex::new(fd) }))
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        self.dirs.remove(fh);
+    }
+
+    pub fn fsyncdir(&self, fh: u64) -> Result<()> {
+        let d = self.dirs.get(fh).ok_or(Error::Os(libc::EBADF))?;
+        let fd = d.fd.lock();
+        Ok(sys::fsync(fd.as_fd())?)
+    }
+
+    /// List the directory from `offset` (a cookie from a previous entry), calling `add`
+    /// (name, node id, type, next offset) until it returns true (reply full).
+    pub fn readdir(&self, fh: u64, offset: u64, mut add: impl FnMut(&OsStr, u64, FileType, u64) -> bool) -> Result<()> {
+        let d = self.dirs.get(fh).ok_or(Error::Os(libc::EBADF))?;
+        let is_root = d.inode.nodeid == INodeNo::ROOT.0;
+        let dev = { sys::fstat(d.fd.lock().as_fd())?.st_dev };
+        let fd = d.fd.lock();
+        let fd = fd.as_fd();
+        sys::lseek(fd, offset as i64, libc::SEEK_SET)?;
+        let mut buf = vec![0u8; 32 * 1024];
+        loop {
+            let n = sys::getdents(fd, &mut buf)?;
+            if n == 0 {
+                return Ok(());
+            }
+            let mut pos = 0;
+            while pos < n {
+                // struct linux_dirent64 { u64 d_ino; i64 d_off; u16 d_reclen; u8 d_type; char d_name[]; }
+                let ino = u64::from_ne_bytes(buf[pos..pos + 8].try_into().unwrap());
+                let off = i64::from_ne_bytes(buf[pos + 8..pos + 16].try_into().unwrap());
+                let reclen = u16::from_ne_bytes(buf[pos + 16..pos + 18].try_into().unwrap()) as usize;
+                let dtype = buf[pos + 18];
+                let raw = &buf[pos + 19..pos + reclen];
+                let name = OsStr::from_bytes(&raw[..raw.iter().position(|&b| b == 0).unwrap_or(raw.len())]);
+                pos += reclen;
+                if is_root && is_hidden_name(name) {
+                    continue;
+                }
+                if add(name, self.nodeid(dev, ino), kind_of(u32::from(dtype) << 12), off as u64) {
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    pub fn statfs(&self) -> Result<libc::statvfs> {
+        Ok(sys::fstatvfs(self.root_fd())?)
+    }
+}
