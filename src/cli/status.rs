@@ -1,12 +1,14 @@
 //! `tdefs status`: is encryption on and working, for an SRE or a script.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
 
 use crate::config::DEFAULT_CONFIG_PATH;
 use crate::control::{self, Request};
+use crate::crypto::Method;
 use crate::meta::status::{self, Status};
 use crate::meta::{MasterKeys, MetaError, Offline, META_DIR};
 
@@ -36,7 +38,7 @@ pub fn run(args: StatusArgs) -> anyhow::Result<()> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&st)?);
     } else {
-        print!("{}", status::render(&st));
+        print!("{}", render(&st));
     }
     Ok(())
 }
@@ -90,4 +92,57 @@ fn ask(mp: &std::path::Path) -> anyhow::Result<Status> {
         bail!("the tdefs daemon on {} could not report: {}", resp.mountpoint.display(), resp.message);
     }
     serde_json::from_str(&resp.message).context("unreadable status from the daemon")
+}
+
+/// The human table.
+fn render(s: &Status) -> String {
+    let mut out = String::new();
+    let mut line = |k: &str, v: String| out.push_str(&format!("{k:<24}{v}\n"));
+    line("backing directory", s.backing.clone());
+    line("initialized", if s.initialized { "yes".into() } else { "no (no tdefs metadata)".into() });
+    line("mounted", if s.mounted { "yes".into() } else { "no".into() });
+    line("method for new files", s.method_for_new_files.clone());
+    if !s.initialized {
+        line("plaintext files", s.plaintext_files.to_string());
+        return out;
+    }
+    line("master key", s.master_key.clone().unwrap_or_default());
+    line("data keys", s.data_keys.to_string());
+    match &s.current_key {
+        Some(k) => line(
+            "current data key",
+            format!("{} ({}), created {}, age {}", k.id, k.method, k.created, humantime::format_duration(Duration::from_secs(k.age_seconds))),
+        ),
+        None => line("current data key", "none (plaintext method)".into()),
+    }
+    let encrypting = || s.files_by_method.iter().filter(|(m, _)| m.as_str() != Method::Plaintext.name());
+    line("encrypted files", encrypting().map(|(_, n)| n).sum::<u64>().to_string());
+    for (m, n) in encrypting() {
+        let bytes = s.bytes_by_method.get(m).copied().unwrap_or(0);
+        line(&format!("  {m}"), format!("{n} ({bytes} bytes)"));
+    }
+    line("plaintext files", s.plaintext_files.to_string());
+    if s.unrecorded_files > 0 {
+        line("files without record", format!("{} (refused by the mount; run `tdefs check`)", s.unrecorded_files));
+    }
+    line(
+        "bytes encrypted",
+        format!("{:.1}% ({} of {} bytes)", s.percent_encrypted(), s.encrypted_bytes, s.encrypted_bytes + s.plaintext_bytes),
+    );
+    line("dictionary size", format!("{} bytes", s.dictionary_bytes));
+    line("last compaction", s.last_compaction.clone().unwrap_or_else(|| "never".into()));
+    if let Some(c) = &s.conversion {
+        let eta = c.eta_seconds.map(|e| format!(", ETA {}", humantime::format_duration(Duration::from_secs(e)))).unwrap_or_default();
+        line(
+            "conversion",
+            format!(
+                "tdefs {} (pid {}) {}: {:.1}% complete, {} of {} files, {} of {} bytes, {} bytes/s{eta}",
+                c.operation, c.pid, c.state, c.percent_complete, c.files_done, c.files_total, c.bytes_done, c.bytes_total, c.bytes_per_second
+            ),
+        );
+        if c.state == "interrupted" {
+            line("", format!("run `tdefs {}` again to finish (files already done are kept)", c.operation));
+        }
+    }
+    out
 }
