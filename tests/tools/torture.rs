@@ -11,8 +11,8 @@
 //! the backing directory then throws away what was not durable. tdefs is mounted again and
 //! the tree is checked against the journal: every durable operation must be reflected
 //! exactly, the single operation in flight may have happened or not — each of its bytes old
-//! or new, never noise — and loose names may be missing until a later operation fsynced
-//! their directory. Every earlier cycle's directory is re-checked after each remount. At
+//! or new, never noise (XTS: but see `XTS_WINDOWS_EXCUSED`) — and loose names may be
+//! missing until a later operation fsynced their directory. Every earlier cycle's directory is re-checked after each remount. At
 //! the end: a clean `tdefs umount`, `tdefs check` clean, no `panicked` in the daemon's log,
 //! and the plaintext scan (`tdefs-scan --no-plaintext`; every buffer the workload writes
 //! carries `TDEFS-MARKER-torture`) must find nothing.
@@ -209,6 +209,14 @@ impl Op {
 
     fn is_data_op(&self) -> bool {
         matches!(self, Op::Write(..) | Op::Scribble(..) | Op::Truncate(..) | Op::Falloc(..) | Op::Rewrite(..))
+    }
+
+    /// The file a data operation changes.
+    fn data_path(&self) -> Option<&str> {
+        match self {
+            Op::Write(p, ..) | Op::Scribble(p, ..) | Op::Truncate(p, ..) | Op::Falloc(p, ..) | Op::Rewrite(p, ..) => Some(p),
+            _ => None,
+        }
     }
 
     /// The directories whose fsync ends this operation (every earlier change of their
@@ -654,18 +662,20 @@ fn read_actual(mnt: &Path, root: &str) -> std::io::Result<Actual> {
 /// `alts` (states the op in flight may have left). Anything else is noise. Loose names
 /// (not yet durable) may be missing; if there, they are checked like the others.
 /// XTS methods (docs/design.md §3, "Size changes"): a crash inside a size change that
-/// turns a full 16-byte block into the file's tail can leave the bytes of that block
-/// before the new end unreadable; no order of the backing calls avoids it. The torture
-/// excuses exactly those bytes of the file an in-flight truncate changed, and counts it.
+/// turns a full 16-byte block into the file's tail, or its tail into a full block, can
+/// leave that block's bytes before the end unreadable; no order of the backing calls
+/// avoids it. The torture excuses exactly those bytes (before the old and the new end, in
+/// their 16-byte block) of the file a data operation in flight resized, and counts it.
 static XTS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 static XTS_WINDOWS_EXCUSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 fn compare(actual: &Actual, model: &Model, root: &str, alts: &[&Model]) -> Result<(), String> {
-    compare_excusing(actual, model, root, alts, None)
+    compare_excusing(actual, model, root, alts, &[])
 }
 
-/// `compare`, where the bytes `window.1` of the file with id `window.0` may be anything.
-fn compare_excusing(actual: &Actual, model: &Model, root: &str, alts: &[&Model], window: Option<(usize, std::ops::Range<usize>)>) -> Result<(), String> {
+/// `compare`, where the bytes `w.1` of the file with id `w.0` may be anything, for each
+/// `w` in `windows`.
+fn compare_excusing(actual: &Actual, model: &Model, root: &str, alts: &[&Model], windows: &[(usize, std::ops::Range<usize>)]) -> Result<(), String> {
     let pre = format!("{root}/");
     let want_dirs: BTreeSet<String> = model.dirs.iter().filter(|d| *d == root || d.starts_with(&pre)).cloned().collect();
     if actual.dirs != want_dirs {
@@ -704,7 +714,7 @@ fn compare_excusing(actual: &Actual, model: &Model, root: &str, alts: &[&Model],
         if got.len() < lo || got.len() > hi {
             return Err(format!("{name}: size {} outside [{lo}, {hi}]", got.len()));
         }
-        let excused = |i: usize| window.as_ref().is_some_and(|(w, r)| *w == id && r.contains(&i));
+        let excused = |i: usize| windows.iter().any(|(w, r)| *w == id && r.contains(&i));
         let mut excused_here = false;
         for (i, b) in got.iter().enumerate() {
             if !cands.iter().any(|c| c.get(i).copied().unwrap_or(0) == *b) {
@@ -748,11 +758,16 @@ fn verify_cycle(mnt: &Path, root: &str, journal: &Path) -> Result<(Actual, u64, 
             empty.apply(&Op::Rewrite(path.clone(), 0, 0));
             compare(&actual, &before, root, &[&after, &empty])
         }
-        Op::Truncate(path, len) if XTS.load(std::sync::atomic::Ordering::Relaxed) && len % 16 != 0 => {
-            let window = before.names.get(path).map(|&id| (id, (*len - len % 16) as usize..*len as usize));
-            compare_excusing(&actual, &before, root, &[&after], window)
+        _ if op.is_data_op() => {
+            let mut windows = Vec::new();
+            if let Some(&id) = op.data_path().and_then(|p| before.names.get(p)) {
+                let (old, new) = (before.contents[id].len(), after.contents[id].len());
+                if XTS.load(std::sync::atomic::Ordering::Relaxed) && old != new {
+                    windows.extend([old, new].into_iter().filter(|e| e % 16 != 0).map(|e| (id, e - e % 16..e)));
+                }
+            }
+            compare_excusing(&actual, &before, root, &[&after], &windows)
         }
-        _ if op.is_data_op() => compare(&actual, &before, root, &[&after]),
         Op::Create(path, ..) | Op::Loose(path, ..) => {
             // Created but not yet fully written: absent, or a prefix of its data in any pages.
             let is_loose = matches!(op, Op::Loose(..));
@@ -1286,7 +1301,7 @@ fn run(tdefs: PathBuf, cycles: u32, seed: u64, mode: Mode, method: &str, workdir
         tot.inflight,
         match XTS_WINDOWS_EXCUSED.load(std::sync::atomic::Ordering::Relaxed) {
             0 => String::new(),
-            w => format!("; {w} XTS size-change windows hit (bytes before the new end of a truncate in flight excused)"),
+            w => format!("; {w} XTS size-change windows hit (bytes before the end, in the 16-byte block a data operation in flight moved it across, excused)"),
         },
         if scan_line.is_empty() { "no scan".to_string() } else { scan_line },
         secs
