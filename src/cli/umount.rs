@@ -114,13 +114,16 @@ fn unmount_and_wait(mountpoint: &Path, lazy: bool, force: bool, timeout: Duratio
     }
 }
 
-/// Whether process `pid` still runs (a zombie has finished: its parent just has not
-/// collected it yet).
+/// Whether process `pid` still runs: any of its threads is neither a zombie nor dead. The
+/// group leader alone is not enough: it turns zombie while the daemon's other threads are
+/// still exiting, and until they are gone its parent cannot collect it (a caller that
+/// waits for the daemon right after `tdefs umount` would find it still there).
 fn running(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')),
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return false };
+    tasks.flatten().any(|t| match std::fs::read_to_string(t.path().join("stat")) {
+        Ok(stat) => !stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
         Err(_) => false,
-    }
+    })
 }
 
 /// The filesystem type of the mount at `mp`, from this process's mount table.
