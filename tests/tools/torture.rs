@@ -1376,6 +1376,10 @@ fn main() -> ExitCode {
         Cmd::Stress { mnt, workers, ops, seed, journals } => stress(&mnt, workers, ops, seed, &journals),
         Cmd::Verify { tdefs, workdir, cycle } => {
             let mnt = workdir.join("mnt");
+            // The same rules as the run that wrote the journal: its method is in its config.
+            let config = std::fs::read_to_string(workdir.join("tdefs.toml")).unwrap_or_default();
+            let xts = config.lines().any(|l| l.starts_with("data-encryption-method") && l.contains("-xts\""));
+            XTS.store(xts, std::sync::atomic::Ordering::Relaxed);
             let mut rig = Rig { tdefs, mnt: mnt.clone(), config: workdir.join("tdefs.toml"), log: workdir.join("tdefs.log"), fs: None };
             if let Err(e) = rig.mount() {
                 eprintln!("{e}");
