@@ -1,5 +1,8 @@
 //! systemd readiness notification (`Type=notify`): one datagram to `$NOTIFY_SOCKET`.
 //! The protocol is a single sendto, so std's UnixDatagram does it without a dependency.
+//! Hand-written rather than the `sd-notify` crate on purpose: sd-notify 0.5 `connect`s to
+//! `$NOTIFY_SOCKET` as a path, so the abstract-namespace form `@name` that sd_notify(3)
+//! allows (service managers in containers use it) fails with ENOENT; this handles both.
 
 use std::io;
 use std::os::unix::net::{SocketAddr, UnixDatagram};

@@ -2,7 +2,9 @@
 //! the mountpoint), directories recursively, parents before children.
 
 use std::collections::BTreeMap;
+use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 
 use super::ConvertError;
@@ -37,7 +39,7 @@ impl Item {
 pub fn select(backing: &Path, paths: &[PathBuf]) -> Result<Vec<Item>, ConvertError> {
     let mut out = BTreeMap::new();
     if paths.is_empty() {
-        walk(backing, &mut Vec::new(), true, &mut out)?;
+        walk(backing, b"", true, &mut out)?;
     }
     for p in paths {
         let rel = normalize(p)?;
@@ -52,8 +54,7 @@ pub fn select(backing: &Path, paths: &[PathBuf]) -> Result<Vec<Item>, ConvertErr
         let is_dir = md.is_dir();
         out.insert(rel.clone(), Item { kind: kind_of(&md), rel: rel.clone(), md });
         if is_dir {
-            let mut r = rel;
-            walk(&full, &mut r, false, &mut out)?;
+            walk(&full, &rel, false, &mut out)?;
         }
     }
     Ok(out.into_values().collect())
@@ -97,29 +98,41 @@ fn kind_of(md: &std::fs::Metadata) -> Kind {
     }
 }
 
-/// Everything below `dir` (whose dictionary path is `rel`). Iterative: a tree of any depth
-/// is listed (or refused with an error, where its paths exceed PATH_MAX), never a stack
-/// overflow.
-fn walk(dir: &Path, rel: &mut Vec<u8>, top: bool, out: &mut BTreeMap<Vec<u8>, Item>) -> Result<(), ConvertError> {
-    let mut todo: Vec<(PathBuf, Vec<u8>, bool)> = vec![(dir.to_path_buf(), rel.clone(), top)];
-    while let Some((dir, rel, top)) = todo.pop() {
-        let list_err = |e| ConvertError::from(IoError::new("list", dir.clone(), e));
-        for e in std::fs::read_dir(&dir).map_err(list_err)? {
-            let e = e.map_err(list_err)?;
-            let name = e.file_name();
-            if top && is_hidden_name(&name) {
-                continue;
-            }
-            let md = e.metadata().map_err(|err| ConvertError::from(IoError::new("stat", e.path(), err)))?;
-            let child = [&rel[..], b"/", name.as_bytes()].concat();
-            let kind = kind_of(&md);
-            out.insert(child.clone(), Item { rel: child.clone(), kind, md });
-            if kind == Kind::Dir {
-                todo.push((e.path(), child, false));
-            }
-        }
+/// Everything below `dir` (whose dictionary path is `rel`), listed by the one walker of
+/// backing trees (`crate::walk`: iterative, symlinks never followed). The items carry
+/// `std::fs::Metadata` because the conversion works on paths (std::fs) from here on, so each
+/// entry is stat'ed again by path: one more stat per file of a run that reads every byte.
+fn walk(dir: &Path, rel: &[u8], top: bool, out: &mut BTreeMap<Vec<u8>, Item>) -> Result<(), ConvertError> {
+    let list_err = |e| ConvertError::from(IoError::new("list", dir.to_path_buf(), e));
+    let fd = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(dir)
+        .map_err(list_err)?;
+    let skip_top = |name: &std::ffi::OsStr| top && is_hidden_name(name);
+    crate::walk::walk(fd.as_fd(), skip_top, |e| {
+        let full = dir.join(std::ffi::OsStr::from_bytes(&e.path[1..]));
+        let md = std::fs::symlink_metadata(&full).map_err(|err| Stop::Stat(IoError::new("stat", full, err).into()))?;
+        let child = [rel, e.path].concat();
+        out.insert(child.clone(), Item { rel: child, kind: kind_of(&md), md });
+        Ok(())
+    })
+    .map_err(|e| match e {
+        Stop::Walk(e) => list_err(e),
+        Stop::Stat(e) => e,
+    })
+}
+
+/// Why `walk` stopped: the walker's own error (about `dir`), or one of an entry.
+enum Stop {
+    Walk(std::io::Error),
+    Stat(ConvertError),
+}
+
+impl From<std::io::Error> for Stop {
+    fn from(e: std::io::Error) -> Self {
+        Stop::Walk(e)
     }
-    Ok(())
 }
 
 #[cfg(test)]
