@@ -23,7 +23,7 @@ pub enum Request {
     Ping,
     /// Re-wrap the key dictionary under the `master-key` of this config file.
     RotateMasterKey { config: PathBuf },
-    /// `tdefs status`: the reply's message is a JSON `meta::status::Status`.
+    /// `tdefs status`: the reply's message is a JSON `metadir::status::Status`.
     Status,
 }
 

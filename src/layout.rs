@@ -6,13 +6,13 @@
 pub const BLOCK: u64 = 4096;
 
 /// `x` rounded down to a block boundary.
-pub fn down(x: u64) -> u64 {
+pub fn align_down(x: u64) -> u64 {
     x & !(BLOCK - 1)
 }
 
 /// `x` rounded up to a block boundary.
-pub fn up(x: u64) -> u64 {
-    down(x + BLOCK - 1)
+pub fn align_up(x: u64) -> u64 {
+    align_down(x + BLOCK - 1)
 }
 
 /// Whether every byte is zero (a block that reads as a hole), a word at a time.
@@ -28,7 +28,7 @@ mod tests {
 
     #[test]
     fn rounding_and_zero_test() {
-        assert_eq!((down(4095), up(4095), down(4096), up(4096), up(4097)), (0, 4096, 4096, 4096, 8192));
+        assert_eq!((align_down(4095), align_up(4095), align_down(4096), align_up(4096), align_up(4097)), (0, 4096, 4096, 4096, 8192));
         let mut b = vec![0u8; 9000];
         assert!(all_zero(&b[3..]));
         b[8999] = 1;

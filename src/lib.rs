@@ -6,7 +6,7 @@
 //! - [`crypto`]: per-file CTR ciphers and metadata sealing.
 //! - [`keys`]: master-key backends and the data-key store.
 //! - [`dictionary`]: the durable file dictionary (records, log, snapshot).
-//! - [`meta`]: the `.tdefs` metadata directory: initialisation, opening, locking.
+//! - [`metadir`]: the `.tdefs` metadata directory: initialisation, opening, locking.
 //! - [`layout`]: the 4 KiB block layout of backing files (hole rule arithmetic).
 //! - [`error`]: the I/O error with its operation and path, shared by every layer.
 //! - [`fs`]: the FUSE adapter (inodes, handles, data path).
@@ -29,7 +29,7 @@ pub mod fs;
 pub mod hooks;
 pub mod keys;
 pub mod layout;
-pub mod meta;
+pub mod metadir;
 pub mod metrics;
 pub mod sys;
 pub mod walk;

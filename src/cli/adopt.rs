@@ -14,7 +14,7 @@ use clap::Args;
 
 use crate::config::DEFAULT_CONFIG_PATH;
 use crate::dictionary::{FileEntry, Record};
-use crate::meta::{is_hidden_name, MasterKeys, OpenOptions, OpenReport, Offline};
+use crate::metadir::{is_hidden_name, MasterKeys, OpenOptions, OpenReport, LockedMetadata};
 use crate::sys;
 
 /// Record files that have no record (refused by the mount) as plaintext.
@@ -43,7 +43,7 @@ pub fn run(args: AdoptArgs) -> anyhow::Result<()> {
     let Some(backing) = args.backing.or(cfg.backing_dir.clone()) else {
         bail!("no backing directory: give --backing or set `backing-dir` in the config");
     };
-    let off = Offline::open(&backing, &MasterKeys::from_config(enc))
+    let off = LockedMetadata::open(&backing, &MasterKeys::from_config(enc))
         .with_context(|| format!("cannot open backing directory {}", backing.display()))?;
     let loaded = off.load()?;
     let opts = OpenOptions { adopt: false, rewrite_threshold: enc.file_dictionary_rewrite_threshold };

@@ -7,8 +7,8 @@ use clap::Args;
 
 use crate::config::DEFAULT_CONFIG_PATH;
 use crate::dictionary::{DictError, FileDict, Record};
-use crate::meta::check::{check, CheckReport};
-use crate::meta::{MasterKeys, OpenOptions, OpenReport, Offline};
+use crate::metadir::check::{check, CheckReport};
+use crate::metadir::{MasterKeys, OpenOptions, OpenReport, LockedMetadata};
 
 /// Check an unmounted backing directory against its dictionaries, with the master key.
 #[derive(Args, Debug)]
@@ -102,9 +102,9 @@ fn run_inner(args: CheckArgs) -> anyhow::Result<bool> {
     let enc = &cfg.security.encryption;
     // Only --repair writes: a plain check may inspect another user's metadata.
     let off = if args.repair {
-        Offline::open(&backing, &MasterKeys::from_config(enc))?
+        LockedMetadata::open(&backing, &MasterKeys::from_config(enc))?
     } else {
-        Offline::open_read_only(&backing, &MasterKeys::from_config(enc))?
+        LockedMetadata::open_read_only(&backing, &MasterKeys::from_config(enc))?
     };
     let loaded = match off.load() {
         Ok(l) => l,
@@ -161,7 +161,7 @@ fn run_inner(args: CheckArgs) -> anyhow::Result<bool> {
     meta.close()?;
     let backing = meta.backing().to_path_buf();
     drop(meta);
-    let off = Offline::open(&backing, &MasterKeys::from_config(enc))?;
+    let off = LockedMetadata::open(&backing, &MasterKeys::from_config(enc))?;
     let after = check(&off, &off.load()?)?;
     println!("after repair: {} problems", after.problems());
     Ok(after.problems() == 0)

@@ -10,7 +10,7 @@ use indicatif::HumanBytes;
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
 use crate::convert::progress::Display;
 use crate::convert::{decrypt, encrypt, Summary};
-use crate::meta::{MasterKeys, Metadata, OpenOptions, OpenReport, Offline, META_DIR};
+use crate::metadir::{MasterKeys, Metadata, OpenOptions, OpenReport, LockedMetadata, META_DIR};
 
 /// Encrypt, in place, the files of an unmounted backing directory that are stored as
 /// plaintext (files from before tdefs was enabled).
@@ -82,7 +82,7 @@ fn open(cfg: &Config, backing: &Path, init: bool) -> anyhow::Result<Metadata> {
                 backing.display()
             );
         }
-        Offline::open(backing, &master).and_then(|off| {
+        LockedMetadata::open(backing, &master).and_then(|off| {
             let loaded = off.load()?;
             off.into_metadata(loaded, &opts, OpenReport::default())
         })

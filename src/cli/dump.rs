@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 
 use crate::config::DEFAULT_CONFIG_PATH;
-use crate::meta::{MasterKeys, Offline};
+use crate::metadir::{MasterKeys, LockedMetadata};
 
 /// Show the file or key dictionary of an unmounted backing directory.
 #[derive(Args, Debug)]
@@ -72,7 +72,7 @@ pub fn run(args: DumpArgs) -> anyhow::Result<()> {
     let backing = args.backing.clone().or(cfg.backing_dir.clone()).ok_or_else(|| {
         anyhow::anyhow!("no backing directory: give --backing or set `backing-dir` in the config")
     })?;
-    let off = Offline::open_read_only(&backing, &MasterKeys::from_config(&cfg.security.encryption))?;
+    let off = LockedMetadata::open_read_only(&backing, &MasterKeys::from_config(&cfg.security.encryption))?;
     if args.show_secrets {
         eprintln!("tdefs: WARNING: printing secrets; anyone who sees this output can decrypt the files");
     }

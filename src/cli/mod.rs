@@ -152,7 +152,7 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
 /// directory waits for a daemon that is still unmounting it (`[mount] unmount-wait`).
 fn load_config(path: &Path) -> Result<Config, ConfigError> {
     let cfg = Config::load(path)?;
-    crate::meta::set_unmount_wait(cfg.mount.unmount_wait);
+    crate::metadir::set_unmount_wait(cfg.mount.unmount_wait);
     Ok(cfg)
 }
 

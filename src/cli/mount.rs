@@ -8,11 +8,11 @@ use clap::Args;
 
 use super::{daemon, sdnotify};
 use crate::config::DEFAULT_CONFIG_PATH;
-use crate::fs::{fuser_config, mounting, Core, FsOptions, Housekeeping, MountSpec, TdeFs};
+use crate::fs::{fuser_config, mounting, Volume, FsOptions, Housekeeping, MountSpec, FuseAdapter};
 use crate::control;
 use crate::crypto::Method;
-use crate::meta::owner::{Owner, State};
-use crate::meta::{rotate_master_key, status, MasterKeys, Metadata, OpenOptions};
+use crate::metadir::owner::{Owner, State};
+use crate::metadir::{rotate_master_key, status, MasterKeys, Metadata, OpenOptions};
 use crate::metrics;
 
 /// Mount a backing directory (ciphertext) at a mountpoint (plaintext view).
@@ -57,7 +57,7 @@ pub struct MountArgs {
 
 /// The control socket (`tdefs rotate-master-key`). A mount without one still works, so a
 /// failure here is a warning.
-fn start_control(mountpoint: &Path, backing: &Path, core: Arc<Core>, method: Method) -> Option<control::Server> {
+fn start_control(mountpoint: &Path, backing: &Path, volume: Arc<Volume>, method: Method) -> Option<control::Server> {
     let mp = match std::fs::canonicalize(mountpoint) {
         Ok(p) => p,
         Err(e) => {
@@ -69,7 +69,7 @@ fn start_control(mountpoint: &Path, backing: &Path, core: Arc<Core>, method: Met
     let handler = move |req: control::Request| -> Result<String, String> {
         match req {
             control::Request::Status => {
-                let st = status::collect(&backing, core.keys(), core.dict().as_ref(), method, true);
+                let st = status::collect(&backing, volume.keys(), volume.dict().as_ref(), method, true);
                 serde_json::to_string(&st).map_err(|e| e.to_string())
             }
             control::Request::Ping => Ok(serde_json::json!({
@@ -88,7 +88,7 @@ fn start_control(mountpoint: &Path, backing: &Path, core: Arc<Core>, method: Met
                         ));
                     }
                 }
-                let to = rotate_master_key(core.keys(), &cfg.security.encryption.master_key).map_err(|e| format!("{e:#}"))?;
+                let to = rotate_master_key(volume.keys(), &cfg.security.encryption.master_key).map_err(|e| format!("{e:#}"))?;
                 Ok(format!("the key dictionary is now wrapped by {to}"))
             }
         }
@@ -175,7 +175,7 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
         noatime: flags.atime == crate::config::Atime::Noatime,
         nodiratime: !flags.diratime,
     };
-    let core = Arc::new(Core::new(&meta, fs_opts).context("cannot open the backing root")?);
+    let volume = Arc::new(Volume::new(&meta, fs_opts).context("cannot open the backing root")?);
     let spec = MountSpec {
         mountpoint: mountpoint.clone(),
         source: args.source.clone().unwrap_or_else(|| meta.backing().display().to_string()),
@@ -187,10 +187,10 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
         direct_write_invalidation: cfg.mount.direct_write_invalidation,
     };
     // Rotate a data key that expired while unmounted; drop keys no file uses any more.
-    core.rotate_data_key_if_due().context("data key rotation")?;
-    core.collect_unused_keys().context("deleting unused data keys")?;
-    let maintenance = Housekeeping::start(core.clone());
-    let fs = TdeFs::new(core.clone(), &spec).context("cannot start the page-cache invalidation thread")?;
+    volume.rotate_data_key_if_due().context("data key rotation")?;
+    volume.collect_unused_keys().context("deleting unused data keys")?;
+    let maintenance = Housekeeping::start(volume.clone());
+    let fs = FuseAdapter::new(volume.clone(), &spec).context("cannot start the page-cache invalidation thread")?;
     let notifier = fs.notifier_slot();
     let config = fuser_config(&spec);
     let direct = if unsafe { libc::geteuid() } == 0 {
@@ -212,10 +212,10 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
         ),
     };
     let _ = notifier.set(session.notifier());
-    let control = start_control(&mountpoint, meta.backing(), core.clone(), enc.data_encryption_method);
+    let control = start_control(&mountpoint, meta.backing(), volume.clone(), enc.data_encryption_method);
     if let Some(ep) = metrics_endpoint {
-        let (core, method) = (core.clone(), enc.data_encryption_method);
-        ep.serve(move || gauges(&core, method)).context("cannot start the metrics thread")?;
+        let (volume, method) = (volume.clone(), enc.data_encryption_method);
+        ep.serve(move || gauges(&volume, method)).context("cannot start the metrics thread")?;
     }
     let mut unmounter = session.unmount_callable();
     let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])?;
@@ -240,7 +240,7 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
     }
     // Returns after an unmount by signal, by fusermount3 -u or by the kernel (`umount`).
     let result = session.run();
-    // Unmounted: a mount of the same directory started now waits for us (see meta::owner).
+    // Unmounted: a mount of the same directory started now waits for us (see metadir::owner).
     Owner::me(State::Stopping, Some(&served)).publish(&meta.meta);
     sdnotify::stopping();
     signal_handle.close();
@@ -260,14 +260,14 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
 /// The state of a running mount for the metrics endpoint: what `tdefs status` reports, less
 /// the count of plaintext files (a walk over the whole backing tree, too slow for every
 /// scrape).
-fn gauges(core: &crate::fs::Core, method: crate::crypto::Method) -> metrics::Gauges {
-    let keys = core.keys();
+fn gauges(volume: &crate::fs::Volume, method: crate::crypto::Method) -> metrics::Gauges {
+    let keys = volume.keys();
     metrics::Gauges {
         method: Some(method),
         data_keys: keys.keys().len(),
         current_key_age: keys.current().map(|k| k.age(std::time::SystemTime::now())),
-        files_by_method: core.dict().with_tree(crate::meta::status::files_by_method),
+        files_by_method: volume.dict().with_tree(crate::metadir::status::files_by_method),
         // Every metadata file, as `tdefs status` counts it (key dictionary included).
-        dictionary_bytes: core.dict().disk_size(),
+        dictionary_bytes: volume.dict().disk_size(),
     }
 }

@@ -9,8 +9,8 @@ use clap::Args;
 use crate::config::DEFAULT_CONFIG_PATH;
 use crate::control::{self, Request};
 use crate::crypto::Method;
-use crate::meta::status::{self, Status};
-use crate::meta::{MasterKeys, MetaError, Offline, META_DIR};
+use crate::metadir::status::{self, Status};
+use crate::metadir::{MasterKeys, MetaError, LockedMetadata, META_DIR};
 
 /// Show whether a backing directory is initialized and mounted, its keys and files.
 #[derive(Args, Debug)]
@@ -65,7 +65,7 @@ fn gather(args: &StatusArgs) -> anyhow::Result<Status> {
     if !backing.join(META_DIR).exists() {
         return Ok(status::uninitialized(&backing, enc.data_encryption_method));
     }
-    let off = match Offline::open_read_only(&backing, &MasterKeys::from_config(enc)) {
+    let off = match LockedMetadata::open_read_only(&backing, &MasterKeys::from_config(enc)) {
         Ok(off) => off,
         Err(e) => {
             // Held by a running `tdefs encrypt`/`decrypt`: its progress file has the picture.

@@ -20,8 +20,8 @@ use anyhow::{bail, Context};
 use clap::Args;
 
 use crate::control::{self, Request};
-use crate::meta::owner::{Owner, State};
-use crate::meta::META_DIR;
+use crate::metadir::owner::{Owner, State};
+use crate::metadir::META_DIR;
 use crate::sys::Dir;
 
 /// The names umount(8) may run the helper under.

@@ -16,7 +16,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::MetadataExt;
 
 use crate::crypto::FileCipher;
-use crate::layout::{all_zero, down, up, BLOCK};
+use crate::layout::{align_down, align_up, all_zero, BLOCK};
 use crate::sys;
 
 const CHUNK: usize = 1 << 20;
@@ -45,7 +45,7 @@ pub fn transform(
     let mut reported = 0u64;
     while pos < size {
         let data = match sys::lseek(src.as_fd(), pos as i64, libc::SEEK_DATA) {
-            Ok(o) => down(o as u64),
+            Ok(o) => align_down(o as u64),
             Err(e) if e.raw_os_error() == Some(libc::ENXIO) => break,
             Err(e) => return Err(e),
         };
@@ -53,7 +53,7 @@ pub fn transform(
             break;
         }
         let hole = sys::lseek(src.as_fd(), data as i64, libc::SEEK_HOLE).map(|o| o as u64)?;
-        let end = up(hole).min(size);
+        let end = align_up(hole).min(size);
         let mut off = data.max(pos);
         while off < end {
             let n = (CHUNK as u64).min(end - off) as usize;

@@ -18,7 +18,7 @@ use super::copy::{copy_attrs, set_times, transform, Ciphers};
 use super::progress::{Display, Progress};
 use super::{create_staging, ensure_dir, remove_staging, select, show, ConvertError, Item, Kind, Summary};
 use crate::crypto::{FileCipher, Method};
-use crate::meta::{status, Metadata};
+use crate::metadir::{status, Metadata};
 use crate::sys;
 use crate::error::io_err;
 

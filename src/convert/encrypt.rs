@@ -12,7 +12,7 @@
 //! The next open of the metadata settles an interruption: a rename whose destination holds
 //! the staged inode happened (the entry moves to the file, as for any rename on the
 //! mount); otherwise the original is untouched and the staged copy and its entry are
-//! dropped (`meta::remove_staged_copies`). Running the command again does the rest.
+//! dropped (`metadir::remove_staged_copies`). Running the command again does the rest.
 
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
@@ -25,7 +25,7 @@ use super::progress::{Display, Progress};
 use super::{create_staging, remove_staging, select, show, ConvertError, Kind, Summary};
 use crate::crypto::{random_iv, random_u64, Method};
 use crate::dictionary::{FileEntry, Record};
-use crate::meta::{status, Metadata, STAGING_PREFIX};
+use crate::metadir::{status, Metadata, STAGING_PREFIX};
 use crate::sys::{self, Dir};
 use crate::error::io_err;
 use std::ffi::OsStr;
@@ -218,11 +218,11 @@ fn encrypt_one(ctx: &mut Ctx<'_>, rel: &[u8], md: &std::fs::Metadata, progress: 
     let parent_md = std::fs::metadata(parent).ok();
     // By descriptors: from the verified staging directory into the file's directory.
     let slash = rel.iter().rposition(|&b| b == b'/').unwrap_or(0);
-    let renamed = sys::open_dir_below(ctx.meta.backing_fd(), &rel[..slash]).and_then(|pfd| {
-        sys::renameat2(ctx.staging.fd(), OsStr::new(&name), pfd.as_fd(), OsStr::from_bytes(&rel[slash + 1..]), 0).map(|()| pfd)
+    let renamed = sys::open_dir_below(ctx.meta.backing_fd(), &rel[..slash]).and_then(|parent_fd| {
+        sys::renameat2(ctx.staging.fd(), OsStr::new(&name), parent_fd.as_fd(), OsStr::from_bytes(&rel[slash + 1..]), 0).map(|()| parent_fd)
     });
     let parent_fd = match renamed {
-        Ok(pfd) => pfd,
+        Ok(parent_fd) => parent_fd,
         Err(e) => {
             dict.submit(Record::RenameAbort { intent })?;
             return Err(undo(failed("cannot rename its encrypted copy into place", e)));

@@ -22,7 +22,7 @@ pub use self::select::{normalize, select, Item, Kind};
 use std::ffi::OsStr;
 use std::sync::Arc;
 
-use crate::meta::{Metadata, STAGING_DIR};
+use crate::metadir::{Metadata, STAGING_DIR};
 use crate::sys::{self, Dir};
 use crate::error::io_err;
 
@@ -33,7 +33,7 @@ pub enum ConvertError {
     #[error(transparent)]
     Io(#[from] crate::error::IoError),
     #[error(transparent)]
-    Meta(#[from] crate::meta::MetaError),
+    Meta(#[from] crate::metadir::MetaError),
     #[error(transparent)]
     Dict(#[from] crate::dictionary::DictError),
     #[error(transparent)]

@@ -5,13 +5,13 @@
 use std::io::IsTerminal;
 use std::sync::Arc;
 
-use crate::meta::PROGRESS_FILE;
+use crate::metadir::PROGRESS_FILE;
 use crate::sys::Dir;
 use std::time::{Duration, Instant, SystemTime};
 
 use indicatif::{HumanBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::meta::status::{rfc3339, Conversion, Status};
+use crate::metadir::status::{rfc3339, Conversion, Status};
 
 /// How progress is shown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -8,7 +8,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 
 use super::ConvertError;
-use crate::meta::is_hidden_name;
+use crate::metadir::is_hidden_name;
 use crate::error::IoError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -14,7 +14,7 @@ use crate::error::{io_err, IoError};
 use crate::sys::{self, Dir};
 
 /// What `load` found; nothing on disk has been changed yet.
-pub struct Loaded {
+pub struct LoadedDictionary {
     pub(super) dir: Arc<Dir>,
     pub tree: Tree,
     pub snapshot: SnapshotInfo,
@@ -37,7 +37,7 @@ pub struct Loaded {
     pub format: u16,
 }
 
-impl Loaded {
+impl LoadedDictionary {
     /// Sequence number of the last record.
     pub fn last_seq(&self) -> u64 {
         self.next_seq - 1
@@ -92,7 +92,7 @@ impl FileDict {
 
     /// Read the snapshot and replay the logs, and check them against `mark` (none: a
     /// format 1 key dictionary, which kept no mark). Changes nothing on disk.
-    pub fn load(dir: &Arc<Dir>, keys: &SealKeys, instance: &[u8; 16], mark: Option<DictMark>) -> Result<Loaded, DictError> {
+    pub fn load(dir: &Arc<Dir>, keys: &SealKeys, instance: &[u8; 16], mark: Option<DictMark>) -> Result<LoadedDictionary, DictError> {
         let started = Instant::now();
         let loaded = Self::replay(dir, keys, instance, None)?;
         if let Some(m) = mark {
@@ -103,7 +103,7 @@ impl FileDict {
     }
 
     /// The snapshot plus the logs after it, up to generation `upto` (all of them: `None`).
-    pub(super) fn replay(dir: &Arc<Dir>, keys: &SealKeys, instance: &[u8; 16], upto: Option<u64>) -> Result<Loaded, DictError> {
+    pub(super) fn replay(dir: &Arc<Dir>, keys: &SealKeys, instance: &[u8; 16], upto: Option<u64>) -> Result<LoadedDictionary, DictError> {
         let snap_path = dir.join(SNAPSHOT_FILE);
         let f = dir.open(SNAPSHOT_FILE, libc::O_RDONLY).map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => DictError::Missing { dir: dir.path().into(), what: format!("{SNAPSHOT_FILE} is missing") },
@@ -196,7 +196,7 @@ impl FileDict {
                 newest_records = c.records.len() as u64;
             }
         }
-        Ok(Loaded {
+        Ok(LoadedDictionary {
             dir: dir.clone(),
             tree,
             snapshot: info,

@@ -39,7 +39,7 @@ pub use self::log::{log_file_name, LOG_HEADER_LEN};
 pub use self::record::{valid_path, FileEntry, Intent, Record};
 pub use self::snapshot::{SnapshotInfo, SNAPSHOT_FILE};
 pub use self::error::DictError;
-pub use self::load::Loaded;
+pub use self::load::LoadedDictionary;
 pub use self::tree::Tree;
 use self::error::LOG_WHAT;
 
@@ -106,7 +106,7 @@ impl FileDict {
     /// rollback), cut a torn tail off the last log and remove leftovers of an interrupted
     /// compaction.
     pub fn open_writable(
-        loaded: Loaded,
+        loaded: LoadedDictionary,
         keys: Arc<SealKeys>,
         instance: &[u8; 16],
         rewrite_threshold: u64,

@@ -42,11 +42,11 @@ fn marks(dir: &Path) -> Arc<dyn MarkStore> {
     Arc::new(FileMarks(dir.to_path_buf()))
 }
 
-fn load(dir: &Path) -> Result<Loaded, DictError> {
+fn load(dir: &Path) -> Result<LoadedDictionary, DictError> {
     FileDict::load(&md(dir), &seal(), &INST, mark_of(dir))
 }
 
-fn writable(l: Loaded, dir: &Path) -> FileDict {
+fn writable(l: LoadedDictionary, dir: &Path) -> FileDict {
     FileDict::open_writable(l, seal(), &INST, 1_000_000, marks(dir)).unwrap()
 }
 

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{FileAttr, FileType, INodeNo, TimeOrNow};
 
-use super::core::Core;
+use super::volume::Volume;
 use super::errno::{err, Error, Result};
 use super::inode::Inode;
 use super::setid::{kill_suidgid, KillPrivs};
@@ -111,12 +111,12 @@ mod tests {
     }
 }
 
-impl Core {
+impl Volume {
     pub fn getattr(&self, nodeid: u64, fh: Option<u64>) -> Result<Stat> {
         if let Some(h) = fh.and_then(|fh| self.files.get(fh)) {
             return Ok(sys::fstat(h.fd())?);
         }
-        Ok(sys::fstat(self.pfd(&*self.inode(nodeid)?)?.as_fd())?)
+        Ok(sys::fstat(self.parent_fd(&*self.inode(nodeid)?)?.as_fd())?)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -142,9 +142,9 @@ impl Core {
         // Through the open file when the kernel names one (it may be unlinked), else by the
         // inode's own descriptor.
         let handle = fh.and_then(|fh| self.files.get(fh));
-        let pfd = match &handle {
+        let parent_fd = match &handle {
             Some(_) => None,
-            None => match self.pfd(&inode) {
+            None => match self.parent_fd(&inode) {
                 Ok(fd) => Some(fd),
                 // The kernel flushing cached times (writeback cache) of a file whose last
                 // name was removed and that nobody has open: the backing inode is gone,
@@ -158,7 +158,7 @@ impl Core {
                 Err(e) => return Err(e),
             },
         };
-        let fd = match (&handle, &pfd) {
+        let fd = match (&handle, &parent_fd) {
             (Some(h), _) => h.fd(),
             (None, Some(p)) => p.as_fd(),
             (None, None) => unreachable!("one of them is set"),
@@ -199,7 +199,7 @@ impl Core {
             let times = [conv(atime), conv(mtime)];
             if inode.kind == FileType::Symlink {
                 let loc = inode.loc().ok_or(Error::Os(libc::ENOENT))?;
-                sys::utimens(self.pfd(&loc.parent)?.as_fd(), Some(&loc.name), &times, libc::AT_SYMLINK_NOFOLLOW)?;
+                sys::utimens(self.parent_fd(&loc.parent)?.as_fd(), Some(&loc.name), &times, libc::AT_SYMLINK_NOFOLLOW)?;
             } else {
                 sys::utimens(fd, None, &times, 0)?;
             }

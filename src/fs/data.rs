@@ -28,7 +28,7 @@ use std::io;
 
 use crate::crypto::FileCipher;
 
-pub use crate::layout::{all_zero, down, up, BLOCK};
+pub use crate::layout::{align_down, align_up, all_zero, BLOCK};
 
 pub const FALLOC_KEEP_SIZE: i32 = libc::FALLOC_FL_KEEP_SIZE;
 pub const FALLOC_PUNCH_HOLE: i32 = libc::FALLOC_FL_PUNCH_HOLE;
@@ -63,9 +63,9 @@ pub fn read(s: &dyn Store, c: &FileCipher, off: u64, len: usize, out: &mut Vec<u
         return Ok(());
     }
     // Read whole blocks: a block is a hole only if all of its bytes are zero.
-    let start = down(off);
+    let start = align_down(off);
     let end = off + len as u64;
-    out.resize((up(end) - start) as usize, 0);
+    out.resize((align_up(end) - start) as usize, 0);
     let n = s.pread(out, start)?;
     out.truncate(n);
     for (i, block) in out.chunks_mut(BLOCK as usize).enumerate() {
@@ -132,8 +132,8 @@ fn old_plaintext(s: &dyn Store, c: &FileCipher, from: u64, to: u64, out: &mut Ve
 /// Where a write of `[off, end)` must start and end so that no 4 KiB block is left mixed:
 /// a new or hole block it touches in part is filled with zeros around the data.
 fn fill_extent(s: &dyn Store, off: u64, end: u64, size: u64) -> io::Result<(u64, u64)> {
-    let hb = down(off);
-    let tb = down(end - 1);
+    let hb = align_down(off);
+    let tb = align_down(end - 1);
     let mut wstart = off;
     let mut wend = end;
     let head_hole = off % BLOCK != 0 && hb + BLOCK <= size && is_hole(s, hb)?;
@@ -169,10 +169,10 @@ pub fn write(s: &dyn Store, c: &FileCipher, off: u64, data: &[u8], scratch: &mut
         c.encrypt(off, scratch);
         return s.pwrite(scratch, off);
     }
-    if size % BLOCK != 0 && off >= up(size) {
+    if size % BLOCK != 0 && off >= align_up(size) {
         // Writing past a partial last block: complete it first (it becomes a full block).
-        write_zeros(s, c, size, up(size))?;
-        size = up(size);
+        write_zeros(s, c, size, align_up(size))?;
+        size = align_up(size);
     }
     let (wstart, wend) = fill_extent(s, off, end, size)?;
     // Widened to whole cipher blocks; the bytes the widening adds keep their plaintext.
@@ -200,10 +200,10 @@ pub fn write(s: &dyn Store, c: &FileCipher, off: u64, data: &[u8], scratch: &mut
 /// callers extend the size only after them.
 fn fill_extension(s: &dyn Store, c: &FileCipher, size: u64, new_len: u64) -> io::Result<()> {
     if size % BLOCK != 0 {
-        write_zeros(s, c, size, up(size).min(new_len))?;
+        write_zeros(s, c, size, align_up(size).min(new_len))?;
     }
-    if new_len % BLOCK != 0 && down(new_len) >= up(size) {
-        write_zeros(s, c, down(new_len), new_len)?;
+    if new_len % BLOCK != 0 && align_down(new_len) >= align_up(size) {
+        write_zeros(s, c, align_down(new_len), new_len)?;
     }
     Ok(())
 }
@@ -219,7 +219,7 @@ pub fn truncate(s: &dyn Store, c: &FileCipher, new_len: u64) -> io::Result<()> {
     }
     let size = s.size()?;
     if new_len < size {
-        let tb = down(new_len);
+        let tb = align_down(new_len);
         let bs = c.block_size() as u64;
         let hole = new_len % BLOCK != 0 && tb + BLOCK <= size && is_hole(s, tb)?;
         // A hole block that becomes the partial last block must turn into ciphertext: the
@@ -251,7 +251,7 @@ fn zero_partial(s: &dyn Store, c: &FileCipher, from: u64, to: u64, size: u64) ->
     if from >= to {
         return Ok(());
     }
-    let b = down(from);
+    let b = align_down(from);
     if b + BLOCK <= size && is_hole(s, b)? {
         return Ok(());
     }
@@ -273,7 +273,7 @@ pub fn seek(s: &dyn Store, c: &FileCipher, off: u64, data: bool, backing: &dyn F
     let size = s.size()?;
     // The backing data extent containing `p` is a zero fill: returns its end if so.
     let fill_end = |p: u64| -> io::Result<Option<u64>> {
-        let b = down(p);
+        let b = align_down(p);
         let end = backing(p, libc::SEEK_HOLE)?;
         if end > b + BLOCK {
             return Ok(None); // more than one block of data
@@ -329,7 +329,7 @@ pub fn fallocate(s: &dyn Store, c: &FileCipher, mode: i32, off: u64, len: u64) -
         // become holes through the backing filesystem.
         let zend = end.min(size);
         if off < zend {
-            let (mid_lo, mid_hi) = (up(off), down(zend));
+            let (mid_lo, mid_hi) = (align_up(off), align_down(zend));
             if mid_lo > mid_hi {
                 zero_partial(s, c, off, zend, size)?; // within one block
             } else {
@@ -345,7 +345,7 @@ pub fn fallocate(s: &dyn Store, c: &FileCipher, mode: i32, off: u64, len: u64) -
         }
         // Past the end of the file only allocation (or its release) is visible.
         if mode & FALLOC_KEEP_SIZE != 0 {
-            let from = up(size).max(off);
+            let from = align_up(size).max(off);
             return if end > from { s.fallocate(mode, from, end - from) } else { Ok(()) };
         }
     }
@@ -356,7 +356,7 @@ pub fn fallocate(s: &dyn Store, c: &FileCipher, mode: i32, off: u64, len: u64) -
         fill_extension(s, c, size, end)?;
     }
     let alloc_mode = mode & FALLOC_KEEP_SIZE;
-    let from = if mode & FALLOC_ZERO_RANGE != 0 { up(size).max(off) } else { off };
+    let from = if mode & FALLOC_ZERO_RANGE != 0 { align_up(size).max(off) } else { off };
     if end > from {
         s.fallocate(alloc_mode, from, end - from)?;
     }

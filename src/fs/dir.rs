@@ -9,17 +9,17 @@ use fuser::{FileType, INodeNo};
 use parking_lot::Mutex;
 
 use super::attr::kind_of;
-use super::core::Core;
+use super::volume::Volume;
 use super::errno::{Error, Result};
 use super::handle::DirHandle;
-use crate::meta::is_hidden_name;
+use crate::metadir::is_hidden_name;
 use crate::sys;
 
-impl Core {
+impl Volume {
     pub fn opendir(&self, nodeid: u64) -> Result<u64> {
         let inode = self.inode(nodeid)?;
-        let pfd = self.pfd(&inode)?;
-        let open = |extra: i32| sys::openat(pfd.as_fd(), OsStr::new("."), libc::O_RDONLY | libc::O_DIRECTORY | extra, 0);
+        let parent_fd = self.parent_fd(&inode)?;
+        let open = |extra: i32| sys::openat(parent_fd.as_fd(), OsStr::new("."), libc::O_RDONLY | libc::O_DIRECTORY | extra, 0);
         let fd = match open(self.dir_atime_flag()) {
             // O_NOATIME on a directory the daemon does not own, without CAP_FOWNER.
             Err(e) if e.raw_os_error() == Some(libc::EPERM) => open(0)?,

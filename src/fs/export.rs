@@ -33,10 +33,10 @@ use std::sync::Arc;
 use fuser::{FileType, INodeNo};
 use parking_lot::Mutex;
 
-use super::core::Core;
+use super::volume::Volume;
 use super::errno::{Error, Result};
 use super::inode::Inode;
-use crate::meta::is_hidden_name;
+use crate::metadir::is_hidden_name;
 use crate::sys::{self, Handle, Stat};
 
 /// How many forgotten files' locations are remembered.
@@ -110,7 +110,7 @@ fn name_of(dir: BorrowedFd<'_>, ino: u64) -> Result<Option<OsString>> {
     }
 }
 
-impl Core {
+impl Volume {
     /// The FUSE generation of `inode`: its backing i_generation where the handle carries
     /// it; 0 for the root (the kernel made the root inode with generation 0 and would take
     /// any other for a reused node id) and where unknown.
@@ -127,7 +127,7 @@ impl Core {
             return Ok((self.root.clone(), sys::fstat(self.root_fd())?));
         }
         if let Ok(i) = self.inode(nodeid) {
-            let st = sys::fstat(self.pfd(&i)?.as_fd())?;
+            let st = sys::fstat(self.parent_fd(&i)?.as_fd())?;
             if self.inodes.add_ref(&i) {
                 return Ok((i, st));
             }
@@ -149,7 +149,7 @@ impl Core {
         if parent.nodeid == INodeNo::ROOT.0 {
             return Ok((parent, sys::fstat(self.root_fd())?));
         }
-        let st = sys::fstat(self.pfd(&parent)?.as_fd())?;
+        let st = sys::fstat(self.parent_fd(&parent)?.as_fd())?;
         if !self.inodes.add_ref(&parent) {
             return Err(stale()); // released meanwhile: the kernel will ask again
         }

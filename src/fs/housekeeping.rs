@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 
-use super::core::Core;
+use super::volume::Volume;
 
 pub struct Housekeeping {
     stop: Arc<(Mutex<bool>, Condvar)>,
@@ -22,7 +22,7 @@ const KEY_GC: u64 = 60;
 const CHECKPOINT: u64 = 30;
 
 impl Housekeeping {
-    pub fn start(core: Arc<Core>) -> Housekeeping {
+    pub fn start(volume: Arc<Volume>) -> Housekeeping {
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let s = stop.clone();
         let thread = std::thread::Builder::new()
@@ -38,7 +38,7 @@ impl Housekeeping {
                     }
                     drop(stopped);
                     tick += 1;
-                    let dict = core.dict();
+                    let dict = volume.dict();
                     if dict.has_pending() {
                         if let Err(e) = dict.flush() {
                             tracing::warn!(error = %e, "background dictionary flush failed");
@@ -50,7 +50,7 @@ impl Housekeeping {
                         }
                     }
                     if tick % ROTATION_CHECK == 0 {
-                        if let Err(e) = core.rotate_data_key_if_due() {
+                        if let Err(e) = volume.rotate_data_key_if_due() {
                             tracing::warn!(error = %e, "data key rotation failed; will retry");
                         }
                     }
@@ -60,7 +60,7 @@ impl Housekeeping {
                         }
                     }
                     if tick % KEY_GC == 0 {
-                        if let Err(e) = core.collect_unused_keys() {
+                        if let Err(e) = volume.collect_unused_keys() {
                             tracing::warn!(error = %e, "deleting unused data keys failed; will retry");
                         }
                     }

@@ -26,7 +26,7 @@ use crate::sys::Handle;
 /// Encryption state of a regular file. Lives inside the inode's I/O lock: reads and
 /// writes hold it shared, operations that change the layout (hole fills, truncate,
 /// re-keying) hold it exclusively.
-pub struct FileState {
+pub struct FileEncryption {
     /// The dictionary entry (plaintext files have one too); `None`: the file has no record,
     /// so its encryption is unknown and its contents are refused (fail closed).
     pub entry: Option<FileEntry>,
@@ -35,15 +35,15 @@ pub struct FileState {
     pub cipher: Option<FileCipher>,
 }
 
-impl FileState {
+impl FileEncryption {
     /// Directories, symlinks and other inodes without contents of their own.
-    pub fn none() -> FileState {
-        FileState { entry: None, cipher: Some(FileCipher::plaintext()) }
+    pub fn none() -> FileEncryption {
+        FileEncryption { entry: None, cipher: Some(FileCipher::plaintext()) }
     }
 
     /// A regular file without a record.
-    pub fn unrecorded() -> FileState {
-        FileState { entry: None, cipher: None }
+    pub fn unrecorded() -> FileEncryption {
+        FileEncryption { entry: None, cipher: None }
     }
 }
 
@@ -92,7 +92,7 @@ pub struct Inode {
     used: AtomicBool,
     lookups: AtomicU64,
     loc: Mutex<Option<Loc>>,
-    pub data: RwLock<FileState>,
+    pub data: RwLock<FileEncryption>,
     /// The refusal of this file (no record) was logged already: one line per file.
     pub refusal_logged: AtomicBool,
     /// Known to have no `security.capability` xattr. The kernel asks for it before every
@@ -115,7 +115,7 @@ pub struct Inode {
 }
 
 impl Inode {
-    pub fn new(nodeid: u64, kind: FileType, handle: Option<Handle>, fd: Option<OwnedFd>, loc: Option<Loc>, state: FileState) -> Inode {
+    pub fn new(nodeid: u64, kind: FileType, handle: Option<Handle>, fd: Option<OwnedFd>, loc: Option<Loc>, state: FileEncryption) -> Inode {
         Inode {
             nodeid,
             kind,

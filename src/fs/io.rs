@@ -6,11 +6,11 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 
-use super::core::Core;
+use super::volume::Volume;
 use super::data::{self, Store};
 use super::errno::{err, Error, Result};
 use super::handle::FileHandle;
-use super::inode::{FileState, Inode};
+use super::inode::{FileEncryption, Inode};
 use crate::dictionary::Record;
 use crate::sys;
 
@@ -41,11 +41,11 @@ thread_local! {
     static WRITE_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-fn cipher(st: &FileState) -> Result<&crate::crypto::FileCipher> {
+fn cipher(st: &FileEncryption) -> Result<&crate::crypto::FileCipher> {
     st.cipher.as_ref().ok_or(Error::Os(libc::EIO))
 }
 
-impl Core {
+impl Volume {
     fn handle(&self, fh: u64) -> Result<Arc<FileHandle>> {
         self.files.get(fh).ok_or(Error::Os(libc::EBADF))
     }
@@ -130,9 +130,9 @@ impl Core {
     /// unlinked, another link remains) the file keeps its entry and is simply emptied. A new
     /// keystream that only memory knows would turn its next contents into noise at the next
     /// mount.
-    pub(super) fn rekey(&self, inode: &Arc<Inode>, st: &mut FileState, fd: BorrowedFd<'_>) -> Result<()> {
+    pub(super) fn rekey(&self, inode: &Arc<Inode>, st: &mut FileEncryption, fd: BorrowedFd<'_>) -> Result<()> {
         let named = {
-            let _ns = self.ns.read();
+            let _no_rename = self.rename_lock.read();
             inode.path().is_some()
         };
         if !named {
@@ -141,30 +141,30 @@ impl Core {
         sys::ftruncate(fd, 0)?;
         let (entry, cipher, key_use) = self.new_entry()?;
         if entry.method.is_plaintext() && st.entry.is_some_and(|e| e.method.is_plaintext()) {
-            *st = FileState { entry: Some(entry), cipher: Some(cipher) };
+            *st = FileEncryption { entry: Some(entry), cipher: Some(cipher) };
             return Ok(()); // recorded plaintext stays plaintext: nothing to record
         }
         sys::fdatasync(fd)?;
         let seq = {
-            let _ns = self.ns.read();
+            let _no_rename = self.rename_lock.read();
             let Some(path) = inode.path() else {
                 // Its last name was unlinked meanwhile (no link left): nothing to record;
                 // the new keystream lives in memory for as long as the file is open.
-                *st = FileState { entry: Some(entry), cipher: Some(cipher) };
+                *st = FileEncryption { entry: Some(entry), cipher: Some(cipher) };
                 return Ok(());
             };
             self.dict.submit(Record::Put { path, entry })?
         };
         drop(key_use);
         self.dict.sync(seq)?;
-        *st = FileState { entry: Some(entry), cipher: Some(cipher) };
+        *st = FileEncryption { entry: Some(entry), cipher: Some(cipher) };
         Ok(())
     }
 
     /// A writer opened an empty file that is recorded as plaintext while the configured
     /// method encrypts: it has no bytes to keep readable, so encrypt it from now on.
     pub(super) fn adopt_if_empty(&self, inode: &Arc<Inode>, h: &FileHandle) -> Result<()> {
-        let plaintext = |st: &FileState| st.entry.is_some_and(|e| e.method.is_plaintext());
+        let plaintext = |st: &FileEncryption| st.entry.is_some_and(|e| e.method.is_plaintext());
         if self.opts.method.is_plaintext() || !plaintext(&inode.data.read()) {
             return Ok(());
         }

@@ -1,10 +1,10 @@
-//! The FUSE adapter. `TdeFs` only translates between fuser's calls and `Core`, whose POSIX
-//! semantics live in files named after the concern (`core.rs`: lookup and open; `attr.rs`,
+//! The FUSE adapter. `FuseAdapter` only translates between fuser's calls and `Volume`, whose POSIX
+//! semantics live in files named after the concern (`volume.rs`: lookup and open; `attr.rs`,
 //! `dir.rs`, `xattr.rs`, `setid.rs`, `rotation.rs`), dictionary ordering in `namespace.rs`
 //! and the data path in `io.rs` over the pure hole/crypto logic of `data.rs`.
 
 mod attr;
-mod core;
+mod volume;
 pub mod data;
 mod dio;
 mod dir;
@@ -36,7 +36,7 @@ use fuser::{
 };
 
 pub use self::attr::{kind_of, time as system_time};
-pub use self::core::{Core, FsOptions};
+pub use self::volume::{Volume, FsOptions};
 use self::setid::KillPrivs;
 pub use self::data::BLOCK;
 pub use self::housekeeping::Housekeeping;
@@ -60,8 +60,8 @@ pub struct MountSpec {
     pub flags: crate::config::MountFlags,
 }
 
-pub struct TdeFs {
-    core: Arc<Core>,
+pub struct FuseAdapter {
+    volume: Arc<Volume>,
     writeback_cache: bool,
     /// Set once the session exists: tells the kernel when its cached attributes went stale.
     notifier: Arc<std::sync::OnceLock<fuser::Notifier>>,
@@ -99,14 +99,14 @@ fn fail(e: &errno::Error) -> Errno {
     Errno::from_i32(n)
 }
 
-impl TdeFs {
-    pub fn new(core: Arc<Core>, spec: &MountSpec) -> std::io::Result<TdeFs> {
+impl FuseAdapter {
+    pub fn new(volume: Arc<Volume>, spec: &MountSpec) -> std::io::Result<FuseAdapter> {
         let notifier: Arc<std::sync::OnceLock<fuser::Notifier>> = Arc::default();
         let invalidator = match spec.direct_write_invalidation {
             true => Some(dio::Invalidator::start(notifier.clone())?),
             false => None,
         };
-        Ok(TdeFs { core, writeback_cache: spec.writeback_cache, notifier, acl: Default::default(), invalidator })
+        Ok(FuseAdapter { volume, writeback_cache: spec.writeback_cache, notifier, acl: Default::default(), invalidator })
     }
 
     /// We changed attributes the kernel caches (set-id bits dropped on its behalf): without
@@ -122,7 +122,7 @@ impl TdeFs {
     /// ACL in the parent replaces it, as on ext4, and the backing filesystem applies that
     /// ACL when tdefs creates the file); without one, the umask applies as usual.
     fn creation_mode(&self, parent: INodeNo, mode: u32, umask: u32) -> u32 {
-        if !self.acl.load(std::sync::atomic::Ordering::Relaxed) || self.core.has_default_acl(parent.0) {
+        if !self.acl.load(std::sync::atomic::Ordering::Relaxed) || self.volume.has_default_acl(parent.0) {
             mode
         } else {
             mode & !umask
@@ -135,14 +135,14 @@ impl TdeFs {
     }
 
     fn ttl(&self) -> Duration {
-        self.core.opts.ttl
+        self.volume.opts.ttl
     }
 
     /// With the writeback cache, regular files' mtime and ctime as the kernel has them (see
     /// `times`); without it the kernel takes the backing file's every time.
     fn report_times(&self, inode: &inode::Inode, st: &mut crate::sys::Stat) {
         if self.writeback_cache {
-            self.core.report_times(inode, st);
+            self.volume.report_times(inode, st);
         }
     }
 
@@ -150,7 +150,7 @@ impl TdeFs {
         match r {
             Ok((i, mut st)) => {
                 self.report_times(&i, &mut st);
-                reply.entry(&self.ttl(), &attr::to_attr(i.nodeid, &st), Generation(self.core.generation(&i)))
+                reply.entry(&self.ttl(), &attr::to_attr(i.nodeid, &st), Generation(self.volume.generation(&i)))
             }
             Err(e) => reply.error(fail(&e)),
         }
@@ -173,7 +173,7 @@ impl TdeFs {
 /// Whether the caller may keep set-id bits when it modifies a file (CAP_FSETID). FUSE
 /// does not pass capabilities; root stands for them, as in the kernel's default policy.
 fn lacks_fsetid(req: &Request) -> Option<KillPrivs> {
-    (req.uid() != 0).then(|| killer(req))
+    (req.uid() != 0).then(|| privs_to_kill(req))
 }
 
 /// O_DIRECT I/O whose offset or length is not a multiple of 512: ext4 refuses it with
@@ -183,7 +183,7 @@ fn misaligned_direct(flags: OpenFlags, offset: u64, len: usize) -> bool {
     flags.0 & libc::O_DIRECT != 0 && (offset % 512 != 0 || len % 512 != 0)
 }
 
-fn killer(req: &Request) -> KillPrivs {
+fn privs_to_kill(req: &Request) -> KillPrivs {
     KillPrivs { gid: req.gid(), pid: req.pid() }
 }
 
@@ -191,7 +191,7 @@ fn caller(req: &Request) -> Caller {
     Caller { uid: req.uid(), gid: req.gid() }
 }
 
-impl Filesystem for TdeFs {
+impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, cfg: &mut KernelConfig) -> std::io::Result<()> {
         let _ = cfg.set_max_write(1 << 20);
         let _ = cfg.set_max_readahead(1 << 20);
@@ -233,9 +233,9 @@ impl Filesystem for TdeFs {
 
     fn destroy(&mut self) {
         if self.writeback_cache {
-            self.core.keep_all_times();
+            self.volume.keep_all_times();
         }
-        if let Err(e) = self.core.dict().flush() {
+        if let Err(e) = self.volume.dict().flush() {
             tracing::error!(error = %e, "final dictionary flush failed");
         }
     }
@@ -245,9 +245,9 @@ impl Filesystem for TdeFs {
             // "." and ".." come only from the kernel's export operations (file handles,
             // FUSE_EXPORT_SUPPORT): a node by id, a directory's parent. See `export`.
             let r = match name.as_encoded_bytes() {
-                b"." => self.core.lookup_dot(parent.0),
-                b".." => self.core.lookup_dotdot(parent.0),
-                _ => self.core.inode(parent.0).and_then(|p| self.core.lookup(&p, name)),
+                b"." => self.volume.lookup_dot(parent.0),
+                b".." => self.volume.lookup_dotdot(parent.0),
+                _ => self.volume.inode(parent.0).and_then(|p| self.volume.lookup(&p, name)),
             };
             self.entry(r, reply);
         })
@@ -257,20 +257,20 @@ impl Filesystem for TdeFs {
         serve(Op::Forget, || {
             // Before the inode can go: a lookup meanwhile finds it, times and all.
             if self.writeback_cache {
-                if let Ok(i) = self.core.inode(ino.0) {
-                    self.core.keep_times(&i);
+                if let Ok(i) = self.volume.inode(ino.0) {
+                    self.volume.keep_times(&i);
                 }
             }
-            self.core.forget(ino.0, nlookup);
+            self.volume.forget(ino.0, nlookup);
         })
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         serve(Op::Getattr, || {
-            match self.core.getattr(ino.0, fh.map(|f| f.0)) {
+            match self.volume.getattr(ino.0, fh.map(|f| f.0)) {
                 Ok(mut st) => {
-                    if let (true, Ok(i)) = (self.writeback_cache, self.core.inode(ino.0)) {
-                        self.core.report_times(&i, &mut st);
+                    if let (true, Ok(i)) = (self.writeback_cache, self.volume.inode(ino.0)) {
+                        self.volume.report_times(&i, &mut st);
                     }
                     reply.attr(&self.ttl(), &attr::to_attr(ino.0, &st))
                 }
@@ -298,12 +298,12 @@ impl Filesystem for TdeFs {
         reply: ReplyAttr,
     ) {
         serve(Op::Setattr, || {
-            let kill = lacks_fsetid(req); // Core::setattr decides which changes drop set-id bits
-            match self.core.setattr(ino.0, mode, uid, gid, size, atime, mtime, fh.map(|f| f.0), kill) {
+            let kill = lacks_fsetid(req); // Volume::setattr decides which changes drop set-id bits
+            match self.volume.setattr(ino.0, mode, uid, gid, size, atime, mtime, fh.map(|f| f.0), kill) {
                 Ok(mut st) => {
                     // The kernel's own mtime/ctime, as it sends them (writeback cache).
-                    if let (true, Ok(i)) = (self.writeback_cache, self.core.inode(ino.0)) {
-                        self.core.setattr_times(&i, &mut st, mtime.is_some(), ctime);
+                    if let (true, Ok(i)) = (self.writeback_cache, self.volume.inode(ino.0)) {
+                        self.volume.setattr_times(&i, &mut st, mtime.is_some(), ctime);
                     }
                     reply.attr(&self.ttl(), &attr::to_attr(ino.0, &st))
                 }
@@ -314,7 +314,7 @@ impl Filesystem for TdeFs {
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         serve(Op::Readlink, || {
-            match self.core.readlink(ino.0) {
+            match self.volume.readlink(ino.0) {
                 Ok(t) => reply.data(std::os::unix::ffi::OsStrExt::as_bytes(t.as_os_str())),
                 Err(e) => reply.error(fail(&e)),
             }
@@ -324,32 +324,32 @@ impl Filesystem for TdeFs {
     fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
         serve(Op::Mknod, || {
             let mode = self.creation_mode(parent, mode, umask);
-            self.entry(self.core.mknod(parent.0, name, mode, rdev, caller(req)), reply);
+            self.entry(self.volume.mknod(parent.0, name, mode, rdev, caller(req)), reply);
         })
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
         serve(Op::Mkdir, || {
             let mode = self.creation_mode(parent, mode, umask);
-            self.entry(self.core.mkdir(parent.0, name, mode, caller(req)), reply);
+            self.entry(self.volume.mkdir(parent.0, name, mode, caller(req)), reply);
         })
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         serve(Op::Unlink, || {
-            Self::empty(self.core.unlink(parent.0, name), reply);
+            Self::empty(self.volume.unlink(parent.0, name), reply);
         })
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         serve(Op::Rmdir, || {
-            Self::empty(self.core.rmdir(parent.0, name), reply);
+            Self::empty(self.volume.rmdir(parent.0, name), reply);
         })
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
         serve(Op::Symlink, || {
-            self.entry(self.core.symlink(parent.0, link_name, target.as_os_str(), caller(req)), reply);
+            self.entry(self.volume.symlink(parent.0, link_name, target.as_os_str(), caller(req)), reply);
         })
     }
 
@@ -364,19 +364,19 @@ impl Filesystem for TdeFs {
         reply: ReplyEmpty,
     ) {
         serve(Op::Rename, || {
-            Self::empty(self.core.rename(parent.0, name, newparent.0, newname, flags.bits()), reply);
+            Self::empty(self.volume.rename(parent.0, name, newparent.0, newname, flags.bits()), reply);
         })
     }
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
         serve(Op::Link, || {
-            self.entry(self.core.link(ino.0, newparent.0, newname), reply);
+            self.entry(self.volume.link(ino.0, newparent.0, newname), reply);
         })
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         serve(Op::Open, || {
-            match self.core.open(ino.0, flags.0, lacks_fsetid(req)) {
+            match self.volume.open(ino.0, flags.0, lacks_fsetid(req)) {
                 Ok((fh, mode_changed)) => {
                     reply.opened(FileHandle(fh), Self::open_flags());
                     // O_TRUNC dropped set-id bits: the kernel would show the old mode until
@@ -406,9 +406,9 @@ impl Filesystem for TdeFs {
                 return reply.error(fail(&errno::Error::Os(libc::EINVAL)));
             }
             if self.invalidator.is_some() && flags.0 & libc::O_DIRECT == 0 {
-                self.core.note_page_cache_read(fh.0);
+                self.volume.note_page_cache_read(fh.0);
             }
-            self.core.read(fh.0, offset, size, |r| match r {
+            self.volume.read(fh.0, offset, size, |r| match r {
                 Ok(data) => {
                     metrics::read_bytes(data.len());
                     reply.data(data)
@@ -436,17 +436,17 @@ impl Filesystem for TdeFs {
                 return reply.error(fail(&errno::Error::Os(libc::EINVAL)));
             }
             if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
-                match self.core.kill_privs(fh.0, &killer(req)) {
+                match self.volume.kill_privs(fh.0, &privs_to_kill(req)) {
                     Ok(true) => self.attrs_changed(ino),
                     Ok(false) => {}
                     Err(e) => return reply.error(fail(&e)),
                 }
             }
-            match self.core.write(fh.0, offset, data) {
+            match self.volume.write(fh.0, offset, data) {
                 Ok(n) => {
                     metrics::written_bytes(n as usize);
                     if let Some(inv) = &self.invalidator {
-                        if dio::is_direct_write(write_flags, flags) && self.core.had_page_cache_reads(fh.0) {
+                        if dio::is_direct_write(write_flags, flags) && self.volume.had_page_cache_reads(fh.0) {
                             return inv.reply_after_invalidation(ino, offset, n, reply);
                         }
                     }
@@ -474,20 +474,20 @@ impl Filesystem for TdeFs {
         reply: ReplyEmpty,
     ) {
         serve(Op::Release, || {
-            self.core.release(fh.0);
+            self.volume.release(fh.0);
             reply.ok();
         })
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
         serve(Op::Fsync, || {
-            Self::empty(self.core.fsync(fh.0, datasync), reply);
+            Self::empty(self.volume.fsync(fh.0, datasync), reply);
         })
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         serve(Op::Opendir, || {
-            match self.core.opendir(ino.0) {
+            match self.volume.opendir(ino.0) {
                 Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
                 Err(e) => reply.error(fail(&e)),
             }
@@ -496,7 +496,7 @@ impl Filesystem for TdeFs {
 
     fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         serve(Op::Readdir, || {
-            let r = self.core.readdir(fh.0, offset, |name, nodeid, kind, off| reply.add(INodeNo(nodeid), off, kind, name));
+            let r = self.volume.readdir(fh.0, offset, |name, nodeid, kind, off| reply.add(INodeNo(nodeid), off, kind, name));
             match r {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(fail(&e)),
@@ -506,28 +506,28 @@ impl Filesystem for TdeFs {
 
     fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
         serve(Op::Readdirplus, || {
-            let dir = match self.core.inode(ino.0) {
+            let dir = match self.volume.inode(ino.0) {
                 Ok(d) => d,
                 Err(e) => return reply.error(fail(&e)),
             };
             let ttl = self.ttl();
-            let core = &self.core;
-            let r = core.readdir(fh.0, offset, |name, nodeid, _kind, off| {
+            let volume = &self.volume;
+            let r = volume.readdir(fh.0, offset, |name, nodeid, _kind, off| {
                 if name == "." || name == ".." {
                     // The kernel takes no reference for these; attributes are not used.
-                    let st = core.pfd(&dir).and_then(|fd| Ok(crate::sys::fstat(std::os::fd::AsFd::as_fd(&*fd))?));
+                    let st = volume.parent_fd(&dir).and_then(|fd| Ok(crate::sys::fstat(std::os::fd::AsFd::as_fd(&*fd))?));
                     return match st {
                         Ok(st) => reply.add(INodeNo(nodeid), off, name, &ttl, &attr::to_attr(nodeid, &st), GEN),
                         Err(_) => false,
                     };
                 }
-                match core.lookup(&dir, name) {
+                match volume.lookup(&dir, name) {
                     Ok((i, mut st)) => {
                         self.report_times(&i, &mut st);
-                        let gen = Generation(core.generation(&i));
+                        let gen = Generation(volume.generation(&i));
                         let full = reply.add(INodeNo(i.nodeid), off, name, &ttl, &attr::to_attr(i.nodeid, &st), gen);
                         if full {
-                            core.forget(i.nodeid, 1); // not sent: give the reference back
+                            volume.forget(i.nodeid, 1); // not sent: give the reference back
                         }
                         full
                     }
@@ -543,20 +543,20 @@ impl Filesystem for TdeFs {
 
     fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
         serve(Op::Releasedir, || {
-            self.core.releasedir(fh.0);
+            self.volume.releasedir(fh.0);
             reply.ok();
         })
     }
 
     fn fsyncdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         serve(Op::Fsyncdir, || {
-            Self::empty(self.core.fsyncdir(fh.0), reply);
+            Self::empty(self.volume.fsyncdir(fh.0), reply);
         })
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         serve(Op::Statfs, || {
-            match self.core.statfs() {
+            match self.volume.statfs() {
                 Ok(s) => reply.statfs(
                     s.f_blocks,
                     s.f_bfree,
@@ -576,10 +576,10 @@ impl Filesystem for TdeFs {
         serve(Op::Setxattr, || {
             // Tests make this handler panic (TDEFS_FAULT=panic:request:setxattr).
             crate::hooks::crash("request:setxattr");
-            let mut r = self.core.setxattr(ino.0, name, value, flags);
+            let mut r = self.volume.setxattr(ino.0, name, value, flags);
             if r.is_ok() && name == "system.posix_acl_access" {
                 if let Some(who) = lacks_fsetid(req) {
-                    match self.core.acl_kill_sgid(ino.0, &who) {
+                    match self.volume.acl_kill_sgid(ino.0, &who) {
                         Ok(true) => self.attrs_changed(ino),
                         Ok(false) => {}
                         Err(e) => r = Err(e),
@@ -593,7 +593,7 @@ impl Filesystem for TdeFs {
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         serve(Op::Getxattr, || {
             let mut buf = vec![0u8; size as usize];
-            match self.core.getxattr(ino.0, name, &mut buf) {
+            match self.volume.getxattr(ino.0, name, &mut buf) {
                 Ok(n) if size == 0 => reply.size(n as u32),
                 Ok(n) => reply.data(&buf[..n]),
                 Err(e) => reply.error(fail(&e)),
@@ -604,7 +604,7 @@ impl Filesystem for TdeFs {
     fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         serve(Op::Listxattr, || {
             let mut buf = vec![0u8; size as usize];
-            match self.core.listxattr(ino.0, &mut buf, req.uid() != 0) {
+            match self.volume.listxattr(ino.0, &mut buf, req.uid() != 0) {
                 Ok(n) if size == 0 => reply.size(n as u32),
                 Ok(n) => reply.data(&buf[..n]),
                 Err(e) => reply.error(fail(&e)),
@@ -614,7 +614,7 @@ impl Filesystem for TdeFs {
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         serve(Op::Removexattr, || {
-            Self::empty(self.core.removexattr(ino.0, name), reply);
+            Self::empty(self.volume.removexattr(ino.0, name), reply);
         })
     }
 
@@ -623,17 +623,17 @@ impl Filesystem for TdeFs {
             // Only without default_permissions (then without allow_other: only the mounting
             // user gets here; the config refuses the other combination): answer as the kernel's
             // generic_permission would, from the mode bits.
-            Self::empty(self.core.access(ino.0, req.uid(), &killer(req), mask.bits()), reply);
+            Self::empty(self.volume.access(ino.0, req.uid(), &privs_to_kill(req), mask.bits()), reply);
         })
     }
 
     fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
         serve(Op::Create, || {
             let mode = self.creation_mode(parent, mode, umask);
-            match self.core.create(parent.0, name, mode, flags, caller(req)) {
+            match self.volume.create(parent.0, name, mode, flags, caller(req)) {
                 Ok((i, mut st, fh)) => {
                     self.report_times(&i, &mut st);
-                    let gen = Generation(self.core.generation(&i));
+                    let gen = Generation(self.volume.generation(&i));
                     reply.created(&self.ttl(), &attr::to_attr(i.nodeid, &st), gen, FileHandle(fh), Self::open_flags())
                 }
                 Err(e) => reply.error(fail(&e)),
@@ -643,13 +643,13 @@ impl Filesystem for TdeFs {
 
     fn fallocate(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
         serve(Op::Fallocate, || {
-            Self::empty(self.core.fallocate(fh.0, offset, length, mode), reply);
+            Self::empty(self.volume.fallocate(fh.0, offset, length, mode), reply);
         })
     }
 
     fn lseek(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
         serve(Op::Lseek, || {
-            match self.core.lseek(fh.0, offset, whence) {
+            match self.volume.lseek(fh.0, offset, whence) {
                 Ok(o) => reply.offset(o),
                 Err(e) => reply.error(fail(&e)),
             }
@@ -670,7 +670,7 @@ impl Filesystem for TdeFs {
         reply: ReplyWrite,
     ) {
         serve(Op::CopyFileRange, || {
-            match self.core.copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len) {
+            match self.volume.copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len) {
                 Ok(n) => {
                     // Read from one file and written to another inside the daemon.
                     metrics::read_bytes(n as usize);

@@ -14,11 +14,11 @@ use std::sync::Arc;
 
 use fuser::FileType;
 
-use super::core::Core;
+use super::volume::Volume;
 use super::rotation::KeyUse;
 use super::errno::{err, Error, Result};
 use super::handle::FileHandle;
-use super::inode::{FileState, Inode, Loc};
+use super::inode::{FileEncryption, Inode, Loc};
 use crate::dictionary::{FileEntry, Record};
 use crate::sys::{self, Stat};
 
@@ -37,7 +37,7 @@ fn exists(dir: BorrowedFd<'_>, name: &OsStr) -> Result<Option<Stat>> {
     }
 }
 
-impl Core {
+impl Volume {
     /// Descriptors that can fsync directories `dirs` (for dictionary barriers).
     fn dir_barriers(&self, dirs: &[&Inode]) -> Vec<OwnedFd> {
         let mut v: Vec<OwnedFd> = Vec::new();
@@ -45,14 +45,14 @@ impl Core {
             if dirs[..i].iter().any(|o| o.nodeid == d.nodeid) {
                 continue;
             }
-            let fd = self.pfd(d).ok().and_then(|p| sys::openat(p.as_fd(), OsStr::new("."), libc::O_RDONLY | libc::O_DIRECTORY, 0).ok());
+            let fd = self.parent_fd(d).ok().and_then(|p| sys::openat(p.as_fd(), OsStr::new("."), libc::O_RDONLY | libc::O_DIRECTORY, 0).ok());
             v.extend(fd);
         }
         v
     }
 }
 
-impl Core {
+impl Volume {
     /// Record, durably, that `parent/name` will be encrypted as `entry` (or, for `None`,
     /// that it has no entry: needed only when a stale one exists). Returns the path when a
     /// record was written, so a failed create can undo it. `key_use`, the guard under which
@@ -66,7 +66,7 @@ impl Core {
         key_use: KeyUse<'_>,
     ) -> Result<Option<Vec<u8>>> {
         let seq = {
-            let _ns = self.ns.read();
+            let _no_rename = self.rename_lock.read();
             let path = parent.child_path(name).ok_or(Error::Os(libc::ENOENT))?;
             let rec = match entry {
                 Some(entry) => Record::Put { path: path.clone(), entry },
@@ -83,7 +83,7 @@ impl Core {
     /// Undo `record_new_name` after the backing operation failed (the name does not exist).
     fn forget_new_name(&self, path: Option<Vec<u8>>) {
         if let Some(path) = path {
-            let _ns = self.ns.read();
+            let _no_rename = self.rename_lock.read();
             if self.dict.get(&path).is_some() {
                 let _ = self.dict.submit(Record::Delete { path });
             }
@@ -96,7 +96,7 @@ impl Core {
         if !self.can_chown {
             return Ok(());
         }
-        let pst = sys::fstat(self.pfd(parent)?.as_fd())?;
+        let pst = sys::fstat(self.parent_fd(parent)?.as_fd())?;
         let gid = if pst.st_mode & libc::S_ISGID != 0 { pst.st_gid } else { who.gid };
         sys::fchown(fd, who.uid, gid)?;
         if !is_dir && mode & (libc::S_ISUID | libc::S_ISGID) != 0 {
@@ -108,16 +108,16 @@ impl Core {
     #[allow(clippy::too_many_arguments)]
     pub fn create(&self, parent_id: u64, name: &OsStr, mode: u32, flags: i32, who: Caller) -> Result<(Arc<Inode>, Stat, u64)> {
         let parent = self.inode(parent_id)?;
-        self.check_new_name(&parent, name)?;
-        let pfd = self.pfd(&parent)?;
-        if exists(pfd.as_fd(), name)?.is_some() {
+        self.refuse_reserved_name(&parent, name)?;
+        let parent_fd = self.parent_fd(&parent)?;
+        if exists(parent_fd.as_fd(), name)?.is_some() {
             return err(libc::EEXIST);
         }
         let (entry, cipher, key_use) = self.new_entry()?;
         let recorded = self.record_new_name(&parent, name, Some(entry), key_use)?;
         let open_flags =
             libc::O_CREAT | libc::O_EXCL | libc::O_RDWR | (flags & (libc::O_SYNC | libc::O_DSYNC)) | self.file_atime_flag();
-        let fd = match sys::openat(pfd.as_fd(), name, open_flags, mode & 0o7777) {
+        let fd = match sys::openat(parent_fd.as_fd(), name, open_flags, mode & 0o7777) {
             Ok(fd) => fd,
             Err(e) => {
                 self.forget_new_name(recorded);
@@ -126,16 +126,16 @@ impl Core {
         };
         self.set_owner(fd.as_fd(), &parent, who, mode, false)?;
         let st = sys::fstat(fd.as_fd())?;
-        let (inode, st) = self.register(&parent, name, &st, Some(FileState { entry: Some(entry), cipher: Some(cipher) }))?;
+        let (inode, st) = self.register(&parent, name, &st, Some(FileEncryption { entry: Some(entry), cipher: Some(cipher) }))?;
         let fh = self.files.insert(FileHandle::new(inode.clone(), fd));
         Ok((inode, st, fh))
     }
 
     pub fn mknod(&self, parent_id: u64, name: &OsStr, mode: u32, rdev: u32, who: Caller) -> Result<(Arc<Inode>, Stat)> {
         let parent = self.inode(parent_id)?;
-        self.check_new_name(&parent, name)?;
-        let pfd = self.pfd(&parent)?;
-        if exists(pfd.as_fd(), name)?.is_some() {
+        self.refuse_reserved_name(&parent, name)?;
+        let parent_fd = self.parent_fd(&parent)?;
+        if exists(parent_fd.as_fd(), name)?.is_some() {
             return err(libc::EEXIST);
         }
         let regular = mode & libc::S_IFMT == libc::S_IFREG || mode & libc::S_IFMT == 0;
@@ -144,13 +144,13 @@ impl Core {
         if regular {
             let (entry, cipher, key_use) = self.new_entry()?;
             recorded = self.record_new_name(&parent, name, Some(entry), key_use)?;
-            preset = Some(FileState { entry: Some(entry), cipher: Some(cipher) });
+            preset = Some(FileEncryption { entry: Some(entry), cipher: Some(cipher) });
         }
-        if let Err(e) = sys::mknodat(pfd.as_fd(), name, mode, rdev as libc::dev_t) {
+        if let Err(e) = sys::mknodat(parent_fd.as_fd(), name, mode, rdev as libc::dev_t) {
             self.forget_new_name(recorded);
             return Err(e.into());
         }
-        let fd = sys::openat(pfd.as_fd(), name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+        let fd = sys::openat(parent_fd.as_fd(), name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
         self.set_owner(fd.as_fd(), &parent, who, mode, false)?;
         let st = sys::fstat(fd.as_fd())?;
         self.register(&parent, name, &st, preset)
@@ -158,10 +158,10 @@ impl Core {
 
     pub fn mkdir(&self, parent_id: u64, name: &OsStr, mode: u32, who: Caller) -> Result<(Arc<Inode>, Stat)> {
         let parent = self.inode(parent_id)?;
-        self.check_new_name(&parent, name)?;
-        let pfd = self.pfd(&parent)?;
-        sys::mkdirat(pfd.as_fd(), name, mode & 0o7777)?;
-        let fd = sys::openat(pfd.as_fd(), name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+        self.refuse_reserved_name(&parent, name)?;
+        let parent_fd = self.parent_fd(&parent)?;
+        sys::mkdirat(parent_fd.as_fd(), name, mode & 0o7777)?;
+        let fd = sys::openat(parent_fd.as_fd(), name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
         self.set_owner(fd.as_fd(), &parent, who, mode, true)?;
         let st = sys::fstat(fd.as_fd())?;
         self.register(&parent, name, &st, None)
@@ -169,10 +169,10 @@ impl Core {
 
     pub fn symlink(&self, parent_id: u64, name: &OsStr, target: &OsStr, who: Caller) -> Result<(Arc<Inode>, Stat)> {
         let parent = self.inode(parent_id)?;
-        self.check_new_name(&parent, name)?;
-        let pfd = self.pfd(&parent)?;
-        sys::symlinkat(target, pfd.as_fd(), name)?;
-        let fd = sys::openat(pfd.as_fd(), name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+        self.refuse_reserved_name(&parent, name)?;
+        let parent_fd = self.parent_fd(&parent)?;
+        sys::symlinkat(target, parent_fd.as_fd(), name)?;
+        let fd = sys::openat(parent_fd.as_fd(), name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
         self.set_owner(fd.as_fd(), &parent, who, 0, true)?;
         let st = sys::fstat(fd.as_fd())?;
         self.register(&parent, name, &st, None)
@@ -181,8 +181,8 @@ impl Core {
     pub fn link(&self, nodeid: u64, newparent_id: u64, newname: &OsStr) -> Result<(Arc<Inode>, Stat)> {
         let inode = self.inode(nodeid)?;
         let newparent = self.inode(newparent_id)?;
-        self.check_new_name(&newparent, newname)?;
-        let npfd = self.pfd(&newparent)?;
+        self.refuse_reserved_name(&newparent, newname)?;
+        let npfd = self.parent_fd(&newparent)?;
         if exists(npfd.as_fd(), newname)?.is_some() {
             return err(libc::EEXIST);
         }
@@ -195,7 +195,7 @@ impl Core {
         let key_use = self.key_use.read();
         let entry = if inode.kind == FileType::RegularFile { data_lock.entry } else { None };
         let recorded = self.record_new_name(&newparent, newname, entry, key_use)?;
-        let ifd = self.pfd(&inode)?;
+        let ifd = self.parent_fd(&inode)?;
         if let Err(e) = sys::link_fd(ifd.as_fd(), npfd.as_fd(), newname) {
             self.forget_new_name(recorded);
             return Err(e.into());
@@ -207,16 +207,16 @@ impl Core {
 
     pub fn unlink(&self, parent_id: u64, name: &OsStr) -> Result<()> {
         let parent = self.inode(parent_id)?;
-        let pfd = self.pfd(&parent)?;
-        let st = sys::fstatat(pfd.as_fd(), name, libc::AT_SYMLINK_NOFOLLOW)?;
-        let known = self.known_inode(pfd.as_fd(), name, &st);
-        sys::unlinkat(pfd.as_fd(), name, 0)?;
+        let parent_fd = self.parent_fd(&parent)?;
+        let st = sys::fstatat(parent_fd.as_fd(), name, libc::AT_SYMLINK_NOFOLLOW)?;
+        let known = self.known_inode(parent_fd.as_fd(), name, &st);
+        sys::unlinkat(parent_fd.as_fd(), name, 0)?;
         if let Some(i) = known {
             i.clear_loc_if(&parent, name);
         }
         if st.st_mode & libc::S_IFMT == libc::S_IFREG {
             let barriers = self.dir_barriers(&[&parent]);
-            let _ns = self.ns.read();
+            let _no_rename = self.rename_lock.read();
             if let Some(path) = parent.child_path(name).filter(|p| self.dict.get(p).is_some()) {
                 // The name is gone; a stale entry would be harmless, so a failure here is
                 // logged, not returned.
@@ -230,10 +230,10 @@ impl Core {
 
     pub fn rmdir(&self, parent_id: u64, name: &OsStr) -> Result<()> {
         let parent = self.inode(parent_id)?;
-        let pfd = self.pfd(&parent)?;
-        let st = sys::fstatat(pfd.as_fd(), name, libc::AT_SYMLINK_NOFOLLOW)?;
-        let known = self.known_inode(pfd.as_fd(), name, &st);
-        sys::unlinkat(pfd.as_fd(), name, libc::AT_REMOVEDIR)?;
+        let parent_fd = self.parent_fd(&parent)?;
+        let st = sys::fstatat(parent_fd.as_fd(), name, libc::AT_SYMLINK_NOFOLLOW)?;
+        let known = self.known_inode(parent_fd.as_fd(), name, &st);
+        sys::unlinkat(parent_fd.as_fd(), name, libc::AT_REMOVEDIR)?;
         if let Some(i) = known {
             i.clear_loc_if(&parent, name);
         }
@@ -243,21 +243,21 @@ impl Core {
     pub fn rename(&self, parent_id: u64, name: &OsStr, newparent_id: u64, newname: &OsStr, flags: u32) -> Result<()> {
         let parent = self.inode(parent_id)?;
         let newparent = self.inode(newparent_id)?;
-        self.check_new_name(&parent, name)?;
-        self.check_new_name(&newparent, newname)?;
-        let (pfd, npfd) = (self.pfd(&parent)?, self.pfd(&newparent)?);
-        let src = sys::fstatat(pfd.as_fd(), name, libc::AT_SYMLINK_NOFOLLOW)?;
+        self.refuse_reserved_name(&parent, name)?;
+        self.refuse_reserved_name(&newparent, newname)?;
+        let (parent_fd, npfd) = (self.parent_fd(&parent)?, self.parent_fd(&newparent)?);
+        let src = sys::fstatat(parent_fd.as_fd(), name, libc::AT_SYMLINK_NOFOLLOW)?;
         let dst = exists(npfd.as_fd(), newname)?;
-        let src_inode = self.known_inode(pfd.as_fd(), name, &src);
+        let src_inode = self.known_inode(parent_fd.as_fd(), name, &src);
         let dst_inode = dst.as_ref().and_then(|d| self.known_inode(npfd.as_fd(), newname, d));
-        let rename = || sys::renameat2(pfd.as_fd(), name, npfd.as_fd(), newname, flags);
+        let rename = || sys::renameat2(parent_fd.as_fd(), name, npfd.as_fd(), newname, flags);
         if dst.is_some_and(|d| d.st_ino == src.st_ino && d.st_dev == src.st_dev) {
             return Ok(rename()?); // two links to one file: the backing decides (a no-op)
         }
         let exchange = flags & libc::RENAME_EXCHANGE != 0;
         let is_dir = |st: &Stat| st.st_mode & libc::S_IFMT == libc::S_IFDIR;
         let intent = {
-            let _ns = self.ns.read();
+            let _no_rename = self.rename_lock.read();
             let from = parent.child_path(name).ok_or(Error::Os(libc::ENOENT))?;
             let to = newparent.child_path(newname).ok_or(Error::Os(libc::ENOENT))?;
             // Directories always get an intent: files may be created inside one while it
@@ -280,7 +280,7 @@ impl Core {
         let res = rename();
         let barriers = if intent.is_some() && res.is_ok() { self.dir_barriers(&[&parent, &newparent]) } else { Vec::new() };
         {
-            let _ns = self.ns.write();
+            let _no_rename = self.rename_lock.write();
             if let Some(seq) = intent {
                 let rec = if res.is_ok() { Record::RenameDone { intent: seq } } else { Record::RenameAbort { intent: seq } };
                 if let Err(e) = self.dict.submit_after(rec, barriers) {

@@ -1,10 +1,10 @@
 //! Data-key rotation and garbage collection of data keys no file uses, for the running
 //! mount (the key store itself is `keys::store`).
 
-use super::core::Core;
+use super::volume::Volume;
 use super::errno::Result;
 
-impl Core {
+impl Volume {
     /// Make a new data key if the current one is older than the rotation period or has
     /// another method than the configured one (no-op for the plaintext method).
     pub fn rotate_data_key_if_due(&self) -> Result<()> {

@@ -6,16 +6,16 @@ use std::os::fd::AsFd;
 
 use fuser::FileType;
 
-use super::core::Core;
+use super::volume::Volume;
 use super::errno::{err, Result};
 use crate::sys;
 
-impl Core {
+impl Volume {
     /// access(2) from the mode bits (as the kernel's generic_permission, without ACLs).
     /// Root may read and write anything, and execute what has an execute bit (or is a
     /// directory).
     pub fn access(&self, nodeid: u64, uid: u32, who: &KillPrivs, mask: i32) -> Result<()> {
-        let st = sys::fstat(self.pfd(&*self.inode(nodeid)?)?.as_fd())?;
+        let st = sys::fstat(self.parent_fd(&*self.inode(nodeid)?)?.as_fd())?;
         let mode = st.st_mode;
         let is_dir = mode & libc::S_IFMT == libc::S_IFDIR;
         let want = mask & (libc::R_OK | libc::W_OK | libc::X_OK);
@@ -46,7 +46,7 @@ impl Core {
         if inode.kind == FileType::Symlink {
             return Ok(false);
         }
-        let fd = self.pfd(&inode)?;
+        let fd = self.parent_fd(&inode)?;
         let st = sys::fstat(fd.as_fd())?;
         if st.st_mode & libc::S_ISGID == 0 || who.in_group(st.st_gid) {
             return Ok(false);

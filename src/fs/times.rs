@@ -26,7 +26,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::time::SystemTime;
 
 use super::attr::timespec_from_request;
-use super::core::Core;
+use super::volume::Volume;
 use super::errno::{Error, Result};
 use super::inode::{Inode, KernelTimes, Ts};
 use crate::sys::{self, Stat};
@@ -64,9 +64,9 @@ fn is_regular(st: &Stat) -> bool {
     st.st_mode & libc::S_IFMT == libc::S_IFREG
 }
 
-impl Core {
+impl Volume {
     fn times_target(&self, inode: &Inode) -> Result<(sys::XattrTarget, std::sync::Arc<std::os::fd::OwnedFd>)> {
-        let fd = self.pfd(inode)?;
+        let fd = self.parent_fd(inode)?;
         Ok((sys::XattrTarget { path: sys::proc_path(fd.as_raw_fd()), follow: true }, fd))
     }
 
@@ -129,7 +129,7 @@ impl Core {
     /// when the kernel forgets the inode and at unmount.
     pub(super) fn persist_times(&self, inode: &Inode) -> Result<()> {
         let Some(t) = *inode.ktimes.lock() else { return Ok(()) };
-        let fd = match self.pfd(inode) {
+        let fd = match self.parent_fd(inode) {
             Ok(fd) => fd,
             // Its last name is gone and nobody has it open: nothing left to keep.
             Err(Error::Io(e)) if matches!(e.raw_os_error(), Some(libc::ESTALE | libc::ENOMEM)) && inode.loc().is_none() => {

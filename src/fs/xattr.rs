@@ -9,12 +9,12 @@ use std::sync::atomic::Ordering;
 
 use fuser::FileType;
 
-use super::core::Core;
+use super::volume::Volume;
 use super::errno::{err, Error, Result};
 use super::times::{is_times_xattr, TIMES_XATTR};
 use crate::sys;
 
-impl Core {
+impl Volume {
     /// Where xattr calls for `nodeid` go, and the descriptor that path refers through (keep
     /// it alive for the call).
     pub(super) fn xattr_target(&self, nodeid: u64) -> Result<(sys::XattrTarget, Arc<OwnedFd>)> {
@@ -22,14 +22,14 @@ impl Core {
         if inode.kind == FileType::Symlink {
             // A symlink's own xattrs: address it through its parent, without following.
             let loc = inode.loc().ok_or(Error::Os(libc::ENOENT))?;
-            let pfd = self.pfd(&loc.parent)?;
-            let mut p = sys::proc_path(pfd.as_raw_fd()).into_bytes();
+            let parent_fd = self.parent_fd(&loc.parent)?;
+            let mut p = sys::proc_path(parent_fd.as_raw_fd()).into_bytes();
             p.push(b'/');
             p.extend_from_slice(loc.name.as_bytes());
             let path = std::ffi::CString::new(p).map_err(|_| Error::Os(libc::EINVAL))?;
-            return Ok((sys::XattrTarget { path, follow: false }, pfd));
+            return Ok((sys::XattrTarget { path, follow: false }, parent_fd));
         }
-        let fd = self.pfd(&inode)?;
+        let fd = self.parent_fd(&inode)?;
         Ok((sys::XattrTarget { path: sys::proc_path(fd.as_raw_fd()), follow: true }, fd))
     }
 

@@ -14,7 +14,7 @@ use clap::{Parser, Subcommand};
 use tdefs::config::MasterKeyConfig;
 use tdefs::crypto::{random_iv, Method};
 use tdefs::dictionary::{FileEntry, Record};
-use tdefs::meta::{MasterKeys, Metadata, OpenOptions};
+use tdefs::metadir::{MasterKeys, Metadata, OpenOptions};
 
 #[derive(Parser)]
 struct Cli {

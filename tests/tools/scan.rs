@@ -25,7 +25,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tdefs::config::Config;
-use tdefs::meta::{is_hidden_name, MasterKeys, Offline};
+use tdefs::metadir::{is_hidden_name, MasterKeys, LockedMetadata};
 
 #[derive(Parser)]
 struct Args {
@@ -57,7 +57,7 @@ const BUILTIN: &[&str] = &["SQLite format 3", "TDEFS-MARKER-"];
 fn run(a: Args) -> Result<bool, String> {
     let cfg = Config::load(&a.config).map_err(|e| e.to_string())?;
     let backing = cfg.backing_dir.clone().ok_or("no backing-dir in the config")?;
-    let off = Offline::open_read_only(&backing, &MasterKeys::from_config(&cfg.security.encryption)).map_err(|e| e.to_string())?;
+    let off = LockedMetadata::open_read_only(&backing, &MasterKeys::from_config(&cfg.security.encryption)).map_err(|e| e.to_string())?;
     let loaded = off.load().map_err(|e| e.to_string())?;
     let mut patterns: Vec<Vec<u8>> = a.pattern.iter().map(|p| p.as_bytes().to_vec()).collect();
     if let Some(f) = &a.pattern_file {

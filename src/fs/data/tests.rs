@@ -242,7 +242,7 @@ impl Store for Crashing<'_> {
             return self.inner.pwrite(buf, off);
         }
         // Torn: whole pages of the file up to `torn_pages`, counted from the write's start.
-        let first_page_end = (down(off) + BLOCK - off) as usize;
+        let first_page_end = (align_down(off) + BLOCK - off) as usize;
         let keep = (first_page_end + self.torn_pages.saturating_sub(1) * BLOCK as usize).min(buf.len());
         if self.torn_pages > 0 && keep > 0 {
             self.inner.pwrite(&buf[..keep], off)?;
@@ -327,7 +327,7 @@ fn mem_seek(s: &Mem, off: u64, whence: i32) -> io::Result<u64> {
         return Err(io::Error::from_raw_os_error(libc::ENXIO));
     }
     let is_data = |b: u64| m[b as usize..(b + BLOCK).min(size) as usize].iter().any(|&x| x != 0);
-    let mut b = down(off);
+    let mut b = align_down(off);
     while b < size {
         if is_data(b) == (whence == libc::SEEK_DATA) {
             return Ok(b.max(off));

@@ -4,9 +4,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::os::fd::AsFd;
 
 use crate::crypto::Method;
-use crate::dictionary::{FileEntry, Loaded};
+use crate::dictionary::{FileEntry, LoadedDictionary};
 
-use super::{is_hidden_name, Offline, STAGING_PREFIX};
+use super::{is_hidden_name, LockedMetadata, STAGING_PREFIX};
 
 /// What `check` found.
 #[derive(Debug, Default)]
@@ -54,7 +54,7 @@ struct Found {
 }
 
 /// Compare the dictionary with the files in the backing directory.
-pub fn check(off: &Offline, loaded: &Loaded) -> std::io::Result<CheckReport> {
+pub fn check(off: &LockedMetadata, loaded: &LoadedDictionary) -> std::io::Result<CheckReport> {
     let mut files: HashMap<Vec<u8>, Found> = HashMap::new();
     let root = std::fs::File::open(&off.backing)?;
     crate::walk::walk(root.as_fd(), is_hidden_name, |e| {

@@ -18,13 +18,13 @@ use parking_lot::{Mutex, RwLock};
 use super::attr::kind_of;
 use super::errno::{err, Error, Result};
 use super::handle::{DirHandle, FileHandle, HandleTable};
-use super::inode::{FileState, Inode, InodeTable, Loc};
+use super::inode::{FileEncryption, Inode, InodeTable, Loc};
 use super::rotation::KeyUse;
 use super::setid::{kill_suidgid, KillPrivs};
 use crate::crypto::{random_iv, FileCipher, Method};
 use crate::dictionary::{FileDict, FileEntry};
 use crate::keys::KeyStore;
-use crate::meta::{is_hidden_name, Metadata};
+use crate::metadir::{is_hidden_name, Metadata};
 use crate::sys::{self, Stat};
 
 /// What the adapter needs to know from the configuration.
@@ -39,7 +39,10 @@ pub struct FsOptions {
     pub nodiratime: bool,
 }
 
-pub struct Core {
+/// The mounted volume: its inodes, handles, dictionary and keys, and the POSIX semantics
+/// over them (this file and its siblings); `FuseAdapter` (mod.rs) only translates fuser's
+/// calls into calls of this.
+pub struct Volume {
     pub(super) root: Arc<Inode>,
     pub(super) root_dev: u64,
     pub(super) inodes: InodeTable,
@@ -51,12 +54,12 @@ pub struct Core {
     /// Namespace lock: pairs "compute a path from the inode tree" with "read or queue a
     /// dictionary record for it" (shared), against "a rename's outcome moves entries and
     /// inode locations" (exclusive). Never held across I/O waits.
-    pub(super) ns: RwLock<()>,
+    pub(super) rename_lock: RwLock<()>,
     /// Held shared from the moment a data key is chosen for a file until the file's record
     /// is queued (create, mknod, re-keying, link), and exclusively while key GC decides
     /// which keys no file uses: a key taken as "current" and rotated away meanwhile cannot
     /// be collected before the record that references it exists. Lock order: an inode's
-    /// data lock, then this, then `ns`.
+    /// data lock, then this, then `rename_lock`.
     pub(super) key_use: RwLock<()>,
     /// Whether the daemon may chown (runs as root): new files then belong to the caller.
     pub(super) can_chown: bool,
@@ -66,7 +69,7 @@ pub struct Core {
     pub(super) mount_fd: OwnedFd,
     other_devs: Mutex<HashMap<u64, u64>>,
     /// With `noatime`/`nodiratime`: the private copy of the backing mount tree, with those
-    /// flags, that every backing inode is reached through (see `Core::new`).
+    /// flags, that every backing inode is reached through (see `Volume::new`).
     _atime_tree: Option<OwnedFd>,
     /// The backing root's file handle (its kind tells whether inodes can be opened by
     /// number alone: see `export`).
@@ -75,8 +78,8 @@ pub struct Core {
     pub(super) departed: super::export::DepartedFiles,
 }
 
-impl Core {
-    pub fn new(meta: &Metadata, opts: FsOptions) -> Result<Core> {
+impl Volume {
+    pub fn new(meta: &Metadata, opts: FsOptions) -> Result<Volume> {
         // noatime / nodiratime, exactly: the kernel never updates atime of a FUSE inode
         // itself (fuse_iget sets S_NOATIME), only tdefs' backing accesses can. Reached
         // through a private copy of the backing mount with the same flags, no backing
@@ -110,8 +113,8 @@ impl Core {
                  cached inode, so the open-file limit bounds how many files the kernel may cache"
             );
         }
-        let root = Arc::new(Inode::new(INodeNo::ROOT.0, FileType::Directory, None, Some(fd), None, FileState::none()));
-        Ok(Core {
+        let root = Arc::new(Inode::new(INodeNo::ROOT.0, FileType::Directory, None, Some(fd), None, FileEncryption::none()));
+        Ok(Volume {
             root,
             root_dev: st.st_dev,
             // Half the descriptors for cached inodes, the rest for open files and metadata.
@@ -121,7 +124,7 @@ impl Core {
             dict: meta.dict.clone(),
             keys: meta.keys.clone(),
             opts,
-            ns: RwLock::new(()),
+            rename_lock: RwLock::new(()),
             key_use: RwLock::new(()),
             can_chown: unsafe { libc::geteuid() } == 0,
             handles,
@@ -134,7 +137,7 @@ impl Core {
     }
 
     /// An `O_PATH` descriptor of the inode: the cached one, or reopened by its handle.
-    pub(super) fn pfd(&self, inode: &Inode) -> Result<Arc<OwnedFd>> {
+    pub(super) fn parent_fd(&self, inode: &Inode) -> Result<Arc<OwnedFd>> {
         if let Some(fd) = inode.cached_fd() {
             return Ok(fd);
         }
@@ -186,7 +189,7 @@ impl Core {
     }
 
     /// Refuse to create or rename onto the metadata directory's name.
-    pub(super) fn check_new_name(&self, parent: &Inode, name: &OsStr) -> Result<()> {
+    pub(super) fn refuse_reserved_name(&self, parent: &Inode, name: &OsStr) -> Result<()> {
         if self.is_hidden(parent, name) {
             tracing::warn!(name = %name.to_string_lossy(), "refusing to create tdefs' reserved name in the mount root");
             return err(libc::EPERM);
@@ -195,16 +198,16 @@ impl Core {
     }
 
     /// Encryption state for a regular file whose dictionary entry is `entry`.
-    pub(super) fn state_for(&self, entry: Option<FileEntry>) -> FileState {
+    pub(super) fn state_for(&self, entry: Option<FileEntry>) -> FileEncryption {
         match entry {
-            None => FileState::unrecorded(),
-            Some(e) if e.method.is_plaintext() => FileState { entry: Some(e), cipher: Some(FileCipher::plaintext()) },
+            None => FileEncryption::unrecorded(),
+            Some(e) if e.method.is_plaintext() => FileEncryption { entry: Some(e), cipher: Some(FileCipher::plaintext()) },
             Some(e) => {
                 let cipher = self.keys.get(e.key_id).map(|k| k.cipher(&e.iv));
                 if cipher.is_none() {
                     tracing::error!(key_id = format_args!("{:#018x}", e.key_id), "a file's data key is missing; its I/O fails with EIO");
                 }
-                FileState { entry: Some(e), cipher }
+                FileEncryption { entry: Some(e), cipher }
             }
         }
     }
@@ -233,7 +236,7 @@ impl Core {
     pub(super) fn refuse_unrecorded(&self, inode: &Arc<Inode>) -> Error {
         if !inode.refusal_logged.swap(true, Ordering::Relaxed) {
             let path = {
-                let _ns = self.ns.read();
+                let _no_rename = self.rename_lock.read();
                 inode.path()
             };
             let path = path.map(|p| String::from_utf8_lossy(&p).into_owned()).unwrap_or_else(|| format!("(inode {})", inode.nodeid));
@@ -252,7 +255,7 @@ impl Core {
         if self.is_hidden(parent, name) {
             return err(libc::ENOENT);
         }
-        let st = sys::fstatat(self.pfd(parent)?.as_fd(), name, libc::AT_SYMLINK_NOFOLLOW)?;
+        let st = sys::fstatat(self.parent_fd(parent)?.as_fd(), name, libc::AT_SYMLINK_NOFOLLOW)?;
         self.register(parent, name, &st, None)
     }
 
@@ -270,10 +273,10 @@ impl Core {
 
     /// The inode for `parent/name` (whose stat is `st`), counting one kernel reference.
     /// `preset` is the encryption state of a file just created.
-    pub(super) fn register(&self, parent: &Arc<Inode>, name: &OsStr, st: &Stat, preset: Option<FileState>) -> Result<(Arc<Inode>, Stat)> {
+    pub(super) fn register(&self, parent: &Arc<Inode>, name: &OsStr, st: &Stat, preset: Option<FileEncryption>) -> Result<(Arc<Inode>, Stat)> {
         let loc = || Some(Loc { parent: parent.clone(), name: name.to_os_string() });
-        let pfd = self.pfd(parent)?;
-        let handle = self.handle_of(pfd.as_fd(), name, st)?;
+        let parent_fd = self.parent_fd(parent)?;
+        let handle = self.handle_of(parent_fd.as_fd(), name, st)?;
         let primary = self.nodeid(st.st_dev, st.st_ino);
         let nodeid = match self.inodes.find_and_ref(primary, handle.as_ref()) {
             Ok(i) => {
@@ -288,7 +291,7 @@ impl Core {
         let (fd, st) = match handle {
             Some(_) => (None, *st),
             None => {
-                let fd = sys::openat(pfd.as_fd(), name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+                let fd = sys::openat(parent_fd.as_fd(), name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
                 let st = sys::fstat(fd.as_fd())?; // authoritative if the name changed meanwhile
                 (Some(fd), st)
             }
@@ -297,10 +300,10 @@ impl Core {
         let state = match preset {
             Some(s) => s,
             None if kind == FileType::RegularFile => {
-                let _ns = self.ns.read();
+                let _no_rename = self.rename_lock.read();
                 self.state_for(parent.child_path(name).and_then(|p| self.dict.get(&p)))
             }
-            None => FileState::none(),
+            None => FileEncryption::none(),
         };
         let inode = Inode::new(nodeid, kind, handle, fd, loc(), state);
         Ok((self.inodes.insert_or_ref(inode), st))
@@ -318,7 +321,7 @@ impl Core {
     }
 
     pub fn readlink(&self, nodeid: u64) -> Result<OsString> {
-        Ok(sys::readlink_fd(self.pfd(&*self.inode(nodeid)?)?.as_fd())?)
+        Ok(sys::readlink_fd(self.parent_fd(&*self.inode(nodeid)?)?.as_fd())?)
     }
 
     /// Open the backing file read-write where possible (hole fills read before they write;
@@ -332,7 +335,7 @@ impl Core {
         let open_as = |fl: i32| -> Result<OwnedFd> {
             match &inode.handle {
                 Some(h) => Ok(sys::open_handle(self.mount_fd.as_fd(), h, fl)?),
-                None => Ok(sys::reopen(self.pfd(inode)?.as_fd(), fl)?),
+                None => Ok(sys::reopen(self.parent_fd(inode)?.as_fd(), fl)?),
             }
         };
         let open = |fl: i32| -> Result<OwnedFd> {

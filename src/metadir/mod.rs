@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::config::MasterKeyConfig;
-use crate::dictionary::{DictError, DictMark, FileDict, FileEntry, Loaded, MarkStore, Record, Tree};
+use crate::dictionary::{DictError, DictMark, FileDict, FileEntry, LoadedDictionary, MarkStore, Record, Tree};
 use crate::keys::{backend_for, KeyError, KeyStore, MasterKeyBackend};
 use crate::sys::{self, Dir};
 use crate::error::{io_err, IoError};
@@ -147,7 +147,7 @@ impl Metadata {
             }
             Err(e) => return Err(io_err("stat", &backing.join(META_DIR))(e).into()),
         }
-        let off = Offline::open_existing(backing, backing_fd, master, true)?;
+        let off = LockedMetadata::open_existing(backing, backing_fd, master, true)?;
         let loaded = off.load()?;
         off.into_metadata(loaded, opts, report)
     }
@@ -155,17 +155,17 @@ impl Metadata {
 
 /// Metadata opened for inspection: locked against a concurrent mount, keys unwrapped,
 /// nothing written.
-pub struct Offline {
+pub struct LockedMetadata {
     pub backing: PathBuf,
     backing_fd: OwnedFd,
     pub meta: Arc<Dir>,
     pub keys: Arc<KeyStore>,
 }
 
-impl Offline {
+impl LockedMetadata {
     /// Open the existing metadata of `backing` (never initialises, never rewrites: with a
     /// previous master key it opens, but re-wrapping is left to the next mount).
-    pub fn open(backing: &Path, master: &MasterKeys<'_>) -> Result<Offline, MetaError> {
+    pub fn open(backing: &Path, master: &MasterKeys<'_>) -> Result<LockedMetadata, MetaError> {
         let (backing, backing_fd) = check_backing(backing)?;
         Self::open_existing(backing, backing_fd, master, false)
     }
@@ -173,16 +173,16 @@ impl Offline {
     /// Like `open`, for commands that only read (dump, status, check): root may inspect
     /// metadata that another user's daemon owns. Nothing is written unless it is turned
     /// into `Metadata`, which checks the directory first.
-    pub fn open_read_only(backing: &Path, master: &MasterKeys<'_>) -> Result<Offline, MetaError> {
+    pub fn open_read_only(backing: &Path, master: &MasterKeys<'_>) -> Result<LockedMetadata, MetaError> {
         let (backing, backing_fd) = check_backing(backing)?;
         Self::open_dir(backing, backing_fd, master, false, false)
     }
 
-    fn open_existing(backing: PathBuf, backing_fd: OwnedFd, master: &MasterKeys<'_>, rotate: bool) -> Result<Offline, MetaError> {
+    fn open_existing(backing: PathBuf, backing_fd: OwnedFd, master: &MasterKeys<'_>, rotate: bool) -> Result<LockedMetadata, MetaError> {
         Self::open_dir(backing, backing_fd, master, rotate, true)
     }
 
-    fn open_dir(backing: PathBuf, backing_fd: OwnedFd, master: &MasterKeys<'_>, rotate: bool, write: bool) -> Result<Offline, MetaError> {
+    fn open_dir(backing: PathBuf, backing_fd: OwnedFd, master: &MasterKeys<'_>, rotate: bool, write: bool) -> Result<LockedMetadata, MetaError> {
         let meta_path = backing.join(META_DIR);
         let open = if write { Dir::open_verified } else { Dir::open_nofollow };
         let meta = open(backing_fd.as_fd(), OsStr::new(META_DIR), &meta_path).map_err(|e| match e.raw_os_error() {
@@ -198,7 +198,7 @@ impl Offline {
         }
         let meta = Arc::new(meta);
         let keys = Arc::new(open_keys(&meta, master, rotate)?);
-        Ok(Offline { backing, backing_fd, meta, keys })
+        Ok(LockedMetadata { backing, backing_fd, meta, keys })
     }
 
     /// Only a metadata directory that nobody else controls is written to.
@@ -208,18 +208,18 @@ impl Offline {
 
     /// Read the file dictionary and check it against the mark the key dictionary keeps
     /// (changes nothing).
-    pub fn load(&self) -> Result<Loaded, DictError> {
+    pub fn load(&self) -> Result<LoadedDictionary, DictError> {
         FileDict::load(&self.meta, self.keys.seal_keys(), &self.keys.instance(), self.keys.dictionary_mark())
     }
 
     /// Read the file dictionary without checking it against the key dictionary's mark
     /// (`tdefs check --repair`, which then accepts it as it is).
-    pub fn load_unchecked(&self) -> Result<Loaded, DictError> {
+    pub fn load_unchecked(&self) -> Result<LoadedDictionary, DictError> {
         FileDict::load(&self.meta, self.keys.seal_keys(), &self.keys.instance(), None)
     }
 
     /// Accept the file dictionary as loaded: make the key dictionary's mark match it.
-    pub fn accept(&self, loaded: &Loaded) -> Result<(), MetaError> {
+    pub fn accept(&self, loaded: &LoadedDictionary) -> Result<(), MetaError> {
         self.writable()?;
         let mark = DictMark { gen: loaded.generation(), seq: loaded.last_seq(), clean: true };
         self.keys.set_dictionary_mark(mark)?;
@@ -227,7 +227,7 @@ impl Offline {
     }
 
     /// Recover what a crash left and make the dictionary writable.
-    pub fn into_metadata(self, loaded: Loaded, opts: &OpenOptions, mut report: OpenReport) -> Result<Metadata, MetaError> {
+    pub fn into_metadata(self, loaded: LoadedDictionary, opts: &OpenOptions, mut report: OpenReport) -> Result<Metadata, MetaError> {
         self.writable()?;
         // Only now, when it is going to write: a refused open changes nothing on disk.
         owner::Owner::me(owner::State::Open, None).publish(&self.meta);
@@ -406,7 +406,7 @@ impl MarkStore for KeyMarks {
 /// Make the loaded dictionary writable and settle what a crash may have left: renames
 /// announced but not concluded, entries of files that no longer exist.
 fn recover(
-    loaded: Loaded,
+    loaded: LoadedDictionary,
     keys: &Arc<KeyStore>,
     opts: &OpenOptions,
     backing_path: &Path,
