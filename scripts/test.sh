@@ -12,6 +12,7 @@ passed=0; failed=0; skipped=0; failures=(); allowed_skips=
 stage() {
     local name=$1; shift
     echo "=== $name"
+    local start=$SECONDS
     local log; log=$(mktemp)
     "$@" 2>&1 | tee "$log"
     local rc=${PIPESTATUS[0]}
@@ -22,6 +23,7 @@ stage() {
     if [ "$rc" != 0 ] && [ "$f" = 0 ]; then f=1; fi  # a stage that broke without counting
     passed=$((passed + p)); failed=$((failed + f)); skipped=$((skipped + s))
     [ "$f" = 0 ] || failures+=("$name")
+    echo "--- $name: $p passed, $f failed, $((SECONDS - start)) s"
     # scripts/check fails every skip but those of tests/allowed-skips, and prints that list.
     case "$name" in *scripts/check*) allowed_skips+=$(grep -E '^allowed skips: ' "$log" | tail -1 | sed 's/^allowed skips: //') ;; esac
     rm -f "$log"
@@ -29,6 +31,8 @@ stage() {
 
 stage "build" cargo build --release --all-targets --quiet
 stage "unit and integration tests" cargo test --release --no-fail-fast -- --test-threads=4
+# deny.toml's licenses, duplicates and sources (cargo-deny) and the declared MSRV.
+stage "supply chain" scripts/supply-chain.sh
 # The xfstests-style suite with the real databases; its results table goes to target/.
 stage "suite (scripts/check -g auto)" scripts/check -g auto --results target/check-results.md
 # The XTS methods through the same golden outputs: the quick tests, fsx and the databases
