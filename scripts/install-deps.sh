@@ -9,7 +9,8 @@ want=(fuse3)
 case "${1:-base}" in
     base) ;;
     bench) want+=(fio gocryptfs gnuplot-nox bc python3 sqlite3 postgresql postgresql-contrib) ;;
-    test) want+=(attr xfsprogs python3 python3-venv sqlite3 postgresql postgresql-contrib mariadb-server psmisc util-linux) ;;
+    # binutils: objcopy and readelf for the package (debug info split off by cargo-deb)
+    test) want+=(attr xfsprogs python3 python3-venv sqlite3 postgresql postgresql-contrib mariadb-server psmisc util-linux binutils) ;;
     *) echo "usage: $0 base|bench|test" >&2; exit 2 ;;
 esac
 missing=()

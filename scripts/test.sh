@@ -31,6 +31,9 @@ stage() {
 
 stage "build" cargo build --release --all-targets --quiet
 stage "unit and integration tests" cargo test --release --no-fail-fast -- --test-threads=4
+# The Debian package: built with cargo-deb, its contents checked, installed, mounted through
+# an fstab line with the installed mount helper, removed again.
+stage "package (.deb)" scripts/package.sh --test
 # deny.toml's licenses, duplicates and sources (cargo-deny) and the declared MSRV.
 stage "supply chain" scripts/supply-chain.sh
 # The xfstests-style suite with the real databases; its results table goes to target/.

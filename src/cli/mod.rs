@@ -3,6 +3,7 @@
 //! same binary under that name).
 
 mod adopt;
+mod assets;
 mod check;
 mod convert;
 mod daemon;
@@ -68,6 +69,9 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
         args: Vec<std::ffi::OsString>,
     },
+    /// Write the man pages and shell completions (for packagers: scripts/package.sh).
+    #[command(hide = true)]
+    GenerateAssets(assets::AssetsArgs),
 }
 
 /// Logs go to stderr; RUST_LOG filters them (default: `level` for tdefs, warnings elsewhere).
@@ -131,6 +135,7 @@ pub fn main() -> ExitCode {
         Command::Umount(args) => umount::run(args),
         Command::RotateMasterKey(args) => rotate::run(args),
         Command::Status(args) => status::run(args),
+        Command::GenerateAssets(args) => assets::run(args),
         Command::Genkey { path } => crate::keys::generate_key_file(&path)
             .map(|()| eprintln!("wrote a new master key to {} (mode 0600)", path.display()))
             .map_err(anyhow::Error::from),
