@@ -19,7 +19,10 @@ fn locked_version(lock: &str, name: &str) -> String {
 fn main() {
     let commit = match git(&["rev-parse", "--short=12", "HEAD"]) {
         Some(c) => {
-            let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+            // --no-optional-locks: a plain `git status` refreshes and rewrites .git/index,
+            // which this script watches, so every later cargo command would run it again
+            // and rebuild the crate (70 s of CI's test stage did).
+            let dirty = git(&["--no-optional-locks", "status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
             if dirty { format!("{c}-modified") } else { c }
         }
         None => "unknown (not built from a git checkout)".to_string(),

@@ -23,7 +23,10 @@ if ! cargo deb --version 2>/dev/null | grep -qF " $CARGO_DEB_VERSION"; then
     echo "installing cargo-deb $CARGO_DEB_VERSION (crates.io)"
     cargo install --quiet --locked cargo-deb --version "$CARGO_DEB_VERSION"
 fi
-cargo build --release --quiet --bin tdefs
+# --all-targets as the test command builds: `--bin tdefs` alone resolves some dependencies'
+# features differently (no dev-dependencies), rebuilding them and replacing the binary the
+# tests ran with another one.
+cargo build --release --quiet --all-targets
 rm -rf target/assets target/debian
 target/release/tdefs generate-assets target/assets
 # The unit shipped in config/ is for a binary copied to /usr/local/bin; the package's is in /usr/bin.
