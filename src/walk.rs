@@ -110,17 +110,11 @@ fn list(dir: BorrowedFd<'_>, top: bool, skip_top: &impl Fn(&OsStr) -> bool) -> i
         if n == 0 {
             break;
         }
-        let mut pos = 0;
-        while pos < n {
-            // struct linux_dirent64 { u64 d_ino; i64 d_off; u16 d_reclen; u8 d_type; char d_name[]; }
-            let reclen = u16::from_ne_bytes([buf[pos + 16], buf[pos + 17]]) as usize;
-            let raw = &buf[pos + 19..pos + reclen];
-            let name = &raw[..raw.iter().position(|&b| b == 0).unwrap_or(raw.len())];
-            pos += reclen;
-            if name == b"." || name == b".." || (top && skip_top(OsStr::from_bytes(name))) {
+        for e in sys::dirents(&buf[..n]) {
+            if e.name == "." || e.name == ".." || (top && skip_top(e.name)) {
                 continue;
             }
-            names.push(name.to_vec());
+            names.push(e.name.as_bytes().to_vec());
         }
     }
     names.reverse();

@@ -3,7 +3,6 @@
 
 use std::ffi::OsStr;
 use std::os::fd::AsFd;
-use std::os::unix::ffi::OsStrExt;
 
 use fuser::{FileType, INodeNo};
 use parking_lot::Mutex;
@@ -53,20 +52,11 @@ impl Volume {
             if n == 0 {
                 return Ok(());
             }
-            let mut pos = 0;
-            while pos < n {
-                // struct linux_dirent64 { u64 d_ino; i64 d_off; u16 d_reclen; u8 d_type; char d_name[]; }
-                let ino = u64::from_ne_bytes(buf[pos..pos + 8].try_into().unwrap());
-                let off = i64::from_ne_bytes(buf[pos + 8..pos + 16].try_into().unwrap());
-                let reclen = u16::from_ne_bytes(buf[pos + 16..pos + 18].try_into().unwrap()) as usize;
-                let dtype = buf[pos + 18];
-                let raw = &buf[pos + 19..pos + reclen];
-                let name = OsStr::from_bytes(&raw[..raw.iter().position(|&b| b == 0).unwrap_or(raw.len())]);
-                pos += reclen;
-                if is_root && is_hidden_name(name) {
+            for e in sys::dirents(&buf[..n]) {
+                if is_root && is_hidden_name(e.name) {
                     continue;
                 }
-                if add(name, self.nodeid(dev, ino), kind_of(u32::from(dtype) << 12), off as u64) {
+                if add(e.name, self.nodeid(dev, e.ino), kind_of(u32::from(e.kind) << 12), e.next) {
                     return Ok(());
                 }
             }

@@ -96,16 +96,8 @@ fn name_of(dir: BorrowedFd<'_>, ino: u64) -> Result<Option<OsString>> {
         if n == 0 {
             return Ok(None);
         }
-        let mut pos = 0;
-        while pos < n {
-            let d_ino = u64::from_ne_bytes(buf[pos..pos + 8].try_into().expect("8 bytes"));
-            let reclen = u16::from_ne_bytes(buf[pos + 16..pos + 18].try_into().expect("2 bytes")) as usize;
-            let raw = &buf[pos + 19..pos + reclen];
-            let name = OsStr::from_bytes(&raw[..raw.iter().position(|&b| b == 0).unwrap_or(raw.len())]);
-            pos += reclen;
-            if d_ino == ino && name != "." && name != ".." {
-                return Ok(Some(name.to_os_string()));
-            }
+        if let Some(e) = sys::dirents(&buf[..n]).find(|e| e.ino == ino && e.name != "." && e.name != "..") {
+            return Ok(Some(e.name.to_os_string()));
         }
     }
 }
@@ -309,30 +301,23 @@ impl Volume {
                 if n == 0 {
                     break;
                 }
-                let mut pos = 0;
-                while pos < n {
-                    let d_ino = u64::from_ne_bytes(buf[pos..pos + 8].try_into().expect("8 bytes"));
-                    let reclen = u16::from_ne_bytes(buf[pos + 16..pos + 18].try_into().expect("2 bytes")) as usize;
-                    let dtype = buf[pos + 18];
-                    let raw = &buf[pos + 19..pos + reclen];
-                    let name = OsStr::from_bytes(&raw[..raw.iter().position(|&b| b == 0).unwrap_or(raw.len())]);
-                    pos += reclen;
+                for e in sys::dirents(&buf[..n]) {
                     seen += 1;
                     if seen > SEARCH_MAX_ENTRIES {
                         tracing::info!(entries = SEARCH_MAX_ENTRIES, "gave up searching the backing directory for a file known only by its handle (ESTALE)");
                         return None;
                     }
-                    if name == "." || name == ".." || (dir.is_empty() && is_hidden_name(name)) {
+                    if e.name == "." || e.name == ".." || (dir.is_empty() && is_hidden_name(e.name)) {
                         continue;
                     }
-                    if d_ino == st.st_ino && is_it(d.as_fd(), name) {
+                    if e.ino == st.st_ino && is_it(d.as_fd(), e.name) {
                         let mut p = dir.clone();
-                        p.push(name.to_os_string());
+                        p.push(e.name.to_os_string());
                         return Some(p);
                     }
-                    if dtype == libc::DT_DIR || dtype == libc::DT_UNKNOWN {
+                    if e.kind == libc::DT_DIR || e.kind == libc::DT_UNKNOWN {
                         let mut p = dir.clone();
-                        p.push(name.to_os_string());
+                        p.push(e.name.to_os_string());
                         queue.push_back(p);
                     }
                 }
