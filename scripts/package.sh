@@ -10,6 +10,7 @@
 #                                # Prints "package: N passed, N failed".
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib/config.sh
 CARGO_DEB_VERSION=3.8.0
 
 test=false
@@ -85,15 +86,7 @@ check "man page tdefs-mount(1) documents --config" sh -c "{ zcat -f '$man_page';
 # An fstab line through the installed helper (mount -T: this fstab instead of /etc/fstab).
 mkdir "$T/backing" "$T/mnt"
 /usr/bin/tdefs genkey "$T/master.key" 2>/dev/null
-cat > "$T/tdefs.toml" <<EOF
-backing-dir = "$T/backing"
-mountpoint = "$T/mnt"
-[security.encryption]
-data-encryption-method = "aes256-xts"
-[security.encryption.master-key]
-type = "file"
-path = "$T/master.key"
-EOF
+tdefs_config "$T/backing" "$T/mnt" "$T/master.key" aes256-xts > "$T/tdefs.toml"
 echo "$T/tdefs.toml  $T/mnt  fuse.tdefs  defaults,nosuid,nodev,_netdev,nofail,log=$T/daemon.log  0 0" > "$T/fstab"
 marker="tdefs-package-test-$$-plaintext-marker"
 if mount -T "$T/fstab" "$T/mnt" 2>"$T/mount.err"; then ok "mount through the fstab line"; else bad "mount through the fstab line" "$(cat "$T/mount.err") $(tail -3 "$T/daemon.log" 2>/dev/null)"; fi

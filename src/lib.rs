@@ -3,7 +3,7 @@
 //! Module map (one concern each, mirroring the architecture):
 //! - [`codec`]: the byte format every metadata file shares (header, bounds-checked codec).
 //! - [`config`]: TOML configuration.
-//! - [`crypto`]: per-file CTR ciphers and metadata sealing.
+//! - [`crypto`]: per-file ciphers (XTS and CTR) and metadata sealing.
 //! - [`keys`]: master-key backends and the data-key store.
 //! - [`dictionary`]: the durable file dictionary (records, log, snapshot).
 //! - [`metadir`]: the `.tdefs` metadata directory: initialisation, opening, locking.
@@ -15,6 +15,7 @@
 //! - [`metrics`]: Prometheus metrics of a running mount.
 //! - [`hooks`]: named points where crash and interleaving tests step in.
 //! - [`walk`]: the one walker of a backing tree (iterative, by descriptors).
+//! - [`sys`]: the system calls (rustix; `openat2` confined to the backing root).
 //! - [`cli`]: the command line.
 
 pub mod cli;

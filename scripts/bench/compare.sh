@@ -12,6 +12,7 @@
 # PGT (pgbench seconds, default 30), FILES (small files, default 50000).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. scripts/lib/config.sh
 ROOT=$PWD
 reps=3; out=$ROOT/target/bench; base=/var/tmp; quick=0
 configs="native tdefs-plaintext tdefs-aes128 tdefs-aes256 tdefs-aes256xts tdefs-sm4 gocryptfs"
@@ -82,15 +83,7 @@ mount_config() { # CONFIG -> prints the directory to use
             case $method in plaintext) ;; aes128) method=aes128-ctr ;; aes256) method=aes256-ctr ;; sm4) method=sm4-ctr ;;
                 aes256xts) method=aes256-xts ;; sm4xts) method=sm4-xts ;; esac
             "$T/tdefs" genkey "$d/key" >/dev/null 2>&1
-            cat > "$d/tdefs.toml" <<TOML
-backing-dir = "$d/backing"
-mountpoint = "$d/mnt"
-[security.encryption]
-data-encryption-method = "$method"
-[security.encryption.master-key]
-type = "file"
-path = "$d/key"
-TOML
+            tdefs_config "$d/backing" "$d/mnt" "$d/key" "$method" > "$d/tdefs.toml"
             "$T/tdefs" mount --config "$d/tdefs.toml" --daemon --log-file "$d/tdefs.log" 2>/dev/null
             ;;
     esac

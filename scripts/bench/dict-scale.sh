@@ -4,6 +4,7 @@
 #   scripts/bench/dict-scale.sh [ENTRIES] [FILES]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. scripts/lib/config.sh
 entries=${1:-1000000}; files=${2:-40000}
 scripts/install-deps.sh base
 cargo build --release --quiet --bin tdefs --bin tdefs-bench
@@ -12,15 +13,7 @@ trap 'fusermount3 -u "$work/m" 2>/dev/null || true; rm -rf "$work"' EXIT
 target/release/tdefs-bench dict-load --entries "$entries" --workdir "$work/dict" --tdefs target/release/tdefs
 mkdir -p "$work/b" "$work/m"
 target/release/tdefs genkey "$work/key" >/dev/null 2>&1
-cat > "$work/c.toml" <<TOML
-backing-dir = "$work/b"
-mountpoint = "$work/m"
-[security.encryption]
-data-encryption-method = "aes256-ctr"
-[security.encryption.master-key]
-type = "file"
-path = "$work/key"
-TOML
+tdefs_config "$work/b" "$work/m" "$work/key" aes256-ctr > "$work/c.toml"
 target/release/tdefs mount --config "$work/c.toml" --daemon --log-file "$work/log"
 for t in 1 8; do
     target/release/tdefs-bench create-rate --dir "$work/m/t$t" --threads "$t" --files "$files"

@@ -12,6 +12,7 @@
 #   scripts/bench/profile.sh [--method aes256-ctr] [--seconds 20] [--out DIR] [--dir WORKDIR]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. scripts/lib/config.sh
 ROOT=$PWD
 method=aes256-ctr; secs=20; out=$ROOT/target/profile; base=/var/tmp
 while [ $# -gt 0 ]; do
@@ -42,16 +43,7 @@ cleanup() {
 trap cleanup EXIT
 mkdir -p "$work/backing" "$work/mnt"; chmod 755 "$work/mnt"
 "$T/tdefs" genkey "$work/key" >/dev/null 2>&1
-cat > "$work/tdefs.toml" <<TOML
-backing-dir = "$work/backing"
-mountpoint = "$work/mnt"
-metrics-addr = "127.0.0.1:$mport"
-[security.encryption]
-data-encryption-method = "$method"
-[security.encryption.master-key]
-type = "file"
-path = "$work/key"
-TOML
+tdefs_config "$work/backing" "$work/mnt" "$work/key" "$method" "metrics-addr = \"127.0.0.1:$mport\"" > "$work/tdefs.toml"
 "$T/tdefs" mount --config "$work/tdefs.toml" --daemon --log-file "$work/tdefs.log"
 pid=$(pgrep -f -- "$work/tdefs.toml" | head -1)
 mkdir "$work/mnt/pg" "$work/log"; chown postgres "$work/mnt/pg" "$work/log"
