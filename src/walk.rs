@@ -10,6 +10,7 @@
 
 use std::ffi::OsStr;
 use std::io;
+use std::ops::ControlFlow;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 
@@ -104,19 +105,12 @@ pub fn walk<E: From<io::Error>>(
 /// visits them in directory order.
 fn list(dir: BorrowedFd<'_>, top: bool, skip_top: &impl Fn(&OsStr) -> bool) -> io::Result<Vec<Vec<u8>>> {
     let mut names = Vec::new();
-    let mut buf = vec![0u8; 32 * 1024];
-    loop {
-        let n = sys::getdents(dir, &mut buf)?;
-        if n == 0 {
-            break;
-        }
-        for e in sys::dirents(&buf[..n]) {
-            if e.name == "." || e.name == ".." || (top && skip_top(e.name)) {
-                continue;
-            }
+    sys::for_each_dirent(dir, |e| {
+        if !e.is_dot() && !(top && skip_top(e.name)) {
             names.push(e.name.as_bytes().to_vec());
         }
-    }
+        ControlFlow::<()>::Continue(())
+    })?;
     names.reverse();
     Ok(names)
 }

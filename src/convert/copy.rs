@@ -170,38 +170,30 @@ fn cvt(r: libc::c_int) -> io::Result<()> {
 }
 
 fn list_xattrs(f: &File) -> io::Result<Vec<CString>> {
-    let mut buf = vec![0u8; 4096];
-    loop {
-        let n = unsafe { libc::flistxattr(f.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n >= 0 {
-            buf.truncate(n as usize);
-            break;
-        }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::ERANGE) {
-            return Err(e);
-        }
-        buf.resize(buf.len() * 4, 0);
-    }
+    let buf = grow_until_fits(4096, |buf| rustix::fs::flistxattr(f, buf))?;
     Ok(buf.split(|&b| b == 0).filter(|n| !n.is_empty()).map(|n| CString::new(n).expect("split at NUL")).collect())
 }
 
 fn get_xattr(f: &File, name: &CString) -> io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; 256];
+    grow_until_fits(256, |buf| rustix::fs::fgetxattr(f, name.as_c_str(), buf))
+}
+
+/// Call `read` with ever larger buffers while it answers ERANGE (the value grew, or is
+/// larger than the first guess); the bytes it filled.
+fn grow_until_fits(first: usize, mut read: impl FnMut(&mut [u8]) -> rustix::io::Result<usize>) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; first];
     loop {
-        let n = unsafe { libc::fgetxattr(f.as_raw_fd(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n >= 0 {
-            buf.truncate(n as usize);
-            return Ok(buf);
+        match read(&mut buf) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            Err(rustix::io::Errno::RANGE) => buf.resize(buf.len() * 4, 0),
+            Err(e) => return Err(e.into()),
         }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::ERANGE) {
-            return Err(e);
-        }
-        buf.resize(buf.len() * 4, 0);
     }
 }
 
 fn set_xattr(f: &File, name: &CString, value: &[u8]) -> io::Result<()> {
-    cvt(unsafe { libc::fsetxattr(f.as_raw_fd(), name.as_ptr(), value.as_ptr().cast(), value.len(), 0) })
+    Ok(rustix::fs::fsetxattr(f, name.as_c_str(), value, rustix::fs::XattrFlags::empty())?)
 }

@@ -2,6 +2,7 @@
 //! directory hidden at the root), fsyncdir, and statfs.
 
 use std::ffi::OsStr;
+use std::ops::ControlFlow;
 use std::os::fd::AsFd;
 
 use fuser::{FileType, INodeNo};
@@ -46,21 +47,11 @@ impl Volume {
         let fd = d.fd.lock();
         let fd = fd.as_fd();
         sys::lseek(fd, offset as i64, libc::SEEK_SET)?;
-        let mut buf = vec![0u8; 32 * 1024];
-        loop {
-            let n = sys::getdents(fd, &mut buf)?;
-            if n == 0 {
-                return Ok(());
-            }
-            for e in sys::dirents(&buf[..n]) {
-                if is_root && is_hidden_name(e.name) {
-                    continue;
-                }
-                if add(e.name, self.nodeid(dev, e.ino), kind_of(u32::from(e.kind) << 12), e.next) {
-                    return Ok(());
-                }
-            }
-        }
+        sys::for_each_dirent(fd, |e| {
+            let full = !(is_root && is_hidden_name(e.name)) && add(e.name, self.nodeid(dev, e.ino), kind_of(u32::from(e.kind) << 12), e.next);
+            if full { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+        })?;
+        Ok(())
     }
 
     pub fn statfs(&self) -> Result<libc::statvfs> {

@@ -28,6 +28,7 @@ use std::collections::{HashMap, VecDeque};
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use fuser::{FileType, INodeNo};
@@ -90,16 +91,11 @@ fn same_inode(a: &Stat, b: &Stat) -> bool {
 /// The name of the entry with inode number `ino` in directory `dir` (read from the start).
 fn name_of(dir: BorrowedFd<'_>, ino: u64) -> Result<Option<OsString>> {
     sys::lseek(dir, 0, libc::SEEK_SET)?;
-    let mut buf = vec![0u8; 32 * 1024];
-    loop {
-        let n = sys::getdents(dir, &mut buf)?;
-        if n == 0 {
-            return Ok(None);
-        }
-        if let Some(e) = sys::dirents(&buf[..n]).find(|e| e.ino == ino && e.name != "." && e.name != "..") {
-            return Ok(Some(e.name.to_os_string()));
-        }
-    }
+    let found = sys::for_each_dirent(dir, |e| match e.ino == ino && !e.is_dot() {
+        true => ControlFlow::Break(e.name.to_os_string()),
+        false => ControlFlow::Continue(()),
+    })?;
+    Ok(found)
 }
 
 impl Volume {
@@ -285,7 +281,6 @@ impl Volume {
     fn search(&self, st: &Stat, is_it: &dyn Fn(BorrowedFd<'_>, &OsStr) -> bool) -> Option<Vec<OsString>> {
         let mut queue: VecDeque<Vec<OsString>> = VecDeque::from([Vec::new()]);
         let mut seen = 0usize;
-        let mut buf = vec![0u8; 32 * 1024];
         while let Some(dir) = queue.pop_front() {
             let Ok(d) = sys::open_dir_below(self.root_fd(), &join(&dir)) else { continue };
             let Ok(dst) = sys::fstat(d.as_fd()) else { continue };
@@ -296,31 +291,31 @@ impl Volume {
                 Ok(d) => d,
                 Err(_) => continue,
             };
-            loop {
-                let Ok(n) = sys::getdents(d.as_fd(), &mut buf) else { break };
-                if n == 0 {
-                    break;
+            // Some(answer) ends the search; a directory that cannot be read is skipped.
+            let found = sys::for_each_dirent(d.as_fd(), |e| {
+                seen += 1;
+                if seen > SEARCH_MAX_ENTRIES {
+                    tracing::info!(entries = SEARCH_MAX_ENTRIES, "gave up searching the backing directory for a file known only by its handle (ESTALE)");
+                    return ControlFlow::Break(None);
                 }
-                for e in sys::dirents(&buf[..n]) {
-                    seen += 1;
-                    if seen > SEARCH_MAX_ENTRIES {
-                        tracing::info!(entries = SEARCH_MAX_ENTRIES, "gave up searching the backing directory for a file known only by its handle (ESTALE)");
-                        return None;
-                    }
-                    if e.name == "." || e.name == ".." || (dir.is_empty() && is_hidden_name(e.name)) {
-                        continue;
-                    }
-                    if e.ino == st.st_ino && is_it(d.as_fd(), e.name) {
-                        let mut p = dir.clone();
-                        p.push(e.name.to_os_string());
-                        return Some(p);
-                    }
-                    if e.kind == libc::DT_DIR || e.kind == libc::DT_UNKNOWN {
-                        let mut p = dir.clone();
-                        p.push(e.name.to_os_string());
-                        queue.push_back(p);
-                    }
+                if e.is_dot() || (dir.is_empty() && is_hidden_name(e.name)) {
+                    return ControlFlow::Continue(());
                 }
+                let path = || {
+                    let mut p = dir.clone();
+                    p.push(e.name.to_os_string());
+                    p
+                };
+                if e.ino == st.st_ino && is_it(d.as_fd(), e.name) {
+                    return ControlFlow::Break(Some(path()));
+                }
+                if e.kind == libc::DT_DIR || e.kind == libc::DT_UNKNOWN {
+                    queue.push_back(path());
+                }
+                ControlFlow::Continue(())
+            });
+            if let Ok(Some(answer)) = found {
+                return answer;
             }
         }
         None

@@ -5,7 +5,9 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
 
-use super::{dirents, fstat, fstatat, fsync, getdents, openat, renameat2, unlinkat};
+use std::ops::ControlFlow;
+
+use super::{for_each_dirent, fstat, fstatat, fsync, openat, renameat2, unlinkat};
 
 /// A directory held open by descriptor, with every file operation inside it done relative
 /// to that descriptor (`openat` and friends, `O_NOFOLLOW`, new files `O_EXCL`). Used for
@@ -148,14 +150,13 @@ impl Dir {
     pub fn list(&self) -> io::Result<Vec<std::ffi::OsString>> {
         let d = openat(self.fd(), OsStr::new("."), libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
         let mut names = Vec::new();
-        let mut buf = vec![0u8; 16 * 1024];
-        loop {
-            let n = getdents(d.as_fd(), &mut buf)?;
-            if n == 0 {
-                return Ok(names);
+        for_each_dirent(d.as_fd(), |e| {
+            if !e.is_dot() {
+                names.push(e.name.to_os_string());
             }
-            names.extend(dirents(&buf[..n]).filter(|e| e.name != "." && e.name != "..").map(|e| e.name.to_os_string()));
-        }
+            ControlFlow::<()>::Continue(())
+        })?;
+        Ok(names)
     }
 
     /// fsync the directory: names created, renamed or removed in it become durable.

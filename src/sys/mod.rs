@@ -19,6 +19,7 @@ mod mount;
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::io;
 use std::mem::MaybeUninit;
+use std::ops::ControlFlow;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::Path;
@@ -225,7 +226,7 @@ pub fn fstatvfs(fd: BorrowedFd<'_>) -> io::Result<libc::statvfs> {
 
 /// One `getdents64` call into `buf`; returns bytes filled (0 at end of directory). Read
 /// them with `dirents`.
-pub fn getdents(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+fn getdents(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     let r = unsafe { libc::syscall(libc::SYS_getdents64, fd.as_raw_fd(), buf.as_mut_ptr(), buf.len()) };
     if r < 0 {
         Err(io::Error::last_os_error())
@@ -244,8 +245,32 @@ pub struct Dirent<'a> {
     pub name: &'a OsStr,
 }
 
+impl Dirent<'_> {
+    /// "." or "..", which every listing but readdir's leaves out.
+    pub fn is_dot(&self) -> bool {
+        self.name == "." || self.name == ".."
+    }
+}
+
+/// Every entry of directory `fd` from its current offset ("." and ".." included), in
+/// directory order, to `f` until it breaks; returns what it broke with.
+pub fn for_each_dirent<B>(fd: BorrowedFd<'_>, mut f: impl FnMut(Dirent<'_>) -> ControlFlow<B>) -> io::Result<Option<B>> {
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        let n = getdents(fd, &mut buf)?;
+        if n == 0 {
+            return Ok(None);
+        }
+        for e in dirents(&buf[..n]) {
+            if let ControlFlow::Break(b) = f(e) {
+                return Ok(Some(b));
+            }
+        }
+    }
+}
+
 /// The entries in `filled`, the bytes one `getdents` call filled ("." and ".." included).
-pub fn dirents(filled: &[u8]) -> impl Iterator<Item = Dirent<'_>> {
+fn dirents(filled: &[u8]) -> impl Iterator<Item = Dirent<'_>> {
     let mut pos = 0;
     std::iter::from_fn(move || {
         if pos >= filled.len() {
@@ -449,5 +474,16 @@ mod tests {
         names.sort();
         assert_eq!(names.len(), 502);
         assert_eq!((names[0].as_str(), names[1].as_str(), names[2].as_str(), names[501].as_str()), (".", "..", "file-000", "file-499"));
+        // The same through for_each_dirent, and a break stops it with its value.
+        lseek(r.as_fd(), 0, libc::SEEK_SET).unwrap();
+        let mut n = 0;
+        assert_eq!(for_each_dirent(r.as_fd(), |_| ControlFlow::<()>::Continue(n += 1)).unwrap(), None);
+        assert_eq!(n, 502);
+        lseek(r.as_fd(), 0, libc::SEEK_SET).unwrap();
+        let hit = for_each_dirent(r.as_fd(), |e| match e.name == "file-250" {
+            true => ControlFlow::Break(e.name.to_os_string()),
+            false => ControlFlow::Continue(()),
+        });
+        assert_eq!(hit.unwrap().as_deref(), Some(OsStr::new("file-250")));
     }
 }

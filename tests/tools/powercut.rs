@@ -90,6 +90,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
+use std::ops::ControlFlow;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixListener;
@@ -279,23 +280,8 @@ fn remove_tree(dir: BorrowedFd<'_>, name: &OsStr) -> std::io::Result<()> {
 /// Whether the directory `dir/name` has no entries.
 fn dir_is_empty(dir: BorrowedFd<'_>, name: &OsStr) -> std::io::Result<bool> {
     let fd = sys::openat(dir, name, libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW, 0)?;
-    let mut buf = vec![0u8; 4096];
-    loop {
-        let len = sys::getdents(fd.as_fd(), &mut buf)?;
-        if len == 0 {
-            return Ok(true);
-        }
-        let mut pos = 0;
-        while pos < len {
-            let reclen = u16::from_ne_bytes(buf[pos + 16..pos + 18].try_into().unwrap()) as usize;
-            let raw = &buf[pos + 19..pos + reclen];
-            let name = &raw[..raw.iter().position(|&b| b == 0).unwrap_or(raw.len())];
-            if name != b"." && name != b".." {
-                return Ok(false);
-            }
-            pos += reclen;
-        }
-    }
+    let other = sys::for_each_dirent(fd.as_fd(), |e| if e.is_dot() { ControlFlow::Continue(()) } else { ControlFlow::Break(()) })?;
+    Ok(other.is_none())
 }
 
 impl Sim {
@@ -1045,29 +1031,12 @@ impl Filesystem for Fs {
             let n = self.0.node(ino)?;
             let fd = sys::openat(n.fd.as_fd(), OsStr::new("."), libc::O_RDONLY | libc::O_DIRECTORY, 0).map_err(errno)?;
             sys::lseek(fd.as_fd(), offset as i64, libc::SEEK_SET).map_err(errno)?;
-            let mut buf = vec![0u8; 32768];
-            loop {
-                let len = sys::getdents(fd.as_fd(), &mut buf).map_err(errno)?;
-                if len == 0 {
-                    return Ok(());
-                }
-                let mut pos = 0;
-                while pos < len {
-                    let d_ino = u64::from_ne_bytes(buf[pos..pos + 8].try_into().unwrap());
-                    let off = i64::from_ne_bytes(buf[pos + 8..pos + 16].try_into().unwrap());
-                    let reclen = u16::from_ne_bytes(buf[pos + 16..pos + 18].try_into().unwrap()) as usize;
-                    let raw = &buf[pos + 19..pos + reclen];
-                    let name = OsStr::from_bytes(&raw[..raw.iter().position(|&b| b == 0).unwrap_or(raw.len())]);
-                    let k = kind_of(u32::from(buf[pos + 18]) << 12);
-                    pos += reclen;
-                    if self.0.reserved(&n, name) {
-                        continue;
-                    }
-                    if reply.add(INodeNo(self.0.nodeid(d_ino)), off as u64, k, name) {
-                        return Ok(());
-                    }
-                }
-            }
+            sys::for_each_dirent(fd.as_fd(), |e| {
+                let full = !self.0.reserved(&n, e.name) && reply.add(INodeNo(self.0.nodeid(e.ino)), e.next, kind_of(u32::from(e.kind) << 12), e.name);
+                if full { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+            })
+            .map_err(errno)?;
+            Ok(())
         })();
         match r {
             Ok(()) => reply.ok(),

@@ -208,7 +208,7 @@ impl Op {
     }
 
     fn is_data_op(&self) -> bool {
-        matches!(self, Op::Write(..) | Op::Scribble(..) | Op::Truncate(..) | Op::Falloc(..) | Op::Rewrite(..))
+        self.data_path().is_some()
     }
 
     /// The file a data operation changes.
