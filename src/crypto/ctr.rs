@@ -37,6 +37,16 @@ enum Inner {
     Aes128Xts(Box<Xts<aes::Aes128>>),
     Aes256Xts(Box<Xts<aes::Aes256>>),
     Sm4Xts(Box<Xts<Sm4>>),
+    /// A file in online conversion: one cipher below a 4 KiB-aligned offset, another from
+    /// it on (see `FileCipher::split`).
+    Split(Box<Split>),
+}
+
+#[derive(Clone)]
+struct Split {
+    below: FileCipher,
+    above: FileCipher,
+    at: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,8 +81,37 @@ impl FileCipher {
         FileCipher { iv: [0; 16], inner: Inner::Plain }
     }
 
+    /// The cipher of a file being converted online (docs/design.md §10): bytes below `at`
+    /// under `below`, the others under `above`. `at` is a multiple of 4 KiB, so a range
+    /// split there splits no XTS data unit, and the file's tail (if any) stays with
+    /// whichever cipher holds the end of the file.
+    ///
+    /// # Panics
+    /// If `at` is not a multiple of 4096.
+    pub fn split(below: FileCipher, above: FileCipher, at: u64) -> FileCipher {
+        assert_eq!(at % super::XTS_DATA_UNIT as u64, 0, "conversion watermark off a 4 KiB boundary");
+        FileCipher { iv: [0; 16], inner: Inner::Split(Box::new(Split { below, above, at })) }
+    }
+
+    /// For a split cipher: the range `[offset, offset + buf.len())` cut at the watermark,
+    /// each part handed to its cipher. `None` for any other cipher.
+    fn split_apply(&self, offset: u64, buf: &mut [u8], f: impl Fn(&FileCipher, u64, &mut [u8])) -> Option<()> {
+        let Inner::Split(s) = &self.inner else { return None };
+        let cut = s.at.saturating_sub(offset).min(buf.len() as u64) as usize;
+        let (lo, hi) = buf.split_at_mut(cut);
+        if !lo.is_empty() {
+            f(&s.below, offset, lo);
+        }
+        if !hi.is_empty() {
+            f(&s.above, offset + cut as u64, hi);
+        }
+        Some(())
+    }
+
+    /// The method; for a split cipher, the one the bytes above the watermark still use.
     pub fn method(&self) -> Method {
-        match self.inner {
+        match &self.inner {
+            Inner::Split(s) => s.above.method(),
             Inner::Plain => Method::Plaintext,
             Inner::Aes128(_) => Method::Aes128Ctr,
             Inner::Aes192(_) => Method::Aes192Ctr,
@@ -85,17 +124,26 @@ impl FileCipher {
     }
 
     pub fn is_plaintext(&self) -> bool {
-        matches!(self.inner, Inner::Plain)
+        match &self.inner {
+            Inner::Split(s) => s.below.is_plaintext() && s.above.is_plaintext(),
+            i => matches!(i, Inner::Plain),
+        }
     }
 
     pub fn is_xts(&self) -> bool {
-        self.method().is_xts()
+        match &self.inner {
+            Inner::Split(s) => s.below.is_xts() || s.above.is_xts(),
+            _ => self.method().is_xts(),
+        }
     }
 
     /// 1 for stream methods, 16 for XTS: `encrypt`/`decrypt` ranges start at a multiple of
     /// this, and only a range that ends at the end of the file may end off it.
     pub fn block_size(&self) -> usize {
-        self.method().block_size()
+        match &self.inner {
+            Inner::Split(s) => s.below.block_size().max(s.above.block_size()),
+            _ => self.method().block_size(),
+        }
     }
 
     /// Encrypt file bytes `[offset, offset + buf.len())` in place, for every method.
@@ -112,6 +160,9 @@ impl FileCipher {
     /// # Panics
     /// For XTS, if `offset` is not a multiple of 16.
     pub fn encrypt(&self, offset: u64, buf: &mut [u8]) {
+        if self.split_apply(offset, buf, |c, o, b| c.encrypt(o, b)).is_some() {
+            return;
+        }
         match &self.inner {
             Inner::Aes128Xts(x) => x.encrypt(&self.iv, offset, buf),
             Inner::Aes256Xts(x) => x.encrypt(&self.iv, offset, buf),
@@ -126,6 +177,9 @@ impl FileCipher {
     /// # Panics
     /// For XTS, if `offset` is not a multiple of 16.
     pub fn decrypt(&self, offset: u64, buf: &mut [u8]) {
+        if self.split_apply(offset, buf, |c, o, b| c.decrypt(o, b)).is_some() {
+            return;
+        }
         match &self.inner {
             Inner::Aes128Xts(x) => x.decrypt(&self.iv, offset, buf),
             Inner::Aes256Xts(x) => x.decrypt(&self.iv, offset, buf),
@@ -147,6 +201,9 @@ impl FileCipher {
             Inner::Aes192(c) => xor_keystream(c, &self.iv, offset, buf),
             Inner::Aes256(c) => xor_keystream(c, &self.iv, offset, buf),
             Inner::Sm4(c) => sm4_keystream(c, &self.iv, offset, buf),
+            Inner::Split(_) => {
+                self.split_apply(offset, buf, |c, o, b| c.apply(o, b));
+            }
             Inner::Aes128Xts(_) | Inner::Aes256Xts(_) | Inner::Sm4Xts(_) => {
                 panic!("FileCipher::apply called for {}: XTS needs encrypt()/decrypt()", self.method())
             }
@@ -529,6 +586,46 @@ mod tests {
                     c.decrypt(start + w[1] as u64, &mut pieces[w[1]..w[0]]);
                 }
                 prop_assert_eq!(&pieces, &data);
+            }
+        }
+    }
+
+    /// A split cipher is its two ciphers side by side: every range, cut at the watermark,
+    /// encrypts as the part below under one and the rest under the other, for every pair
+    /// of methods (plaintext, CTR and XTS, with a tail at the end of the range).
+    #[test]
+    fn split_is_the_two_ciphers_side_by_side() {
+        let methods = [Method::Plaintext, Method::Aes256Ctr, Method::Sm4Ctr, Method::Aes256Xts, Method::Sm4Xts];
+        let make = |m: Method, seed: u8| {
+            let key: Vec<u8> = (0..m.key_len()).map(|i| (i as u8).wrapping_mul(31) ^ seed).collect();
+            FileCipher::new(m, &key, &[seed; 16]).unwrap()
+        };
+        let data: Vec<u8> = (0..20_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        for &a in &methods {
+            for &b in &methods {
+                let (below, above) = (make(a, 1), make(b, 2));
+                for at in [0u64, 4096, 8192, 16384, 1 << 20] {
+                    let s = FileCipher::split(below.clone(), above.clone(), at);
+                    assert_eq!(s.block_size(), a.block_size().max(b.block_size()));
+                    assert_eq!(s.is_plaintext(), a.is_plaintext() && b.is_plaintext());
+                    for (off, len) in [(0u64, 20_000usize), (4096, 8192), (6144, 3), (8192, 5000), (16, 9000)] {
+                        let range = &data[..len];
+                        let mut got = range.to_vec();
+                        s.encrypt(off, &mut got);
+                        let mut want = range.to_vec();
+                        let cut = (at.saturating_sub(off) as usize).min(len);
+                        let (lo, hi) = want.split_at_mut(cut);
+                        if !lo.is_empty() {
+                            below.encrypt(off, lo);
+                        }
+                        if !hi.is_empty() {
+                            above.encrypt(off + cut as u64, hi);
+                        }
+                        assert_eq!(got, want, "{a} | {b} at {at}, range {off}+{len}");
+                        s.decrypt(off, &mut got);
+                        assert_eq!(got, range, "{a} | {b} at {at}, range {off}+{len}: round trip");
+                    }
+                }
             }
         }
     }
