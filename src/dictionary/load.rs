@@ -183,7 +183,7 @@ impl FileDict {
                     offset: 0,
                     reason: format!("record {seq}: {}", e.0),
                 })?;
-                if let Record::Put { path, .. } = rec {
+                if let Record::Put { path, .. } | Record::ConvertLink { path, .. } = rec {
                     touched.push(path.clone());
                 }
             }

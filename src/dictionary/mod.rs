@@ -36,7 +36,7 @@ use std::time::Instant;
 use parking_lot::{Condvar, Mutex, MutexGuard, RwLock};
 
 pub use self::log::{log_file_name, LOG_HEADER_LEN};
-pub use self::record::{valid_path, FileEntry, Intent, Record};
+pub use self::record::{valid_path, Conversion, FileEntry, Intent, Job, Record};
 pub use self::snapshot::{SnapshotInfo, SNAPSHOT_FILE};
 pub use self::error::DictError;
 pub use self::load::LoadedDictionary;
@@ -214,6 +214,19 @@ impl FileDict {
     /// Run `f` with read access to the whole tree (status, dumps, key reference counts).
     pub fn with_tree<T>(&self, f: impl FnOnce(&Tree) -> T) -> T {
         f(&self.tree.read())
+    }
+
+    /// The conversion the file at `path` is in, if any.
+    pub fn conversion(&self, path: &[u8]) -> Option<Conversion> {
+        self.tree.read().conversion_at(path).cloned()
+    }
+
+    pub fn conversions(&self) -> Vec<Conversion> {
+        self.tree.read().conversions().cloned().collect()
+    }
+
+    pub fn job(&self) -> Option<Job> {
+        self.tree.read().job().cloned()
     }
 
     pub fn pending_intents(&self) -> Vec<Intent> {

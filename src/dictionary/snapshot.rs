@@ -4,7 +4,9 @@
 //! chunk count u32 | crc32 of the preceding bytes | chunks. Chunk: u32 len + sealed bytes,
 //! associated data binding it to its instance, generation, index and count (so chunks
 //! cannot be dropped, duplicated or reordered unnoticed).
-//! Chunk plaintext: items, each u8 kind (1 entry, 2 pending rename intent) + fields.
+//! Chunk plaintext: items, each u8 kind (1 entry, 2 pending rename intent, 3 file in online
+//! conversion, 4 the conversion job) + fields. Conversions and the job come after every
+//! entry: a conversion's paths hold their old entries.
 //! Format 2 seals the chunks with the snapshot's own subkey (`SealKeys::snapshot` of the
 //! generation it covers); format 1 used the dictionary key.
 
@@ -13,7 +15,7 @@ use std::io::Read;
 use crate::crypto::{SealKey, SealKeys};
 use crate::codec::{check_header, write_header, Dec, Enc, FileKind, HeaderError, HEADER_LEN};
 
-use super::record::{decode_entry, encode_entry, valid_path, FileEntry, Intent, MAX_PATH};
+use super::record::{decode_conversion, decode_entry, decode_job, encode_conversion, encode_entry, encode_job, valid_path, FileEntry, Intent, MAX_PATH};
 use super::tree::Tree;
 
 pub const SNAPSHOT_FILE: &str = "files.snap";
@@ -23,6 +25,8 @@ const CHUNK_TARGET: usize = 1 << 20;
 const MAX_CHUNK: usize = 64 << 20;
 const ITEM_ENTRY: u8 = 1;
 const ITEM_INTENT: u8 = 2;
+const ITEM_CONVERSION: u8 = 3;
+const ITEM_JOB: u8 = 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SnapshotInfo {
@@ -66,6 +70,15 @@ pub fn encode(tree: &Tree, keys: &SealKeys, instance: &[u8; 16], info: SnapshotI
     for i in tree.intents() {
         cur.u8(ITEM_INTENT).u64(i.seq).bytes(&i.from).bytes(&i.to).u64(i.from_ino).u8(i.exchange as u8);
         flush(&mut cur, false);
+    }
+    for c in tree.conversions() {
+        cur.u8(ITEM_CONVERSION);
+        encode_conversion(&mut cur, c);
+        flush(&mut cur, false);
+    }
+    if let Some(j) = tree.job() {
+        cur.u8(ITEM_JOB);
+        encode_job(&mut cur, j);
     }
     flush(&mut cur, true);
 
@@ -162,6 +175,14 @@ fn decode_items(b: &[u8], tree: &mut Tree) -> Option<()> {
                 };
                 tree.add_intent(Intent { seq, from, to, from_ino, exchange });
             }
+            ITEM_CONVERSION => {
+                let c = decode_conversion(&mut d)?;
+                if c.paths.iter().any(|p| tree.get(p) != Some(c.old)) {
+                    return None; // its paths must hold the old entry
+                }
+                tree.add_conversion(c);
+            }
+            ITEM_JOB => tree.set_job(Some(decode_job(&mut d)?)),
             _ => return None,
         }
     }
@@ -182,6 +203,19 @@ mod tests {
             t.put(format!("/dir{}/file{i}", i % 7).as_bytes(), FileEntry { method: Method::Aes128Ctr, key_id: i % 3 + 1, iv: [i as u8; 16] });
         }
         t.add_intent(Intent { seq: 9, from: b"/a".to_vec(), to: b"/b".to_vec(), from_ino: 3, exchange: false });
+        let new = FileEntry { method: Method::Aes256Xts, key_id: 77, iv: [1; 16] };
+        t.apply(100, &crate::dictionary::Record::ConvertStart { path: b"/dir3/file10".to_vec(), new }).unwrap();
+        t.apply(101, &crate::dictionary::Record::ConvertMark { id: 100, mark: 8192 }).unwrap();
+        let job = crate::dictionary::Job {
+            method: Method::Aes256Xts,
+            older_than: None,
+            paths: vec![],
+            rate: 0,
+            share: 100,
+            paused: false,
+            started: 5,
+        };
+        t.set_job(Some(job.clone()));
         let info = SnapshotInfo { covers_gen: 2, last_seq: 99 };
         let b = encode(&t, &seal, &inst, info);
         let (r, i, v) = decode(&mut &b[..], &seal, &inst).unwrap();
@@ -190,6 +224,9 @@ mod tests {
         assert_eq!(r.len(), 30_000);
         assert_eq!(r.get(b"/dir3/file10"), t.get(b"/dir3/file10"));
         assert_eq!(r.intents().count(), 1);
+        assert_eq!(r.conversions().collect::<Vec<_>>(), t.conversions().collect::<Vec<_>>());
+        assert_eq!(r.key_refs().get(&77), Some(&1));
+        assert_eq!(r.job(), Some(&job));
         assert!(matches!(decode(&mut &b[..], &seal, &[5; 16]), Err(SnapError::ForeignInstance)));
         assert!(matches!(decode(&mut &b[..b.len() - 1], &seal, &inst), Err(SnapError::Damaged { .. })));
         let mut extra = b.clone();

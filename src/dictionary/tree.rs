@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::record::{FileEntry, Intent, Record};
+use super::record::{Conversion, FileEntry, Intent, Job, Record};
 use crate::crypto::Method;
 
 #[derive(Default)]
@@ -63,6 +63,14 @@ pub struct Tree {
     by_method: BTreeMap<Method, u64>,
     /// Renames announced but not yet resolved, by intent sequence number.
     intents: BTreeMap<u64, Intent>,
+    /// Files in online conversion, by id. Few at a time (the converter does one file after
+    /// another), so a path's conversion is found by scanning them.
+    convs: BTreeMap<u64, Conversion>,
+    job: Option<Job>,
+}
+
+fn show(path: &[u8]) -> String {
+    String::from_utf8_lossy(path).into_owned()
 }
 
 fn components(path: &[u8]) -> Vec<&[u8]> {
@@ -94,6 +102,72 @@ impl Tree {
 
     pub fn intents(&self) -> impl Iterator<Item = &Intent> {
         self.intents.values()
+    }
+
+    pub fn conversions(&self) -> impl Iterator<Item = &Conversion> {
+        self.convs.values()
+    }
+
+    /// The conversion the file at `path` is in, if any.
+    pub fn conversion_at(&self, path: &[u8]) -> Option<&Conversion> {
+        self.convs.values().find(|c| c.paths.iter().any(|p| p == path))
+    }
+
+    pub fn job(&self) -> Option<&Job> {
+        self.job.as_ref()
+    }
+
+    pub fn set_job(&mut self, job: Option<Job>) {
+        self.job = job;
+    }
+
+    /// Restore a conversion (snapshot load): its paths hold their old entries already.
+    pub fn add_conversion(&mut self, c: Conversion) {
+        self.count_key(c.new.key_id, true);
+        self.convs.insert(c.id, c);
+    }
+
+    /// The conversion's new key is in use from its start to its end, whatever the paths.
+    fn count_key(&mut self, key_id: u64, add: bool) {
+        if key_id == 0 {
+            return;
+        }
+        if add {
+            *self.key_refs.entry(key_id).or_default() += 1;
+        } else if let Some(n) = self.key_refs.get_mut(&key_id) {
+            *n -= 1;
+            if *n == 0 {
+                self.key_refs.remove(&key_id);
+            }
+        }
+    }
+
+    /// Paths at or below `path` leave their conversions (the file was unlinked, replaced or
+    /// re-keyed); a conversion left without paths is over (its file has no name).
+    fn leave_conversions(&mut self, path: &[u8]) {
+        let mut orphaned = Vec::new();
+        for c in self.convs.values_mut() {
+            c.paths.retain(|p| rebase(p, path, path).is_none());
+            if c.paths.is_empty() {
+                orphaned.push(c.id);
+            }
+        }
+        for id in orphaned {
+            let c = self.convs.remove(&id).expect("found above");
+            self.count_key(c.new.key_id, false);
+        }
+    }
+
+    /// Conversion paths follow a rename of `from` to `to` (or an exchange of the two).
+    fn move_conversions(&mut self, from: &[u8], to: &[u8], exchange: bool) {
+        for c in self.convs.values_mut() {
+            for p in c.paths.iter_mut() {
+                let moved = if exchange { rebase(p, from, to).or_else(|| rebase(p, to, from)) } else { rebase(p, from, to) };
+                if let Some(np) = moved {
+                    *p = np;
+                }
+            }
+        }
     }
 
     /// Whether anything (an entry, or entries below) is recorded at `path`.
@@ -252,6 +326,8 @@ impl Tree {
         }
         let moved = self.detach(from);
         self.drop_subtree(to);
+        self.leave_conversions(to);
+        self.move_conversions(from, to, false);
         if let Some(n) = moved {
             self.attach(to, n);
         }
@@ -270,6 +346,7 @@ impl Tree {
         }
         let na = self.detach(a);
         let nb = self.detach(b);
+        self.move_conversions(a, b, true);
         if let Some(n) = na {
             self.attach(b, n);
         }
@@ -305,8 +382,12 @@ impl Tree {
 
     pub fn apply(&mut self, seq: u64, rec: &Record) -> Result<(), Inconsistent> {
         match rec {
-            Record::Put { path, entry } => self.put(path, *entry),
+            Record::Put { path, entry } => {
+                self.leave_conversions_exact(path);
+                self.put(path, *entry)
+            }
             Record::Delete { path } => {
+                self.leave_conversions_exact(path);
                 self.remove(path);
             }
             Record::RenameIntent { from, to, from_ino, exchange } => self.add_intent(Intent {
@@ -322,8 +403,45 @@ impl Tree {
                     .remove(intent)
                     .ok_or_else(|| Inconsistent(format!("rename abort for unknown intent #{intent}")))?;
             }
+            Record::ConvertStart { path, new } => {
+                let old = self.get(path).ok_or_else(|| Inconsistent(format!("conversion of {} without an entry", show(path))))?;
+                if self.conversion_at(path).is_some() {
+                    return Err(Inconsistent(format!("second conversion of {}", show(path))));
+                }
+                self.add_conversion(Conversion { id: seq, old, new: *new, mark: 0, paths: vec![path.clone()] });
+            }
+            // A conversion whose file lost all its names is over: later records of it (the
+            // converter may not know yet) change nothing.
+            Record::ConvertMark { id, mark } => {
+                if let Some(c) = self.convs.get_mut(id) {
+                    c.mark = *mark;
+                }
+            }
+            Record::ConvertLink { id, path } => {
+                let c = self.convs.get(id).ok_or_else(|| Inconsistent(format!("link {} joins unknown conversion #{id}", show(path))))?;
+                let old = c.old;
+                self.leave_conversions_exact(path);
+                self.put(path, old);
+                self.convs.get_mut(id).expect("checked").paths.push(path.clone());
+            }
+            Record::ConvertDone { id } => {
+                if let Some(c) = self.convs.remove(id) {
+                    for p in &c.paths {
+                        self.put(p, c.new);
+                    }
+                    self.count_key(c.new.key_id, false);
+                }
+            }
+            Record::SetJob { job } => self.job = job.clone(),
         }
         Ok(())
+    }
+
+    /// `path` (a file) leaves its conversion, if it is in one.
+    fn leave_conversions_exact(&mut self, path: &[u8]) {
+        if self.conversion_at(path).is_some() {
+            self.leave_conversions(path);
+        }
     }
 
     /// Every entry with its full path, depth first (an explicit stack: see the module doc).
@@ -485,4 +603,57 @@ mod tests {
         assert_eq!(t.by_method().iter().collect::<Vec<_>>(), vec![(&Method::Sm4Ctr, &1)]);
     }
 
+
+    /// A conversion's paths follow renames, exchanges and links; unlinks and re-keying take
+    /// paths out of it; `ConvertDone` puts the new entry at every path it still has; the new
+    /// key counts as used from start to end.
+    #[test]
+    fn conversions_follow_the_namespace() {
+        let mut t = Tree::default();
+        let (old, new) = (e(1), e(2));
+        t.put(b"/d/a", old);
+        t.put(b"/x", e(3));
+        let conv = |t: &Tree| t.conversions().next().map(|c| (c.mark, c.paths.iter().map(|p| String::from_utf8_lossy(p).into_owned()).collect::<Vec<_>>()));
+        t.apply(10, &Record::ConvertStart { path: b"/d/a".to_vec(), new }).unwrap();
+        assert!(t.apply(11, &Record::ConvertStart { path: b"/d/a".to_vec(), new }).is_err(), "one conversion per file");
+        assert!(t.apply(11, &Record::ConvertStart { path: b"/none".to_vec(), new }).is_err(), "only recorded files");
+        assert_eq!(t.key_refs().get(&2), Some(&1));
+        t.apply(12, &Record::ConvertMark { id: 10, mark: 1 << 20 }).unwrap();
+        t.apply(13, &Record::ConvertLink { id: 10, path: b"/l".to_vec() }).unwrap();
+        assert_eq!(t.get(b"/l"), Some(old), "a new link records the old entry");
+        assert!(t.apply(14, &Record::ConvertLink { id: 99, path: b"/m".to_vec() }).is_err());
+        // A directory rename moves the path; an exchange swaps it.
+        t.apply(15, &Record::RenameIntent { from: b"/d".to_vec(), to: b"/e".to_vec(), from_ino: 5, exchange: false }).unwrap();
+        t.apply(16, &Record::RenameDone { intent: 15 }).unwrap();
+        assert_eq!(conv(&t), Some((1 << 20, vec!["/e/a".into(), "/l".into()])));
+        t.apply(17, &Record::RenameIntent { from: b"/e/a".to_vec(), to: b"/x".to_vec(), from_ino: 6, exchange: true }).unwrap();
+        t.apply(18, &Record::RenameDone { intent: 17 }).unwrap();
+        assert_eq!(conv(&t), Some((1 << 20, vec!["/x".into(), "/l".into()])));
+        assert_eq!(t.conversion_at(b"/x").map(|c| c.id), Some(10));
+        assert_eq!(t.conversion_at(b"/e/a"), None);
+        // A rename onto a path of the conversion replaces that file.
+        t.apply(19, &Record::RenameIntent { from: b"/e/a".to_vec(), to: b"/l".to_vec(), from_ino: 7, exchange: false }).unwrap();
+        t.apply(20, &Record::RenameDone { intent: 19 }).unwrap();
+        assert_eq!(conv(&t), Some((1 << 20, vec!["/x".into()])));
+        // Done: the new entry everywhere; the old key is no longer used by it.
+        t.apply(21, &Record::ConvertLink { id: 10, path: b"/l2".to_vec() }).unwrap();
+        t.apply(22, &Record::ConvertDone { id: 10 }).unwrap();
+        assert_eq!((t.get(b"/x"), t.get(b"/l2")), (Some(new), Some(new)));
+        assert_eq!(t.conversions().count(), 0);
+        assert_eq!(t.key_refs().get(&2), Some(&2), "one per path, none for the finished conversion");
+        // Unlinking every path ends a conversion; its later records change nothing.
+        t.put(b"/y", old);
+        t.apply(30, &Record::ConvertStart { path: b"/y".to_vec(), new }).unwrap();
+        t.apply(31, &Record::Delete { path: b"/y".to_vec() }).unwrap();
+        assert_eq!(t.conversions().count(), 0);
+        t.apply(32, &Record::ConvertMark { id: 30, mark: 4096 }).unwrap();
+        t.apply(33, &Record::ConvertDone { id: 30 }).unwrap();
+        assert_eq!(t.get(b"/y"), None);
+        // Re-keying (a Put) takes the file out of its conversion.
+        t.put(b"/z", old);
+        t.apply(40, &Record::ConvertStart { path: b"/z".to_vec(), new }).unwrap();
+        t.apply(41, &Record::Put { path: b"/z".to_vec(), entry: e(4) }).unwrap();
+        assert_eq!(t.conversions().count(), 0);
+        assert_eq!(t.key_refs().get(&2), Some(&2));
+    }
 }
