@@ -31,6 +31,7 @@ pub enum FileKind {
     Keys,
     Snapshot,
     Log,
+    ConvertJournal,
 }
 
 impl FileKind {
@@ -39,6 +40,7 @@ impl FileKind {
             FileKind::Keys => b"TDEFSKEY",
             FileKind::Snapshot => b"TDEFSSNP",
             FileKind::Log => b"TDEFSLOG",
+            FileKind::ConvertJournal => b"TDEFSCVJ",
         }
     }
 
@@ -47,6 +49,7 @@ impl FileKind {
             FileKind::Keys => "key dictionary",
             FileKind::Snapshot => "file dictionary snapshot",
             FileKind::Log => "file dictionary log",
+            FileKind::ConvertJournal => "online conversion journal",
         }
     }
 }

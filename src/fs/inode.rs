@@ -31,19 +31,45 @@ pub struct FileEncryption {
     /// so its encryption is unknown and its contents are refused (fail closed).
     pub entry: Option<FileEntry>,
     /// The cipher; `None` when there is no record or the record names a data key that is
-    /// missing (I/O fails with EIO).
+    /// missing (I/O fails with EIO). For a file in conversion, the split of the two.
     pub cipher: Option<FileCipher>,
+    /// The file is being converted online: `entry` is its old entry, this the new one and
+    /// the watermark (docs/design.md §10).
+    pub conv: Option<Converting>,
+}
+
+/// The state of a file in online conversion, as the dictionary records it.
+#[derive(Clone)]
+pub struct Converting {
+    pub id: u64,
+    pub new: FileEntry,
+    pub mark: u64,
+    /// `None` when a data key is missing.
+    pub old_cipher: Option<FileCipher>,
+    pub new_cipher: Option<FileCipher>,
+}
+
+impl Converting {
+    /// The cipher of the whole file: new below the mark, old from it on.
+    pub fn cipher(&self) -> Option<FileCipher> {
+        Some(FileCipher::split(self.new_cipher.clone()?, self.old_cipher.clone()?, self.mark))
+    }
 }
 
 impl FileEncryption {
     /// Directories, symlinks and other inodes without contents of their own.
     pub fn none() -> FileEncryption {
-        FileEncryption { entry: None, cipher: Some(FileCipher::plaintext()) }
+        FileEncryption { entry: None, cipher: Some(FileCipher::plaintext()), conv: None }
     }
 
     /// A regular file without a record.
     pub fn unrecorded() -> FileEncryption {
-        FileEncryption { entry: None, cipher: None }
+        FileEncryption { entry: None, cipher: None, conv: None }
+    }
+
+    /// A regular file recorded as `entry`, not in conversion.
+    pub fn recorded(entry: FileEntry, cipher: FileCipher) -> FileEncryption {
+        FileEncryption { entry: Some(entry), cipher: Some(cipher), conv: None }
     }
 }
 

@@ -141,7 +141,7 @@ impl Volume {
         sys::ftruncate(fd, 0)?;
         let (entry, cipher, key_use) = self.new_entry()?;
         if entry.method.is_plaintext() && st.entry.is_some_and(|e| e.method.is_plaintext()) {
-            *st = FileEncryption { entry: Some(entry), cipher: Some(cipher) };
+            *st = FileEncryption::recorded(entry, cipher);
             return Ok(()); // recorded plaintext stays plaintext: nothing to record
         }
         sys::fdatasync(fd)?;
@@ -150,14 +150,14 @@ impl Volume {
             let Some(path) = inode.path() else {
                 // Its last name was unlinked meanwhile (no link left): nothing to record;
                 // the new keystream lives in memory for as long as the file is open.
-                *st = FileEncryption { entry: Some(entry), cipher: Some(cipher) };
+                *st = FileEncryption::recorded(entry, cipher);
                 return Ok(());
             };
             self.dict.submit(Record::Put { path, entry })?
         };
         drop(key_use);
         self.dict.sync(seq)?;
-        *st = FileEncryption { entry: Some(entry), cipher: Some(cipher) };
+        *st = FileEncryption::recorded(entry, cipher);
         Ok(())
     }
 

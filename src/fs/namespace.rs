@@ -54,7 +54,8 @@ impl Volume {
 
 impl Volume {
     /// Record, durably, that `parent/name` will be encrypted as `entry` (or, for `None`,
-    /// that it has no entry: needed only when a stale one exists). Returns the path when a
+    /// that it has no entry: needed only when a stale one exists), or, for a new link of a
+    /// file in online conversion (`conv`), that it joins that conversion. Returns the path when a
     /// record was written, so a failed create can undo it. `key_use`, the guard under which
     /// `entry`'s key was chosen, is released once the record is queued (before the wait
     /// for the disk).
@@ -63,15 +64,17 @@ impl Volume {
         parent: &Arc<Inode>,
         name: &OsStr,
         entry: Option<FileEntry>,
+        conv: Option<u64>,
         key_use: KeyUse<'_>,
     ) -> Result<Option<Vec<u8>>> {
         let seq = {
             let _no_rename = self.rename_lock.read();
             let path = parent.child_path(name).ok_or(Error::Os(libc::ENOENT))?;
-            let rec = match entry {
-                Some(entry) => Record::Put { path: path.clone(), entry },
-                None if self.dict.get(&path).is_some() => Record::Delete { path: path.clone() },
-                None => return Ok(None),
+            let rec = match (entry, conv) {
+                (Some(_), Some(id)) => Record::ConvertLink { id, path: path.clone() },
+                (Some(entry), None) => Record::Put { path: path.clone(), entry },
+                (None, _) if self.dict.get(&path).is_some() => Record::Delete { path: path.clone() },
+                (None, _) => return Ok(None),
             };
             (self.dict.submit(rec)?, path)
         };
@@ -114,7 +117,7 @@ impl Volume {
             return err(libc::EEXIST);
         }
         let (entry, cipher, key_use) = self.new_entry()?;
-        let recorded = self.record_new_name(&parent, name, Some(entry), key_use)?;
+        let recorded = self.record_new_name(&parent, name, Some(entry), None, key_use)?;
         let open_flags =
             libc::O_CREAT | libc::O_EXCL | libc::O_RDWR | (flags & (libc::O_SYNC | libc::O_DSYNC)) | self.file_atime_flag();
         let fd = match sys::openat(parent_fd.as_fd(), name, open_flags, mode & 0o7777) {
@@ -126,7 +129,7 @@ impl Volume {
         };
         self.set_owner(fd.as_fd(), &parent, who, mode, false)?;
         let st = sys::fstat(fd.as_fd())?;
-        let (inode, st) = self.register(&parent, name, &st, Some(FileEncryption { entry: Some(entry), cipher: Some(cipher) }))?;
+        let (inode, st) = self.register(&parent, name, &st, Some(FileEncryption::recorded(entry, cipher)))?;
         let fh = self.files.insert(FileHandle::new(inode.clone(), fd));
         Ok((inode, st, fh))
     }
@@ -143,8 +146,8 @@ impl Volume {
         let mut recorded = None;
         if regular {
             let (entry, cipher, key_use) = self.new_entry()?;
-            recorded = self.record_new_name(&parent, name, Some(entry), key_use)?;
-            preset = Some(FileEncryption { entry: Some(entry), cipher: Some(cipher) });
+            recorded = self.record_new_name(&parent, name, Some(entry), None, key_use)?;
+            preset = Some(FileEncryption::recorded(entry, cipher));
         }
         if let Err(e) = sys::mknodat(parent_fd.as_fd(), name, mode, rdev as libc::dev_t) {
             self.forget_new_name(recorded);
@@ -194,7 +197,8 @@ impl Volume {
         let data_lock = inode.data.read();
         let key_use = self.key_use.read();
         let entry = if inode.kind == FileType::RegularFile { data_lock.entry } else { None };
-        let recorded = self.record_new_name(&newparent, newname, entry, key_use)?;
+        let conv = data_lock.conv.as_ref().map(|c| c.id);
+        let recorded = self.record_new_name(&newparent, newname, entry, conv, key_use)?;
         let ifd = self.parent_fd(&inode)?;
         if let Err(e) = sys::link_fd(ifd.as_fd(), npfd.as_fd(), newname) {
             self.forget_new_name(recorded);

@@ -27,9 +27,8 @@ impl Volume {
         // before it). A file's key changes only to a key taken under `key_use`.
         let mut used = std::collections::HashSet::new();
         self.inodes.for_each(|i| {
-            if let Some(e) = i.data.read().entry {
-                used.insert(e.key_id);
-            }
+            let st = i.data.read();
+            used.extend(st.entry.iter().chain(st.conv.as_ref().map(|c| &c.new)).map(|e| e.key_id));
         });
         let unused = {
             let _decide = self.key_use.write();

@@ -197,19 +197,33 @@ impl Volume {
         Ok(())
     }
 
-    /// Encryption state for a regular file whose dictionary entry is `entry`.
-    pub(super) fn state_for(&self, entry: Option<FileEntry>) -> FileEncryption {
-        match entry {
-            None => FileEncryption::unrecorded(),
-            Some(e) if e.method.is_plaintext() => FileEncryption { entry: Some(e), cipher: Some(FileCipher::plaintext()) },
-            Some(e) => {
-                let cipher = self.keys.get(e.key_id).map(|k| k.cipher(&e.iv));
-                if cipher.is_none() {
-                    tracing::error!(key_id = format_args!("{:#018x}", e.key_id), "a file's data key is missing; its I/O fails with EIO");
-                }
-                FileEncryption { entry: Some(e), cipher }
-            }
+    /// The cipher of `entry`; `None` (I/O fails with EIO) when its data key is missing.
+    pub(super) fn cipher_of(&self, e: &FileEntry) -> Option<FileCipher> {
+        if e.method.is_plaintext() {
+            return Some(FileCipher::plaintext());
         }
+        let cipher = self.keys.get(e.key_id).map(|k| k.cipher(&e.iv));
+        if cipher.is_none() {
+            tracing::error!(key_id = format_args!("{:#018x}", e.key_id), "a file's data key is missing; its I/O fails with EIO");
+        }
+        cipher
+    }
+
+    /// Encryption state of the regular file recorded at `path` (none: no record). Call
+    /// under `rename_lock` (shared), so the path and its records belong together.
+    pub(super) fn recorded_state(&self, path: Option<&[u8]>) -> FileEncryption {
+        let Some(path) = path else { return FileEncryption::unrecorded() };
+        let Some(e) = self.dict.get(path) else { return FileEncryption::unrecorded() };
+        match self.dict.conversion(path) {
+            None => FileEncryption { entry: Some(e), cipher: self.cipher_of(&e), conv: None },
+            Some(c) => self.converting_state(e, c.id, c.new, c.mark),
+        }
+    }
+
+    /// The state of a file in conversion `id` from `old` to `new`, done below `mark`.
+    pub(super) fn converting_state(&self, old: FileEntry, id: u64, new: FileEntry, mark: u64) -> FileEncryption {
+        let conv = super::inode::Converting { id, new, mark, old_cipher: self.cipher_of(&old), new_cipher: self.cipher_of(&new) };
+        FileEncryption { entry: Some(old), cipher: conv.cipher(), conv: Some(conv) }
     }
 
     /// A fresh entry for a new (or re-keyed) file under the configured method: current data
@@ -301,7 +315,7 @@ impl Volume {
             Some(s) => s,
             None if kind == FileType::RegularFile => {
                 let _no_rename = self.rename_lock.read();
-                self.state_for(parent.child_path(name).and_then(|p| self.dict.get(&p)))
+                self.recorded_state(parent.child_path(name).as_deref())
             }
             None => FileEncryption::none(),
         };

@@ -1,9 +1,11 @@
 //! The `.tdefs` metadata directory in the backing root: opening with the configured master
 //! key and exclusive use (here), first-time initialisation (`init.rs`), recovery after a
-//! crash (`recover.rs`), `tdefs check` and `tdefs status` (`check.rs`, `status.rs`).
+//! crash (`recover.rs`), `tdefs check` and `tdefs status` (`check.rs`, `status.rs`), the
+//! online conversion's chunk journal (`journal.rs`).
 
 pub mod check;
 mod init;
+pub mod journal;
 pub mod owner;
 mod recover;
 pub mod status;
@@ -92,6 +94,9 @@ pub struct OpenReport {
     /// Staged copies of an interrupted `tdefs encrypt` that were removed (their originals
     /// are intact and still plaintext).
     pub staged_copies_removed: usize,
+    /// The chunk an online conversion was rewriting at a crash was put back from the
+    /// journal.
+    pub conversion_chunk_restored: bool,
     /// A format 1 backing directory was upgraded: this many files without a record (format
     /// 1's plaintext files) were recorded as plaintext.
     pub upgraded_plaintext: Option<usize>,

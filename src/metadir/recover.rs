@@ -3,6 +3,7 @@
 //! format 1 metadata.
 
 use super::init::plaintext_records;
+use super::journal::{Journal, JOURNAL_FILE};
 use super::*;
 
 /// The key dictionary keeps the file dictionary's mark.
@@ -78,6 +79,7 @@ pub(super) fn recover(
             report.stale_entries_dropped += 1;
         }
     }
+    report.conversion_chunk_restored = restore_conversion_chunk(&dict, &keys.instance(), backing)?;
     report.staged_copies_removed = remove_staged_copies(&dict, backing_path, backing)?;
     dict.flush()?;
     if format < 2 {
@@ -106,6 +108,40 @@ fn upgrade_format_1(dict: &FileDict, backing: &Path) -> Result<usize, MetaError>
          them as plaintext) is now recorded as plaintext; from now on a file without a record is refused"
     );
     Ok(n)
+}
+
+/// A crash while the online converter rewrote a chunk (after its journal record was durable,
+/// before the watermark moved past it) leaves that chunk old, new or torn, block by block:
+/// the journal's copy, its old bytes, goes back over it, which matches the watermark. Any
+/// other journal record is stale (its chunk's watermark advance is durable) or was never
+/// complete (its rewrite never began). Idempotent, so a crash in here only repeats it.
+fn restore_conversion_chunk(dict: &FileDict, instance: &[u8; 16], backing: &OwnedFd) -> Result<bool, MetaError> {
+    let convs = dict.conversions();
+    let jpath = dict.dir().join(JOURNAL_FILE);
+    let journal = match Journal::open(dict.dir(), *instance) {
+        Ok(j) => j,
+        Err(e) if convs.is_empty() => {
+            tracing::warn!(error = %e, journal = %jpath.display(), "cannot open the conversion journal (no conversion is in progress)");
+            return Ok(false);
+        }
+        Err(e) => return Err(io_err("open", &jpath)(e).into()),
+    };
+    let Some(chunk) = journal.read().map_err(io_err("read", &jpath))? else { return Ok(false) };
+    let Some(c) = convs.iter().find(|c| c.id == chunk.id && c.mark == chunk.offset) else {
+        journal.clear().map_err(io_err("clear", &jpath))?;
+        return Ok(false);
+    };
+    let path = &c.paths[0];
+    let shown = String::from_utf8_lossy(path).into_owned();
+    let fd = sys::open_file_below(backing.as_fd(), path, libc::O_RDWR).map_err(|e| IoError::new("open", shown.clone(), e))?;
+    sys::pwrite_all(fd.as_fd(), &chunk.bytes, chunk.offset).map_err(|e| IoError::new("restore a chunk of", shown.clone(), e))?;
+    sys::fdatasync(fd.as_fd()).map_err(|e| IoError::new("fsync", shown.clone(), e))?;
+    journal.clear().map_err(io_err("clear", &jpath))?;
+    tracing::warn!(
+        file = %shown, offset = chunk.offset, bytes = chunk.bytes.len(),
+        "put back the chunk an online conversion was rewriting when it was interrupted; the conversion resumes from there"
+    );
+    Ok(true)
 }
 
 /// An interrupted `tdefs encrypt` leaves staged copies whose rename did not happen (the

@@ -410,6 +410,11 @@ pub fn stat_below(dir: BorrowedFd<'_>, rel: &[u8]) -> io::Result<Stat> {
     fstat(fd.as_fd())
 }
 
+/// Open regular file `rel` below `dir` with `flags`, without following any symlink.
+pub fn open_file_below(dir: BorrowedFd<'_>, rel: &[u8], flags: libc::c_int) -> io::Result<OwnedFd> {
+    open_beneath(dir, rel, flags | libc::O_NOFOLLOW)
+}
+
 /// Open directory `rel` ("a/b") below `dir` for reading, without following any symlink.
 pub fn open_dir_below(dir: BorrowedFd<'_>, rel: &[u8]) -> io::Result<OwnedFd> {
     open_beneath(dir, rel, libc::O_RDONLY | libc::O_DIRECTORY)
