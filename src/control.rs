@@ -25,6 +25,32 @@ pub enum Request {
     RotateMasterKey { config: PathBuf },
     /// `tdefs status`: the reply's message is a JSON `metadir::status::Status`.
     Status,
+    /// Online conversion (`tdefs convert`): start a job, or pause, resume or cancel it.
+    Convert { action: ConvertAction },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "kebab-case")]
+pub enum ConvertAction {
+    Start(ConvertJob),
+    Pause,
+    Resume,
+    Cancel,
+}
+
+/// What `tdefs convert start` asks for.
+#[derive(Debug, Serialize, Deserialize, Default)]
+pub struct ConvertJob {
+    /// Target method (default: the mount's method for new files).
+    pub method: Option<String>,
+    /// Also convert files whose data key is older than this many seconds.
+    pub older_than_secs: Option<u64>,
+    /// Paths below the mount root ("/base/16384"); all files when empty.
+    pub paths: Vec<String>,
+    /// Bytes per second (0: no limit).
+    pub rate: u64,
+    /// Percent of the time a file's lock may be held (1..=100).
+    pub io_share: u8,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

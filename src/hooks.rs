@@ -4,6 +4,7 @@
 //!   as a crash at that instant would stop it (crash tests across processes). With
 //!   `TDEFS_FAULT=panic:NAME` it panics there instead (the request-panic test), and with
 //!   `TDEFS_FAULT=stop:NAME` it stops itself (SIGSTOP) so a test can inspect the process.
+//!   `TDEFS_FAULT_AFTER=N` lets the first N arrivals at the point pass.
 //! - [`point`]: a test in the same process installs a callback ([`install`]) that runs at
 //!   every named point, to force an interleaving (pause one thread while another acts).
 //!   The callback runs only on the installing thread and on threads that [`Scope::enter`]
@@ -102,6 +103,16 @@ fn wanted(name: &str) -> Option<Fault> {
         _ if want == name => Some(Fault::Abort),
         _ => None,
     }
+    .filter(|_| past_skips())
+}
+
+/// `TDEFS_FAULT_AFTER=N`: the first N times the point is reached pass (crash in the middle
+/// of a loop, not at its first step).
+fn past_skips() -> bool {
+    static SKIP: OnceLock<u64> = OnceLock::new();
+    static SEEN: AtomicU64 = AtomicU64::new(0);
+    let skip = *SKIP.get_or_init(|| std::env::var("TDEFS_FAULT_AFTER").ok().and_then(|s| s.parse().ok()).unwrap_or(0));
+    SEEN.fetch_add(1, Ordering::SeqCst) >= skip
 }
 
 /// Crash tests: see the module doc.

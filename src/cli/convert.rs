@@ -88,6 +88,17 @@ fn open(cfg: &Config, backing: &Path, init: bool) -> anyhow::Result<Metadata> {
         })
     };
     let meta = meta.with_context(|| format!("cannot open backing directory {}", backing.display()))?;
+    // A file in online conversion is under two ciphers, which only the mount reads.
+    let converting = meta.dict.conversions();
+    if !converting.is_empty() {
+        bail!(
+            "{} file(s) of {} are in the middle of an online conversion (e.g. {}): mount it to let the conversion \
+             finish (or run `tdefs convert cancel MOUNTPOINT`, which finishes them), then run this again",
+            converting.len(),
+            backing.display(),
+            String::from_utf8_lossy(&converting[0].paths[0])
+        );
+    }
     if meta.report.staged_copies_removed > 0 || meta.report.renames_completed > 0 {
         eprintln!(
             "tdefs: an interrupted run was settled: {} files had been converted, {} staged copies were dropped (their originals are intact)",

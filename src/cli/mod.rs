@@ -1,5 +1,5 @@
 //! Command line: `tdefs mount`, `tdefs check`, `tdefs dump`, `tdefs rotate-master-key`, `tdefs status`,
-//! `tdefs encrypt`, `tdefs decrypt`, `tdefs genkey`, and `mount.fuse.tdefs` (the mount(8) helper: the
+//! `tdefs encrypt`, `tdefs decrypt`, `tdefs convert` (online), `tdefs genkey`, and `mount.fuse.tdefs` (the mount(8) helper: the
 //! same binary under that name).
 
 mod adopt;
@@ -10,6 +10,7 @@ mod daemon;
 mod dump;
 mod helper;
 mod mount;
+mod online;
 mod rotate;
 mod sdnotify;
 mod status;
@@ -49,6 +50,7 @@ enum Command {
     Status(status::StatusArgs),
     Encrypt(convert::EncryptArgs),
     Decrypt(convert::DecryptArgs),
+    Convert(online::ConvertArgs),
     Adopt(adopt::AdoptArgs),
     Umount(umount::UmountArgs),
     /// Write a new random 256-bit master key (64 hex characters + newline, mode 0600).
@@ -128,6 +130,12 @@ pub fn main() -> ExitCode {
         Command::Check(args) => return check::run(args),
         Command::Encrypt(args) => return convert::run_encrypt(args),
         Command::Decrypt(args) => return convert::run_decrypt(args),
+        Command::Convert(args) => {
+            return online::run(args).unwrap_or_else(|e| {
+                eprintln!("tdefs: error: {e:#}");
+                ExitCode::from(2)
+            })
+        }
         Command::Mount(args) => mount::run(args),
         Command::MountHelper { args } => helper::run(&args),
         Command::Dump(args) => dump::run(args),

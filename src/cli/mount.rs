@@ -8,7 +8,7 @@ use clap::Args;
 
 use super::{daemon, sdnotify};
 use crate::config::DEFAULT_CONFIG_PATH;
-use crate::fs::{fuser_config, mounting, Volume, FsOptions, Housekeeping, MountSpec, FuseAdapter};
+use crate::fs::{fuser_config, mounting, Converter, Volume, FsOptions, Housekeeping, MountSpec, FuseAdapter};
 use crate::control;
 use crate::crypto::Method;
 use crate::metadir::owner::{Owner, State};
@@ -57,7 +57,13 @@ pub struct MountArgs {
 
 /// The control socket (`tdefs rotate-master-key`). A mount without one still works, so a
 /// failure here is a warning.
-fn start_control(mountpoint: &Path, backing: &Path, volume: Arc<Volume>, method: Method) -> Option<control::Server> {
+fn start_control(
+    mountpoint: &Path,
+    backing: &Path,
+    volume: Arc<Volume>,
+    converter: Arc<Converter>,
+    method: Method,
+) -> Option<control::Server> {
     let mp = match std::fs::canonicalize(mountpoint) {
         Ok(p) => p,
         Err(e) => {
@@ -69,9 +75,18 @@ fn start_control(mountpoint: &Path, backing: &Path, volume: Arc<Volume>, method:
     let handler = move |req: control::Request| -> Result<String, String> {
         match req {
             control::Request::Status => {
-                let st = status::collect(&backing, volume.keys(), volume.dict().as_ref(), method, true);
+                let mut st = status::collect(&backing, volume.keys(), volume.dict().as_ref(), method, true);
+                if let Some(c) = converter.status() {
+                    st.conversion = Some(c);
+                }
                 serde_json::to_string(&st).map_err(|e| e.to_string())
             }
+            control::Request::Convert { action } => match action {
+                control::ConvertAction::Start(j) => converter.submit(super::online::job_from_request(j, method)?),
+                control::ConvertAction::Pause => converter.pause(),
+                control::ConvertAction::Resume => converter.resume(),
+                control::ConvertAction::Cancel => converter.cancel(),
+            },
             control::Request::Ping => Ok(serde_json::json!({
                 "version": env!("CARGO_PKG_VERSION"),
                 "pid": std::process::id(),
@@ -190,6 +205,8 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
     volume.rotate_data_key_if_due().context("data key rotation")?;
     volume.collect_unused_keys().context("deleting unused data keys")?;
     let maintenance = Housekeeping::start(volume.clone());
+    // Continues a job an earlier mount recorded.
+    let converter = Arc::new(Converter::start(volume.clone()));
     let fs = FuseAdapter::new(volume.clone(), &spec).context("cannot start the page-cache invalidation thread")?;
     let notifier = fs.notifier_slot();
     let config = fuser_config(&spec);
@@ -212,10 +229,10 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
         ),
     };
     let _ = notifier.set(session.notifier());
-    let control = start_control(&mountpoint, meta.backing(), volume.clone(), enc.data_encryption_method);
+    let control = start_control(&mountpoint, meta.backing(), volume.clone(), converter.clone(), enc.data_encryption_method);
     if let Some(ep) = metrics_endpoint {
-        let (volume, method) = (volume.clone(), enc.data_encryption_method);
-        ep.serve(move || gauges(&volume, method)).context("cannot start the metrics thread")?;
+        let (volume, converter, method) = (volume.clone(), converter.clone(), enc.data_encryption_method);
+        ep.serve(move || gauges(&volume, &converter, method)).context("cannot start the metrics thread")?;
     }
     let mut unmounter = session.unmount_callable();
     let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM])?;
@@ -246,6 +263,8 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
     signal_handle.close();
     let _ = sig_thread.join();
     drop(control);
+    // The chunk in flight completes; the job continues at the next mount.
+    converter.shutdown();
     drop(maintenance);
     if meta.dict.compaction_due() {
         meta.dict.compact().context("final dictionary compaction")?;
@@ -260,8 +279,9 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
 /// The state of a running mount for the metrics endpoint: what `tdefs status` reports, less
 /// the count of plaintext files (a walk over the whole backing tree, too slow for every
 /// scrape).
-fn gauges(volume: &crate::fs::Volume, method: crate::crypto::Method) -> metrics::Gauges {
+fn gauges(volume: &crate::fs::Volume, converter: &Converter, method: crate::crypto::Method) -> metrics::Gauges {
     let keys = volume.keys();
+    let (conversion_remaining_bytes, conversion_state) = converter.gauges();
     metrics::Gauges {
         method: Some(method),
         data_keys: keys.keys().len(),
@@ -269,5 +289,7 @@ fn gauges(volume: &crate::fs::Volume, method: crate::crypto::Method) -> metrics:
         files_by_method: volume.dict().with_tree(crate::metadir::status::files_by_method),
         // Every metadata file, as `tdefs status` counts it (key dictionary included).
         dictionary_bytes: volume.dict().disk_size(),
+        conversion_remaining_bytes,
+        conversion_state,
     }
 }

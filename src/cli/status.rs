@@ -131,7 +131,9 @@ fn render(s: &Status) -> String {
     );
     line("dictionary size", format!("{} bytes", s.dictionary_bytes));
     line("last compaction", s.last_compaction.clone().unwrap_or_else(|| "never".into()));
-    if let Some(c) = &s.conversion {
+    if let Some(c) = s.conversion.as_ref().filter(|c| c.operation == "online") {
+        line("conversion", super::online::line(c));
+    } else if let Some(c) = &s.conversion {
         let eta = c.eta_seconds.map(|e| format!(", ETA {}", humantime::format_duration(Duration::from_secs(e)))).unwrap_or_default();
         line(
             "conversion",

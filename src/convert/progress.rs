@@ -149,6 +149,7 @@ impl Progress {
             percent_complete: (self.percent() * 10.0).floor() / 10.0,
             bytes_per_second: rate,
             eta_seconds: (rate > 0).then(|| self.bytes_total.saturating_sub(self.bytes_done) / rate),
+            ..Default::default()
         }
     }
 

@@ -89,7 +89,7 @@ impl FileCipher {
     /// # Panics
     /// If `at` is not a multiple of 4096.
     pub fn split(below: FileCipher, above: FileCipher, at: u64) -> FileCipher {
-        assert_eq!(at % super::XTS_DATA_UNIT as u64, 0, "conversion watermark off a 4 KiB boundary");
+        assert_eq!(at % super::XTS_DATA_UNIT, 0, "conversion watermark off a 4 KiB boundary");
         FileCipher { iv: [0; 16], inner: Inner::Split(Box::new(Split { below, above, at })) }
     }
 

@@ -359,6 +359,11 @@ impl FileDict {
         self.log_cv.notify_all();
     }
 
+    /// Whether the log failed for good (nothing more will be written).
+    pub fn is_failed(&self) -> bool {
+        self.log.lock().failed.is_some()
+    }
+
     /// Records queued but not yet written.
     pub fn has_pending(&self) -> bool {
         !self.log.lock().pending.is_empty()

@@ -16,6 +16,7 @@ mod inode;
 mod io;
 pub mod mounting;
 mod namespace;
+mod online;
 mod rotation;
 mod setid;
 #[cfg(test)]
@@ -40,6 +41,7 @@ pub use self::volume::{Volume, FsOptions};
 use self::setid::KillPrivs;
 pub use self::data::BLOCK;
 pub use self::housekeeping::Housekeeping;
+pub use self::online::{new_job, Converter};
 use self::errno::errno;
 use crate::metrics::{self, Op};
 pub use self::namespace::Caller;

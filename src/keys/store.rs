@@ -258,14 +258,32 @@ impl KeyStore {
     }
 
     /// The key for a new file under `method`: the current key if it has that method and is
-    /// younger than `period`, else a new one (made durable before it is returned).
-    /// `None` for plaintext.
+    /// younger than `period`, else a new one, which becomes current (made durable before it
+    /// is returned). `None` for plaintext.
     pub fn key_for_new_file(&self, method: Method, period: Duration) -> Result<Option<Arc<DataKey>>, KeyError> {
+        self.fresh_key(method, period, true)
+    }
+
+    /// The key an online conversion to `method` re-encrypts a file under: the current key
+    /// if it has that method and is younger than `period`, else the newest such key, else a
+    /// new one, which does *not* become current (new files keep the configured method). A
+    /// caller holds the mount's `key_use` guard until the key is referenced, so key GC
+    /// cannot take it meanwhile. `None` for plaintext.
+    pub fn key_for_conversion(&self, method: Method, period: Duration) -> Result<Option<Arc<DataKey>>, KeyError> {
+        self.fresh_key(method, period, false)
+    }
+
+    fn fresh_key(&self, method: Method, period: Duration, make_current: bool) -> Result<Option<Arc<DataKey>>, KeyError> {
         if method.is_plaintext() {
             return Ok(None);
         }
         let fresh = |st: &State| {
-            st.keys.get(&st.current).filter(|k| k.method == method && k.age(SystemTime::now()) < period).cloned()
+            let ok = |k: &&Arc<DataKey>| k.method == method && k.age(SystemTime::now()) < period;
+            let current = st.keys.get(&st.current).filter(ok).cloned();
+            if make_current {
+                return current;
+            }
+            current.or_else(|| st.keys.values().filter(ok).max_by_key(|k| k.created).cloned())
         };
         if let Some(k) = fresh(&self.state.read()) {
             return Ok(Some(k));
@@ -284,11 +302,13 @@ impl KeyStore {
         };
         let key = Arc::new(DataKey { id, method, created: now_secs(), key: new_key_material(method) });
         next.keys.insert(id, key.clone());
-        next.current = id;
+        if make_current {
+            next.current = id;
+        }
         next.generation += 1;
         self.persist(&next)?;
         *self.state.write() = next;
-        tracing::info!(key_id = format_args!("{id:#018x}"), %method, "new data key");
+        tracing::info!(key_id = format_args!("{id:#018x}"), %method, current = make_current, "new data key");
         crate::metrics::data_key_rotated();
         Ok(Some(key))
     }

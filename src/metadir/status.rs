@@ -83,12 +83,15 @@ pub struct CurrentKey {
 }
 
 /// Progress of `tdefs encrypt` or `tdefs decrypt` (the converter writes it to
-/// `.tdefs.convert/progress.json` as it goes).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+/// `.tdefs.convert/progress.json` as it goes), or of the online conversion of a running
+/// mount (`tdefs convert`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct Conversion {
-    /// `encrypt` or `decrypt`.
+    /// `encrypt`, `decrypt`, or `online`.
     pub operation: String,
-    /// `running`, or `interrupted` (the converter is gone: run the same command again).
+    /// Offline: `running`, or `interrupted` (the converter is gone: run the same command
+    /// again). Online: `running`, `paused`, `cancelling` (finishing the file in progress),
+    /// `waiting` (retrying after an error).
     pub state: String,
     pub pid: u32,
     pub started: String,
@@ -99,6 +102,24 @@ pub struct Conversion {
     pub percent_complete: f64,
     pub bytes_per_second: u64,
     pub eta_seconds: Option<u64>,
+    /// Online: the method files are converted to.
+    #[serde(default)]
+    pub target_method: Option<String>,
+    /// Online: the file being converted.
+    #[serde(default)]
+    pub current_file: Option<String>,
+    /// Online: files left as they were (the log says why).
+    #[serde(default)]
+    pub files_skipped: u64,
+    /// Online: the throttle (bytes per second, 0 for none; percent of the time a file's
+    /// lock may be held).
+    #[serde(default)]
+    pub rate_limit: u64,
+    #[serde(default)]
+    pub io_share: u8,
+    /// Online: the last error, if the converter is waiting to retry.
+    #[serde(default)]
+    pub last_error: Option<String>,
 }
 
 /// The staged progress file of `backing`, with its state decided by whether its writer is

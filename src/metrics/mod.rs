@@ -75,6 +75,9 @@ pub struct Metrics {
     key_age: IntGauge,
     files: IntGaugeVec,
     dict_size: IntGauge,
+    conversion_bytes: IntCounter,
+    conversion_remaining: IntGauge,
+    conversion_state: IntGauge,
 }
 
 /// State of the mount, read at scrape time: gathered by the caller of `Endpoint::serve`
@@ -88,6 +91,10 @@ pub struct Gauges {
     /// Files with a dictionary entry, per method name.
     pub files_by_method: BTreeMap<String, u64>,
     pub dictionary_bytes: u64,
+    /// Online conversion: bytes left to convert, and its state (0 none, 1 running, 2
+    /// paused, 3 cancelling, 4 waiting after an error).
+    pub conversion_remaining_bytes: u64,
+    pub conversion_state: i64,
 }
 
 /// The errno's name for the `errno` label ("ENOENT" reads better on a dashboard than 2),
@@ -165,6 +172,12 @@ impl Metrics {
                     .unwrap(),
             ),
             dict_size: gauge("tdefs_dictionary_size_bytes", "Size of the .tdefs metadata files on disk"),
+            conversion_bytes: counter("tdefs_conversion_bytes_total", "Bytes the online conversion rewrote under their new encryption"),
+            conversion_remaining: gauge("tdefs_conversion_remaining_bytes", "Bytes the online conversion job has left (0: no job)"),
+            conversion_state: gauge(
+                "tdefs_conversion_state",
+                "Online conversion: 0 no job, 1 running, 2 paused, 3 cancelling (finishing its file), 4 waiting to retry after an error",
+            ),
             registry: r,
         }
     }
@@ -189,6 +202,8 @@ impl Metrics {
         self.data_keys.set(g.data_keys as i64);
         self.key_age.set(g.current_key_age.map_or(0, |a| a.as_secs() as i64));
         self.dict_size.set(g.dictionary_bytes as i64);
+        self.conversion_remaining.set(g.conversion_remaining_bytes as i64);
+        self.conversion_state.set(g.conversion_state);
     }
 }
 
@@ -243,6 +258,11 @@ pub fn dictionary_compacted() {
     METRICS.compactions.inc();
 }
 
+/// The online conversion rewrote `n` bytes.
+pub fn conversion_bytes(n: u64) {
+    METRICS.conversion_bytes.inc_by(n);
+}
+
 pub fn data_key_rotated() {
     METRICS.rotations.inc();
 }
@@ -287,8 +307,14 @@ mod tests {
             current_key_age: Some(Duration::from_secs(90)),
             files_by_method: files,
             dictionary_bytes: 4096,
+            conversion_remaining_bytes: 5 << 20,
+            conversion_state: 2,
         };
+        conversion_bytes(7);
         let t = render(&g);
+        assert_eq!(value(&t, "tdefs_conversion_remaining_bytes"), Some((5 << 20) as f64));
+        assert_eq!(value(&t, "tdefs_conversion_state"), Some(2.0));
+        assert!(value(&t, "tdefs_conversion_bytes_total").unwrap() >= 7.0);
         assert_eq!(value(&t, "tdefs_requests_total{op=\"write\"}"), Some(w0 + 2.0));
         assert!(value(&t, "tdefs_errors_total{errno=\"ENOENT\"}").unwrap() >= 1.0, "{t}");
         assert!(value(&t, "tdefs_errors_total{errno=\"EOWNERDEAD\"}").unwrap() >= 1.0, "{t}");
