@@ -30,6 +30,9 @@ pub enum FileOutcome {
     Done,
     /// Left as it was: the reason, for the log.
     Skipped(String),
+    /// Its name changed or went away meanwhile (a database recycling files): whatever
+    /// name it has now is selected again by the next pass.
+    Gone,
     /// Stopped between chunks (pause, unmount): the file stays in conversion, consistent,
     /// and resumes from its watermark.
     Interrupted,
@@ -87,7 +90,7 @@ impl Volume {
         let found = match self.find_path(path) {
             Ok(f) => f,
             Err(Error::Io(e)) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR)) => {
-                return Ok(FileOutcome::Skipped("gone (renamed or removed since it was selected)".into()))
+                return Ok(FileOutcome::Gone)
             }
             Err(e) => return Err(e),
         };
@@ -108,7 +111,7 @@ impl Volume {
         between: &mut dyn FnMut(Duration) -> Between,
     ) -> Result<FileOutcome> {
         if inode.kind != FileType::RegularFile {
-            return Ok(FileOutcome::Skipped("not a regular file".into()));
+            return Ok(FileOutcome::Gone); // replaced by a directory or another kind of file
         }
         let fd = self.open_backing(inode, libc::O_RDWR)?;
         if let Some(job) = job.filter(|_| inode.data.read().conv.is_none()) {
@@ -176,7 +179,7 @@ impl Volume {
         let Some(job) = job else { return Ok(Some(FileOutcome::Done)) };
         let Some(old) = st.entry else { return Ok(Some(FileOutcome::Skipped("no record".into()))) };
         if recorded.entry != Some(old) {
-            return Ok(Some(FileOutcome::Skipped("its record changed since it was selected".into())));
+            return Ok(Some(FileOutcome::Gone)); // its record changed since it was selected
         }
         if !super::wanted(self, job, &old) {
             return Ok(Some(FileOutcome::Done)); // converted meanwhile (another link of it)
@@ -200,7 +203,7 @@ impl Volume {
             let _no_rename = self.rename_lock.read();
             match inode.path() {
                 Some(p) if p == path => {}
-                _ => return Ok(Some(FileOutcome::Skipped("renamed since it was selected".into()))),
+                _ => return Ok(Some(FileOutcome::Gone)), // renamed since it was selected
             }
             let id = self.dict.submit(Record::ConvertStart { path: path.to_vec(), new })?;
             let mut last = id;
@@ -237,7 +240,7 @@ impl Volume {
             }
             let stat = sys::fstat(fd)?;
             if stat.st_nlink == 0 {
-                return Ok(FileOutcome::Skipped("removed during its conversion".into()));
+                return Ok(FileOutcome::Gone); // removed during its conversion
             }
             let took = Instant::now();
             let mut st = inode.data.write();

@@ -63,7 +63,7 @@ struct Progress {
 enum PassEnd {
     /// Nothing is left to convert: the job is complete.
     Finished,
-    /// Some files were converted; select again (files may have changed meanwhile).
+    /// The selection was worked through; select again (files may have changed meanwhile).
     Again,
     /// Stopped (unmount), paused or cancelled: the control loop decides what next.
     Interrupted,
@@ -360,7 +360,6 @@ impl Shared {
             Some(d) => v.opts.rotation.min(Duration::from_secs(d)),
             None => v.opts.rotation,
         };
-        let mut converted = 0;
         for (path, size) in todo.iter().zip(&sizes) {
             let shown = String::from_utf8_lossy(path).into_owned();
             self.ctl.lock().progress.current = Some(shown.clone());
@@ -387,9 +386,12 @@ impl Shared {
             // What the file had beyond what was counted (it shrank, or was done before).
             c.progress.bytes_done += size.saturating_sub(file_bytes);
             match outcome {
-                FileOutcome::Done => {
-                    c.progress.files_done += 1;
-                    converted += 1;
+                FileOutcome::Done => c.progress.files_done += 1,
+                FileOutcome::Gone => {
+                    c.progress.files_total = c.progress.files_total.saturating_sub(1);
+                    c.progress.bytes_total = c.progress.bytes_total.saturating_sub(size.saturating_sub(file_bytes));
+                    c.progress.bytes_done -= size.saturating_sub(file_bytes);
+                    tracing::debug!(file = %shown, "online conversion: the file was renamed or removed meanwhile; a new name is selected in the next pass");
                 }
                 FileOutcome::Skipped(why) => {
                     tracing::warn!(file = %shown, reason = %why, "online conversion: file skipped");
@@ -413,7 +415,9 @@ impl Shared {
                 _ => {}
             }
         }
-        Ok(if converted == 0 && job.is_some() { PassEnd::Finished } else { PassEnd::Again })
+        // Selected again: files renamed, created or changed meanwhile. The job ends when a
+        // selection finds nothing (skipped files are not selected again).
+        Ok(PassEnd::Again)
     }
 
     /// Before each chunk: wait as the throttle says, then go on unless the mount stops or
