@@ -407,6 +407,11 @@ fn pause_resume_remount_and_cancel() {
     let (ok, text) = tdefs(&["decrypt", "--config", m.config.to_str().unwrap(), m.backing.to_str().unwrap(), "--to", to.to_str().unwrap()]);
     assert!(!ok && text.contains("online conversion"), "{text}");
     assert!(!to.join("p").exists(), "{text}");
+    let (ok, text) = tdefs(&["status", "--config", m.config.to_str().unwrap(), "--json", m.backing.to_str().unwrap()]);
+    assert!(ok, "{text}");
+    let st: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(st["conversion"]["state"], "paused", "offline status: {st}");
+    assert_eq!(st["conversion"]["target_method"], "aes256-xts", "offline status: {st}");
     // Paused across a remount: still paused, then resumed.
     m.start();
     assert_eq!(progress(&m)["state"], "paused");
@@ -433,10 +438,14 @@ fn pause_resume_remount_and_cancel() {
     }
 }
 
-/// The rate limit holds: converting 24 MB at 8 MB/s takes 3 s, within 10 %.
+/// The rate limit holds: converting 24 MB at 8 MB/s takes 3 s, within 10 %, for one big
+/// file and for many files of less than a chunk each (each of which is paid for too).
 #[test]
 fn the_rate_limit_holds_within_ten_percent() {
-    let (m, model) = adopted("aes256-xts", &[("big", 24_000_000)]);
+    let names: Vec<String> = (0..60).map(|i| format!("small/{i}")).collect();
+    let mut files: Vec<(&str, usize)> = names.iter().map(|n| (n.as_str(), 200_000)).collect();
+    files.push(("big", 12_000_000));
+    let (m, model) = adopted("aes256-xts", &files);
     let t = Instant::now();
     convert(&m, "start", &["--rate", "8M"]);
     wait_done(&m, Duration::from_secs(60));
@@ -490,4 +499,48 @@ fn refusals_are_clear() {
     convert(&m, "cancel", &[]);
     wait_done(&m, Duration::from_secs(30));
     check_model(&m, &model, "cancelled");
+}
+
+fn drop_caches() {
+    Command::new("sync").status().unwrap();
+    fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+}
+
+/// A file converted online keeps its size, owner, mode, times and xattrs, as the mount
+/// shows them (remounted, so they come from the backing file), and its holes.
+#[test]
+fn metadata_is_kept() {
+    use std::os::unix::fs::MetadataExt;
+    let (mut m, model) = adopted("aes256-xts", &[("k/f", 5 << 20), ("k/g", 100_000)]);
+    let f = m.path("k/f");
+    OpenOptions::new().write(true).open(&f).unwrap().set_len(9 << 20).unwrap(); // a hole at the end
+    let st = Command::new("setfattr").args(["-n", "user.note", "-v", "kept"]).arg(&f).status().unwrap();
+    assert!(st.success());
+    std::os::unix::fs::chown(&f, Some(4242), Some(4343)).unwrap();
+    fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o640)).unwrap();
+    m.remount();
+    std::thread::sleep(Duration::from_millis(1100)); // so a changed time could not look the same
+    let shown = |m: &Mount| {
+        let md = fs::metadata(&f).unwrap();
+        let x = Command::new("getfattr").args(["--only-values", "-n", "user.note"]).arg(&f).output().unwrap();
+        (md.len(), md.uid(), md.gid(), md.mode(), md.mtime(), md.mtime_nsec(), md.ctime(), md.ctime_nsec(), x.stdout)
+    };
+    let before = shown(&m);
+    let allocated = fs::metadata(m.bpath("k/f")).unwrap().blocks();
+    // The kernel forgets the file (else it shows the times it keeps itself): what the
+    // mount shows next comes from the backing file, as the converter left it.
+    drop_caches();
+    convert(&m, "start", &[]);
+    wait_done(&m, Duration::from_secs(30));
+    drop_caches();
+    wait_done(&m, Duration::from_secs(30));
+    assert_eq!(shown(&m), before, "seen through the mount right after the conversion");
+    m.remount();
+    assert_eq!(shown(&m), before, "after a remount");
+    assert!(fs::metadata(m.bpath("k/f")).unwrap().blocks() <= allocated, "the hole was filled");
+    let mut want = model["k/f"].clone();
+    want.resize(9 << 20, 0);
+    assert_eq!(fs::read(&f).unwrap(), want);
+    m.stop();
+    assert_eq!(files_with_plaintext(&m.backing), Vec::<String>::new());
 }

@@ -162,6 +162,14 @@ fn status(mp: &Path) -> anyhow::Result<Option<Conversion>> {
 }
 
 pub fn line(c: &Conversion) -> String {
+    if c.state == "unmounted" || (c.state == "paused" && c.pid == 0) {
+        return format!(
+            "online conversion to {} {}: continues at the next mount{}",
+            c.target_method.as_deref().unwrap_or("(cancelled: finishing the files in progress)"),
+            if c.state == "paused" { "paused (resume it once mounted)" } else { "pending" },
+            if c.files_total > 0 { format!(" ({} file(s) half converted)", c.files_total) } else { String::new() }
+        );
+    }
     let eta = c.eta_seconds.map(|e| format!(", ETA {}", humantime::format_duration(Duration::from_secs(e)))).unwrap_or_default();
     let target = c.target_method.as_deref().unwrap_or("?");
     let mut s = format!(

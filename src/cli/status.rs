@@ -79,7 +79,20 @@ fn gather(args: &StatusArgs) -> anyhow::Result<Status> {
         }
     };
     let loaded = off.load()?;
-    Ok(status::collect(&off.backing, &off.keys, &loaded.tree, enc.data_encryption_method, false))
+    let mut st = status::collect(&off.backing, &off.keys, &loaded.tree, enc.data_encryption_method, false);
+    // An online conversion job (or a file in the middle of one) waits for the next mount.
+    let files = loaded.tree.conversions().count() as u64;
+    let job = loaded.tree.job().cloned();
+    if job.is_some() || files > 0 {
+        st.conversion = Some(status::Conversion {
+            operation: "online".into(),
+            state: if job.as_ref().is_some_and(|j| j.paused) { "paused".into() } else { "unmounted".into() },
+            target_method: job.as_ref().map(|j| j.method.to_string()),
+            files_total: files,
+            ..Default::default()
+        });
+    }
+    Ok(st)
 }
 
 fn running_conversion(backing: &std::path::Path) -> Option<Status> {

@@ -140,7 +140,8 @@ impl Volume {
         }
         sys::ftruncate(fd, 0)?;
         let (entry, cipher, key_use) = self.new_entry()?;
-        if entry.method.is_plaintext() && st.entry.is_some_and(|e| e.method.is_plaintext()) {
+        // (A file in online conversion is recorded as converting: the new entry must replace that.)
+        if entry.method.is_plaintext() && st.entry.is_some_and(|e| e.method.is_plaintext()) && st.conv.is_none() {
             *st = FileEncryption::recorded(entry, cipher);
             return Ok(()); // recorded plaintext stays plaintext: nothing to record
         }

@@ -60,6 +60,15 @@ fn decode(b: &[u8; 32]) -> (Ts, Ts) {
     ((g(0), g(1)), (g(2), g(3)))
 }
 
+/// A file's times before the online converter rewrites a chunk of it.
+pub(super) struct RewriteTimes {
+    atime: Ts,
+    mtime: Ts,
+    ctime: Ts,
+    /// A valid `trusted.tdefs.times` record (its mtime is the backing mtime) exists.
+    recorded: bool,
+}
+
 fn is_regular(st: &Stat) -> bool {
     st.st_mode & libc::S_IFMT == libc::S_IFREG
 }
@@ -170,6 +179,34 @@ impl Volume {
         };
         if let Some(k) = inode.ktimes.lock().as_mut() {
             k.recorded = recorded;
+        }
+        Ok(())
+    }
+
+    /// Before the online converter rewrites a chunk of `inode` in place (`fd`, under the
+    /// file's lock): the times to put back after it (see `restore_times`).
+    pub(super) fn times_before_rewrite(&self, inode: &Inode, fd: std::os::fd::BorrowedFd<'_>) -> Result<RewriteTimes> {
+        let st = sys::fstat(fd)?;
+        let valid = self.read_times_record(inode).is_some_and(|(m, _)| m == mtime_of(&st));
+        Ok(RewriteTimes { atime: (st.st_atime, st.st_atime_nsec), mtime: mtime_of(&st), ctime: ctime_of(&st), recorded: valid })
+    }
+
+    /// After the rewrite: the backing atime and mtime as they were, and a record of the
+    /// ctime the file had (a rewrite that changes no byte of the plaintext is no change of
+    /// the file: the mount keeps showing its times). Without a record (not root, no xattrs)
+    /// the ctime shown is the rewrite's.
+    pub(super) fn restore_times(&self, inode: &Inode, fd: std::os::fd::BorrowedFd<'_>, t: &RewriteTimes) -> Result<()> {
+        let times = [
+            libc::timespec { tv_sec: t.atime.0, tv_nsec: t.atime.1 },
+            libc::timespec { tv_sec: t.mtime.0, tv_nsec: t.mtime.1 },
+        ];
+        sys::utimens(fd, None, &times, 0)?;
+        if !t.recorded {
+            if let Ok((target, _fd)) = self.times_target(inode) {
+                if let Err(e) = sys::setxattr(&target, OsStr::new(TIMES_XATTR), &encode(t.mtime, t.ctime), 0) {
+                    tracing::debug!(error = %e, "cannot record a converted file's ctime");
+                }
+            }
         }
         Ok(())
     }

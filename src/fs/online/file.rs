@@ -77,15 +77,16 @@ impl Volume {
     }
 
     /// Convert the file at `path` to `job`'s method (or finish the conversion it is in).
-    /// `progress(bytes)` counts converted bytes; `between()` is asked before each chunk.
+    /// `progress(bytes, held)` counts each chunk's bytes and how long it held the file's
+    /// lock; `between()` is asked before each chunk (and may wait: the throttle).
     pub(super) fn convert_file(
         &self,
         journal: &Journal,
         path: &[u8],
         job: Option<&Job>,
         period: Duration,
-        mut progress: impl FnMut(u64),
-        mut between: impl FnMut(Duration) -> Between,
+        mut progress: impl FnMut(u64, Duration),
+        mut between: impl FnMut() -> Between,
     ) -> Result<FileOutcome> {
         let found = match self.find_path(path) {
             Ok(f) => f,
@@ -107,8 +108,8 @@ impl Volume {
         path: &[u8],
         job: Option<&Job>,
         period: Duration,
-        progress: &mut dyn FnMut(u64),
-        between: &mut dyn FnMut(Duration) -> Between,
+        progress: &mut dyn FnMut(u64, Duration),
+        between: &mut dyn FnMut() -> Between,
     ) -> Result<FileOutcome> {
         if inode.kind != FileType::RegularFile {
             return Ok(FileOutcome::Gone); // replaced by a directory or another kind of file
@@ -134,8 +135,8 @@ impl Volume {
         path: &[u8],
         job: &Job,
         period: Duration,
-        progress: &mut dyn FnMut(u64),
-        between: &mut dyn FnMut(Duration) -> Between,
+        progress: &mut dyn FnMut(u64, Duration),
+        between: &mut dyn FnMut() -> Between,
         journal: &Journal,
     ) -> Result<FileOutcome> {
         let ino = sys::fstat(fd.as_fd())?.st_ino;
@@ -228,14 +229,13 @@ impl Volume {
         inode: &Arc<Inode>,
         fd: BorrowedFd<'_>,
         journal: &Journal,
-        progress: &mut dyn FnMut(u64),
-        between: &mut dyn FnMut(Duration) -> Between,
+        progress: &mut dyn FnMut(u64, Duration),
+        between: &mut dyn FnMut() -> Between,
     ) -> Result<FileOutcome> {
-        let mut held = Duration::ZERO;
         let mut buf = Vec::with_capacity(CHUNK as usize);
         let mut old_bytes = Vec::with_capacity(CHUNK as usize);
         loop {
-            if let Between::Stop = between(held) {
+            if let Between::Stop = between() {
                 return Ok(FileOutcome::Interrupted);
             }
             let stat = sys::fstat(fd)?;
@@ -267,7 +267,9 @@ impl Volume {
             journal.record(conv.id, conv.mark, &buf)?;
             crash("convert:journaled");
             let runs = reencrypt(&mut buf, conv.mark, &old_c, &new_c);
+            let times = self.times_before_rewrite(inode, fd)?;
             write_runs(fd, &buf, conv.mark, &runs)?;
+            self.restore_times(inode, fd, &times)?;
             crash("convert:overwritten");
             sys::fdatasync(fd)?;
             crash("convert:synced");
@@ -283,14 +285,13 @@ impl Volume {
                 return Err(e);
             }
             crash("convert:marked");
-            progress(buf.len() as u64);
+            progress(buf.len() as u64, took.elapsed());
             if done {
                 *st = FileEncryption::recorded(conv.new, new_c);
                 return Ok(FileOutcome::Done);
             }
             *st = self.converting_state(st.entry.expect("in conversion"), conv.id, conv.new, mark);
             drop(st);
-            held = took.elapsed();
         }
     }
 

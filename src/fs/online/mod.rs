@@ -64,7 +64,8 @@ enum PassEnd {
     /// Nothing is left to convert: the job is complete.
     Finished,
     /// The selection was worked through; select again (files may have changed meanwhile).
-    Again,
+    /// `progressed`: some file was converted.
+    Again { progressed: bool },
     /// Stopped (unmount), paused or cancelled: the control loop decides what next.
     Interrupted,
 }
@@ -99,6 +100,12 @@ impl Converter {
                 "; note: new files are still created as {} (the config's data-encryption-method); set it to {} for the next mount",
                 v.opts.method, job.method
             ));
+        }
+        {
+            let mut c = self.shared.ctl.lock();
+            c.skipped.clear();
+            c.progress = Progress::default();
+            c.last_error = None;
         }
         self.record(Some(job))?;
         tracing::info!("{msg}");
@@ -256,21 +263,25 @@ impl Shared {
                         return;
                     }
                     let job = self.volume.dict.job();
-                    let inflight = !self.volume.dict.conversions().is_empty();
-                    // A cancelled job still finishes the files it started.
+                    // A cancelled job still finishes the files it started (but for those
+                    // it had to leave).
+                    let inflight = self.volume.dict.conversions().iter().any(|v| !c.skipped.contains(&v.paths[0]));
                     if job.as_ref().map_or(inflight, |j| !j.paused) {
                         break;
-                    }
-                    if job.is_none() {
-                        c.skipped.clear();
-                        c.progress = Progress::default();
                     }
                     self.cv.wait(&mut c);
                 }
                 c.state = "running";
             }
             match self.pass() {
-                Ok(PassEnd::Again) | Ok(PassEnd::Interrupted) => {}
+                Ok(PassEnd::Again { progressed: true }) | Ok(PassEnd::Interrupted) => {}
+                Ok(PassEnd::Again { progressed: false }) => {
+                    // Only files that went away or were left: no busy loop over them.
+                    let mut c = self.ctl.lock();
+                    if !c.stop {
+                        self.cv.wait_for(&mut c, Duration::from_secs(1));
+                    }
+                }
                 Ok(PassEnd::Finished) => self.finish(),
                 Err(e) => {
                     tracing::error!(error = %e, "online conversion stopped by an error; retrying in 30 s (`tdefs convert cancel` to give up)");
@@ -314,10 +325,11 @@ impl Shared {
     /// The files of the job: those in conversion first, then the selection.
     fn todo(&self, job: Option<&Job>) -> Vec<Vec<u8>> {
         let v = &self.volume;
-        let mut todo: Vec<Vec<u8>> = v.dict.conversions().into_iter().map(|c| c.paths[0].clone()).collect();
+        let skipped = self.ctl.lock().skipped.clone();
+        let mut todo: Vec<Vec<u8>> =
+            v.dict.conversions().into_iter().map(|c| c.paths[0].clone()).filter(|p| !skipped.contains(p)).collect();
         let Some(job) = job else { return todo };
         let old_keys = old_keys(v, job);
-        let skipped = self.ctl.lock().skipped.clone();
         let mut selected = Vec::new();
         v.dict.with_tree(|t| {
             t.for_each(|p, e| {
@@ -360,33 +372,39 @@ impl Shared {
             Some(d) => v.opts.rotation.min(Duration::from_secs(d)),
             None => v.opts.rotation,
         };
+        let mut progressed = false;
         for (path, size) in todo.iter().zip(&sizes) {
             let shown = String::from_utf8_lossy(path).into_owned();
             self.ctl.lock().progress.current = Some(shown.clone());
             let job_now = v.dict.job();
             let mut file_bytes = 0u64;
-            let last_chunk = std::cell::Cell::new(0u64);
+            let last = std::cell::Cell::new(None);
             let outcome = v.convert_file(
                 &journal,
                 path,
                 job_now.as_ref(),
                 period,
-                |n| {
+                |n, held| {
                     file_bytes += n;
-                    last_chunk.set(n);
+                    last.set(Some((n, held)));
                     crate::metrics::conversion_bytes(n);
                     let mut c = self.ctl.lock();
                     c.progress.bytes_done += n;
                     c.progress.bytes_since += n;
                 },
-                |held| self.between(&mut throttle, last_chunk.replace(0), held),
+                || self.between(&mut throttle, last.take()),
             )?;
+            // The file's last chunk is paid for too (many files are a single chunk).
+            let stop = matches!(self.between(&mut throttle, last.take()), Between::Stop);
             let mut c = self.ctl.lock();
             c.progress.current = None;
             // What the file had beyond what was counted (it shrank, or was done before).
             c.progress.bytes_done += size.saturating_sub(file_bytes);
             match outcome {
-                FileOutcome::Done => c.progress.files_done += 1,
+                FileOutcome::Done => {
+                    c.progress.files_done += 1;
+                    progressed = true;
+                }
                 FileOutcome::Gone => {
                     c.progress.files_total = c.progress.files_total.saturating_sub(1);
                     c.progress.bytes_total = c.progress.bytes_total.saturating_sub(size.saturating_sub(file_bytes));
@@ -403,7 +421,7 @@ impl Shared {
                     return Ok(PassEnd::Interrupted);
                 }
             }
-            if c.stop {
+            if c.stop || stop {
                 return Ok(PassEnd::Interrupted);
             }
             drop(c);
@@ -411,21 +429,23 @@ impl Shared {
             match (job.as_ref(), v.dict.job()) {
                 (_, Some(j)) if j.paused => return Ok(PassEnd::Interrupted),
                 (Some(_), None) => return Ok(PassEnd::Interrupted),
-                (_, Some(j)) => throttle = Throttle::new(j.rate, j.share),
+                (_, Some(j)) if job.as_ref().is_some_and(|o| (o.rate, o.share) != (j.rate, j.share)) => {
+                    throttle = Throttle::new(j.rate, j.share)
+                }
                 _ => {}
             }
         }
         // Selected again: files renamed, created or changed meanwhile. The job ends when a
         // selection finds nothing (skipped files are not selected again).
-        Ok(PassEnd::Again)
+        Ok(PassEnd::Again { progressed })
     }
 
     /// Before each chunk: wait as the throttle says, then go on unless the mount stops or
     /// the job was paused. (A cancel lets the file finish.)
-    fn between(&self, throttle: &mut Throttle, last_chunk: u64, held: Duration) -> Between {
+    fn between(&self, throttle: &mut Throttle, last: Option<(u64, Duration)>) -> Between {
         let mut c = self.ctl.lock();
-        if last_chunk > 0 {
-            let until = throttle.after_chunk(last_chunk, held, Instant::now());
+        if let Some((bytes, held)) = last {
+            let until = throttle.after_chunk(bytes, held, Instant::now());
             while !c.stop && Instant::now() < until {
                 self.cv.wait_until(&mut c, until);
                 if self.volume.dict.job().is_some_and(|j| j.paused) {
