@@ -520,12 +520,12 @@ fn metadata_is_kept() {
     fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o640)).unwrap();
     m.remount();
     std::thread::sleep(Duration::from_millis(1100)); // so a changed time could not look the same
-    let shown = |m: &Mount| {
+    let shown = || {
         let md = fs::metadata(&f).unwrap();
         let x = Command::new("getfattr").args(["--only-values", "-n", "user.note"]).arg(&f).output().unwrap();
         (md.len(), md.uid(), md.gid(), md.mode(), md.mtime(), md.mtime_nsec(), md.ctime(), md.ctime_nsec(), x.stdout)
     };
-    let before = shown(&m);
+    let before = shown();
     let allocated = fs::metadata(m.bpath("k/f")).unwrap().blocks();
     // The kernel forgets the file (else it shows the times it keeps itself): what the
     // mount shows next comes from the backing file, as the converter left it.
@@ -534,9 +534,9 @@ fn metadata_is_kept() {
     wait_done(&m, Duration::from_secs(30));
     drop_caches();
     wait_done(&m, Duration::from_secs(30));
-    assert_eq!(shown(&m), before, "seen through the mount right after the conversion");
+    assert_eq!(shown(), before, "seen through the mount right after the conversion");
     m.remount();
-    assert_eq!(shown(&m), before, "after a remount");
+    assert_eq!(shown(), before, "after a remount");
     assert!(fs::metadata(m.bpath("k/f")).unwrap().blocks() <= allocated, "the hole was filled");
     let mut want = model["k/f"].clone();
     want.resize(9 << 20, 0);
