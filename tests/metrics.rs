@@ -175,3 +175,40 @@ fn a_panicking_request_handler_answers_eio_and_keeps_its_thread() {
     m.stop();
     assert_eq!(m.log_text().matches("a request handler panicked").count(), 10, "{}", m.log_text());
 }
+
+/// The online conversion's metrics follow its job: state, bytes left, bytes rewritten.
+#[test]
+fn conversion_metrics_follow_the_job() {
+    let addr = free_addr();
+    let mut m = Mount::prepare_with("aes256-xts", &format!("metrics-addr = {addr:?}"));
+    for i in 0..3 {
+        fs::write(m.bpath(&format!("f{i}")), vec![b'p'; 2 << 20]).unwrap();
+    }
+    m.start_with(&["--init"]);
+    let t = scrape(&addr);
+    assert_eq!((must(&t, "tdefs_conversion_state"), must(&t, "tdefs_conversion_remaining_bytes")), (0.0, 0.0));
+    let convert = |args: &[&str]| {
+        let out = std::process::Command::new(TDEFS).arg("convert").args(args).output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    let mnt = m.mnt.to_str().unwrap().to_string();
+    convert(&["start", &mnt, "--rate", "2M"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while must(&scrape(&addr), "tdefs_conversion_bytes_total") == 0.0 {
+        assert!(std::time::Instant::now() < deadline, "no progress");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    convert(&["pause", &mnt]);
+    let t = scrape(&addr);
+    assert_eq!(must(&t, "tdefs_conversion_state"), 2.0, "paused");
+    let left = must(&t, "tdefs_conversion_remaining_bytes");
+    assert!(left > 0.0 && left < (6 << 20) as f64, "{left}");
+    convert(&["resume", &mnt]);
+    assert_eq!(must(&scrape(&addr), "tdefs_conversion_state"), 1.0, "running");
+    convert(&["status", &mnt, "--wait"]);
+    let t = scrape(&addr);
+    assert_eq!((must(&t, "tdefs_conversion_state"), must(&t, "tdefs_conversion_remaining_bytes")), (0.0, 0.0));
+    assert_eq!(must(&t, "tdefs_conversion_bytes_total"), (6 << 20) as f64);
+    assert_eq!(must(&t, "tdefs_encrypted_files{method=\"aes256-xts\"}"), 3.0);
+    m.stop();
+}

@@ -186,7 +186,8 @@ impl Writers {
 }
 
 /// The whole flow on a live mount, for each kind of conversion: plaintext files adopted
-/// with --init, files under another method, SM4. Pages are written and fsynced all along;
+/// with --init (to XTS and to CTR), files under another method (CTR to XTS, SM4), XTS to
+/// another XTS. Pages are written and fsynced all along;
 /// at the end every file is under the target method, no plaintext is left on disk, every
 /// fsynced page reads back, before and after a remount, and `tdefs check` is clean.
 #[test]
@@ -196,6 +197,7 @@ fn converts_while_the_database_writes() {
         ("aes256-ctr", Some("aes256-xts"), false),
         ("sm4-ctr", Some("sm4-xts"), false),
         ("sm4-xts", Some("aes128-xts"), true),
+        ("aes256-ctr", None, true),
     ] {
         let files = [("db/base/1", 3 << 20), ("db/base/2", 2 << 20), ("db/wal", 1 << 20), ("db/odd", 123_457), ("db/empty", 0)];
         let (mut m, mut model) = if from_plaintext {
