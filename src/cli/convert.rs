@@ -18,7 +18,8 @@ use crate::metadir::{MasterKeys, Metadata, OpenOptions, OpenReport, LockedMetada
 #[command(after_help = "Files go to the config's data-encryption-method with the current data key. A kill, \
 crash or power cut at any moment leaves each file fully plaintext or fully encrypted, with the dictionary \
 matching; run the same command again to finish. `tdefs status` shows percent_complete while it runs. \
-Hard-linked files are skipped (listed). Exit status: 0 all done, 1 some files not converted, 2 error.\n\n\
+Hard-linked files are skipped (listed). Exit status: 0 all done, 1 some files not converted, 2 error. \
+To convert while the database runs, without unmounting: `tdefs convert start MOUNTPOINT`.\n\n\
 Examples:\n  tdefs encrypt --config /etc/tdefs/tdefs.toml /srv/backing\n  \
 tdefs encrypt --config tdefs.toml /srv/backing base/16384 pg_wal   # only these paths\n  \
 tdefs encrypt --config tdefs.toml --init /srv/old-datadir            # a directory never used with tdefs")]

@@ -18,7 +18,8 @@ use crate::metadir::status::{Conversion, Status};
 #[command(after_help = "The daemon rewrites each file in place, 1 MiB at a time under the file's lock, \
 journaling each chunk first: a kill or power cut at any instant resumes where it stopped, and every byte \
 the database wrote reads back. The job is recorded in the dictionary, so it continues after a remount \
-until done. `tdefs status MOUNTPOINT` shows it too.\n\n\
+until done. `tdefs status MOUNTPOINT` shows it too. (Offline, on an unmounted backing directory: \
+`tdefs encrypt`.)\n\n\
 Examples:\n  tdefs convert start /var/lib/postgresql --rate 50M --io-share 50   # encrypt what is plaintext\n  \
 tdefs convert start /srv/db --method aes256-xts                     # move CTR files to XTS\n  \
 tdefs convert start /srv/db --rekey-older-than 90d                  # re-key files under old data keys\n  \
