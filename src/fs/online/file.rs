@@ -2,7 +2,7 @@
 //! the journal protocol, finish it (docs/design.md §10).
 
 use std::ffi::OsStr;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -115,34 +115,25 @@ impl Volume {
             return Ok(FileOutcome::Gone); // replaced by a directory or another kind of file
         }
         let fd = self.open_backing(inode, libc::O_RDWR)?;
-        if let Some(job) = job.filter(|_| inode.data.read().conv.is_none()) {
-            if sys::fstat(fd.as_fd())?.st_nlink > 1 {
-                // Its other names hold the same entry: each must join the conversion.
-                return self.start_linked(inode, &fd, path, job, period, progress, between, journal);
-            }
-        }
-        if let Some(outcome) = self.start(inode, path, job, period, &[])? {
+        let links = match job.filter(|_| inode.data.read().conv.is_none()) {
+            Some(_) => self.other_links(inode, fd.as_fd(), path)?,
+            None => Vec::new(),
+        };
+        if let Some(outcome) = self.start(inode, path, job, period, &links)? {
             return Ok(outcome);
         }
         self.chunks(inode, fd.as_fd(), journal, progress, between)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn start_linked(
-        &self,
-        inode: &Arc<Inode>,
-        fd: &OwnedFd,
-        path: &[u8],
-        job: &Job,
-        period: Duration,
-        progress: &mut dyn FnMut(u64, Duration),
-        between: &mut dyn FnMut() -> Between,
-        journal: &Journal,
-    ) -> Result<FileOutcome> {
-        let ino = sys::fstat(fd.as_fd())?.st_ino;
-        let Some(entry) = inode.data.read().entry else { return Ok(FileOutcome::Skipped("no record".into())) };
-        // Links record the same entry; IVs are random per file, so for an encrypted file
-        // they are the only candidates. Plaintext entries all look alike: stat decides.
+    /// The file's other recorded names (hard links made before its conversion): each must
+    /// join it. Links record the same entry; IVs are random per file, so for an encrypted
+    /// file they are the only candidates. Plaintext entries all look alike: stat decides.
+    fn other_links(&self, inode: &Inode, fd: BorrowedFd<'_>, path: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let st = sys::fstat(fd)?;
+        let Some(entry) = inode.data.read().entry else { return Ok(Vec::new()) };
+        if st.st_nlink <= 1 {
+            return Ok(Vec::new());
+        }
         let mut candidates = Vec::new();
         self.dict.with_tree(|t| {
             t.for_each(|p, e| {
@@ -151,14 +142,7 @@ impl Volume {
                 }
             })
         });
-        let others: Vec<Vec<u8>> = candidates
-            .into_iter()
-            .filter(|p| sys::stat_below(self.root_fd(), p).is_ok_and(|st| st.st_ino == ino))
-            .collect();
-        if let Some(outcome) = self.start(inode, path, Some(job), period, &others)? {
-            return Ok(outcome);
-        }
-        self.chunks(inode, fd.as_fd(), journal, progress, between)
+        Ok(candidates.into_iter().filter(|p| sys::stat_below(self.root_fd(), p).is_ok_and(|s| s.st_ino == st.st_ino)).collect())
     }
 
     /// Record the start of the conversion (durably) and put the inode in it; `links` are
@@ -238,19 +222,19 @@ impl Volume {
             if let Between::Stop = between() {
                 return Ok(FileOutcome::Interrupted);
             }
+            let took = Instant::now();
+            let mut st = inode.data.write();
             let stat = sys::fstat(fd)?;
             if stat.st_nlink == 0 {
                 return Ok(FileOutcome::Gone); // removed during its conversion
             }
-            let took = Instant::now();
-            let mut st = inode.data.write();
             let Some(conv) = st.conv.clone() else {
                 return Ok(FileOutcome::Done); // re-keyed meanwhile (emptied): nothing left to convert
             };
             let (Some(old_c), Some(new_c)) = (conv.old_cipher.clone(), conv.new_cipher.clone()) else {
                 return Ok(FileOutcome::Skipped("a data key of its conversion is missing".into()));
             };
-            let size = sys::fstat(fd)?.st_size as u64;
+            let size = stat.st_size as u64;
             if conv.mark >= size {
                 let seq = self.dict.submit(Record::ConvertDone { id: conv.id })?;
                 self.sync_or_fail(seq)?;

@@ -38,8 +38,8 @@ struct Shared {
 #[derive(Default)]
 struct Ctl {
     stop: bool,
-    /// The state the thread is in, as `tdefs status` names it (empty: no job).
-    state: &'static str,
+    /// Retrying after an error (`tdefs status` says "waiting").
+    waiting: bool,
     progress: Progress,
     /// Files this job left as they were (not selected again).
     skipped: HashSet<Vec<u8>>,
@@ -226,7 +226,7 @@ impl Shared {
         let state = match &job {
             None => "cancelling",
             Some(j) if j.paused => "paused",
-            Some(_) if c.state == "waiting" => "waiting",
+            Some(_) if c.waiting => "waiting",
             Some(_) => "running",
         };
         Some(Conversion {
@@ -271,7 +271,7 @@ impl Shared {
                     }
                     self.cv.wait(&mut c);
                 }
-                c.state = "running";
+                c.waiting = false;
             }
             match self.pass() {
                 Ok(PassEnd::Again { progressed: true }) | Ok(PassEnd::Interrupted) => {}
@@ -286,7 +286,7 @@ impl Shared {
                 Err(e) => {
                     tracing::error!(error = %e, "online conversion stopped by an error; retrying in 30 s (`tdefs convert cancel` to give up)");
                     let mut c = self.ctl.lock();
-                    c.state = "waiting";
+                    c.waiting = true;
                     c.last_error = Some(e.to_string());
                     if !c.stop {
                         self.cv.wait_for(&mut c, Duration::from_secs(30));
@@ -398,40 +398,36 @@ impl Shared {
             let stop = matches!(self.between(&mut throttle, last.take()), Between::Stop);
             let mut c = self.ctl.lock();
             c.progress.current = None;
-            // What the file had beyond what was counted (it shrank, or was done before).
-            c.progress.bytes_done += size.saturating_sub(file_bytes);
+            // The file's selected size not counted chunk by chunk (it shrank, or was done).
+            let rest = size.saturating_sub(file_bytes);
             match outcome {
                 FileOutcome::Done => {
                     c.progress.files_done += 1;
+                    c.progress.bytes_done += rest;
                     progressed = true;
                 }
                 FileOutcome::Gone => {
                     c.progress.files_total = c.progress.files_total.saturating_sub(1);
-                    c.progress.bytes_total = c.progress.bytes_total.saturating_sub(size.saturating_sub(file_bytes));
-                    c.progress.bytes_done -= size.saturating_sub(file_bytes);
+                    c.progress.bytes_total = c.progress.bytes_total.saturating_sub(rest);
                     tracing::debug!(file = %shown, "online conversion: the file was renamed or removed meanwhile; a new name is selected in the next pass");
                 }
                 FileOutcome::Skipped(why) => {
                     tracing::warn!(file = %shown, reason = %why, "online conversion: file skipped");
                     c.progress.files_skipped += 1;
+                    c.progress.bytes_done += rest;
                     c.skipped.insert(path.clone());
                 }
-                FileOutcome::Interrupted => {
-                    c.progress.bytes_done -= size.saturating_sub(file_bytes);
-                    return Ok(PassEnd::Interrupted);
-                }
+                FileOutcome::Interrupted => return Ok(PassEnd::Interrupted),
             }
             if c.stop || stop {
                 return Ok(PassEnd::Interrupted);
             }
             drop(c);
-            // Paused or cancelled: stop between files (a cancel finished this one).
+            // Paused or cancelled: stop between files (a cancel finished this one). The rate
+            // and share cannot change within a job.
             match (job.as_ref(), v.dict.job()) {
                 (_, Some(j)) if j.paused => return Ok(PassEnd::Interrupted),
                 (Some(_), None) => return Ok(PassEnd::Interrupted),
-                (_, Some(j)) if job.as_ref().is_some_and(|o| (o.rate, o.share) != (j.rate, j.share)) => {
-                    throttle = Throttle::new(j.rate, j.share)
-                }
                 _ => {}
             }
         }
