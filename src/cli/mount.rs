@@ -154,6 +154,7 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
     if args.daemon {
         return daemon::spawn_and_wait(foreground_args(&args, &backing, &mountpoint));
     }
+    let io_uring = mounting::want_io_uring(cfg.mount.io_uring)?;
     // (Hardened in cli::main; the helper path reaches here through `run` too.)
     super::harden_process();
     // New files get exactly the modes the kernel asks for; one descriptor per cached inode.
@@ -199,6 +200,7 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
         default_permissions: cfg.mount.default_permissions,
         threads: cfg.mount.threads,
         writeback_cache: cfg.mount.writeback_cache,
+        io_uring: io_uring != crate::config::IoUring::Off,
         direct_write_invalidation: cfg.mount.direct_write_invalidation,
     };
     // Rotate a data key that expired while unmounted; drop keys no file uses any more.
@@ -228,6 +230,11 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
             false,
         ),
     };
+    if io_uring == crate::config::IoUring::On && !session.io_uring() {
+        let _ = if direct { mounting::unmount(&mountpoint) } else { session.unmount() };
+        bail!("io-uring = \"on\", but the kernel did not offer FUSE over io_uring at INIT; set io-uring = \"auto\" or \"off\"");
+    }
+    let transport = if session.io_uring() { "io_uring" } else { "/dev/fuse" };
     let _ = notifier.set(session.notifier());
     let control = start_control(&mountpoint, meta.backing(), volume.clone(), converter.clone(), enc.data_encryption_method);
     if let Some(ep) = metrics_endpoint {
@@ -250,7 +257,7 @@ pub fn run(args: MountArgs) -> anyhow::Result<()> {
     })?;
     let served = std::fs::canonicalize(&mountpoint).unwrap_or(mountpoint.clone());
     Owner::me(State::Serving, Some(&served)).publish(&meta.meta);
-    tracing::info!(mountpoint = %mountpoint.display(), method = %enc.data_encryption_method, "mounted");
+    tracing::info!(mountpoint = %mountpoint.display(), method = %enc.data_encryption_method, transport, "mounted");
     sdnotify::ready(&mountpoint);
     if daemon::is_daemon_child() {
         daemon::notify_ready(args.log_file.as_deref());

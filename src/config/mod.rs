@@ -72,6 +72,12 @@ pub struct MountConfig {
     /// Let the kernel cache writes and send them in large batches.
     #[serde(default = "yes")]
     pub writeback_cache: bool,
+    /// FUSE over io_uring (Linux 6.14+ with the fuse module's `enable_uring` parameter):
+    /// `auto` (default) uses it where the kernel offers it, `on` refuses to mount without
+    /// it, `off` keeps requests on `/dev/fuse`. The environment variable `TDEFS_IO_URING`
+    /// overrides this (the test suite runs once per transport).
+    #[serde(default)]
+    pub io_uring: IoUring,
     /// After an O_DIRECT write to a file that also had page-cache reads, drop the written
     /// range from the kernel's page cache before answering the write. Kernels without
     /// "fuse: invalidate the page cache after direct write" (4c4c472d25f5) otherwise let a
@@ -136,6 +142,7 @@ impl Default for MountConfig {
             default_permissions: true,
             threads: 0,
             writeback_cache: true,
+            io_uring: IoUring::Auto,
             direct_write_invalidation: true,
             attr_timeout: one_second(),
             unmount_wait: thirty_seconds(),
@@ -168,6 +175,28 @@ pub struct MountFlags {
 impl Default for MountFlags {
     fn default() -> Self {
         MountFlags { suid: false, dev: false, exec: true, atime: Atime::Relatime, diratime: true, lazytime: false, sync: false, dirsync: false }
+    }
+}
+
+/// `[mount] io-uring`: which FUSE transport serves requests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IoUring {
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+impl std::str::FromStr for IoUring {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(IoUring::Auto),
+            "on" => Ok(IoUring::On),
+            "off" => Ok(IoUring::Off),
+            _ => Err(format!("io-uring must be auto, on or off, not {s:?}")),
+        }
     }
 }
 
@@ -534,6 +563,11 @@ path = "/run/keys/tdefs.key"
         assert_eq!(c.mount.flags(), MountFlags::default());
         assert_eq!(c.mount.flags().to_options(), "nosuid,nodev,exec,relatime");
         assert!(c.mount.direct_write_invalidation, "on by default (kernels before 4c4c472d25f5)");
+        assert_eq!(c.mount.io_uring, IoUring::Auto, "io_uring where the kernel offers it");
+        let c = Config::parse(&format!("{GOOD}[mount]\nio-uring = \"on\"\n")).unwrap();
+        assert_eq!(c.mount.io_uring, IoUring::On);
+        let e = Config::parse(&format!("{GOOD}[mount]\nio-uring = \"yes\"\n")).unwrap_err();
+        assert!(format!("{e:#}").contains("io-uring"), "{e:#}");
         let c = Config::parse(&format!("{GOOD}[mount]\ndirect-write-invalidation = false\n")).unwrap();
         assert!(!c.mount.direct_write_invalidation);
         let c = Config::parse(&format!("{GOOD}[mount]\nsuid = true\natime = \"noatime\"\ndiratime = false\n")).unwrap();

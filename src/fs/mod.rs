@@ -57,6 +57,8 @@ pub struct MountSpec {
     pub default_permissions: bool,
     pub threads: usize,
     pub writeback_cache: bool,
+    /// Ask the kernel for FUSE over io_uring (see `mounting::want_io_uring`).
+    pub io_uring: bool,
     /// See `dio`: direct writes wait for the page cache to drop what they overwrote.
     pub direct_write_invalidation: bool,
     pub flags: crate::config::MountFlags,
@@ -719,5 +721,6 @@ pub fn fuser_config(spec: &MountSpec) -> fuser::Config {
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
     cfg.n_threads = Some(if spec.threads > 0 { spec.threads } else { cpus.max(2) * 2 });
     cfg.clone_fd = true;
+    cfg.io_uring = spec.io_uring;
     cfg
 }

@@ -124,3 +124,31 @@ mod tests {
         assert_eq!(ms_flags(&f) & (libc::MS_STRICTATIME | libc::MS_NOATIME | libc::MS_RELATIME), libc::MS_STRICTATIME);
     }
 }
+
+/// Where the kernel says whether FUSE over io_uring is allowed (Linux 6.14+).
+pub const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
+
+/// Whether to ask the kernel for FUSE over io_uring: `[mount] io-uring`, or the
+/// `TDEFS_IO_URING` environment variable over it. `on` checks the kernel before anything
+/// is mounted, so that a refusal changes nothing.
+pub fn want_io_uring(configured: crate::config::IoUring) -> anyhow::Result<crate::config::IoUring> {
+    use crate::config::IoUring;
+    let mode = match std::env::var("TDEFS_IO_URING") {
+        Ok(v) => v.parse::<IoUring>().map_err(|e| anyhow::anyhow!("TDEFS_IO_URING: {e}"))?,
+        Err(_) => configured,
+    };
+    if mode == IoUring::On {
+        match std::fs::read_to_string(ENABLE_URING) {
+            Ok(v) if matches!(v.trim(), "Y" | "1") => {}
+            Ok(_) => anyhow::bail!(
+                "io-uring = \"on\", but the fuse module's enable_uring parameter is off: \
+                 `echo 1 > {ENABLE_URING}` (or boot with fuse.enable_uring=1), or set io-uring = \"auto\""
+            ),
+            Err(e) => anyhow::bail!(
+                "io-uring = \"on\", but this kernel has no FUSE over io_uring ({ENABLE_URING}: {e}; \
+                 it needs Linux 6.14+ built with CONFIG_FUSE_IO_URING): set io-uring = \"auto\" or \"off\""
+            ),
+        }
+    }
+    Ok(mode)
+}

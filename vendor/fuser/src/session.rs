@@ -139,6 +139,8 @@ pub struct Session<FS: Filesystem> {
     /// The field is set to `Some` when the init message is received.
     pub(crate) proto_version: Option<Version>,
     pub(crate) config: Config,
+    /// Payload size of the io_uring entries when INIT switched the session to io_uring.
+    pub(crate) uring: Option<usize>,
 }
 
 impl<FS: Filesystem> AsFd for Session<FS> {
@@ -186,6 +188,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config: options.clone(),
+            uring: None,
         };
 
         session.handshake()?;
@@ -214,6 +217,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner: geteuid(),
             proto_version: None,
             config,
+            uring: None,
         };
 
         session.handshake()?;
@@ -252,6 +256,7 @@ impl<FS: Filesystem> Session<FS> {
             session_owner,
             proto_version: _,
             config,
+            uring,
         } = self;
 
         let n_threads = config.n_threads.unwrap_or(1);
@@ -286,6 +291,8 @@ impl<FS: Filesystem> Session<FS> {
                 channels.push(ch.clone());
             }
         }
+        #[cfg(all(target_os = "linux", feature = "io-uring"))]
+        let threads_channel = ch.clone();
         channels.push(ch);
 
         let mut threads = Vec::with_capacity(n_threads);
@@ -305,6 +312,24 @@ impl<FS: Filesystem> Session<FS> {
                     .spawn(move || event_loop.event_loop())?,
             );
         }
+
+        #[cfg(all(target_os = "linux", feature = "io-uring"))]
+        if let Some(cap) = uring {
+            // The /dev/fuse threads stay: FORGET and INTERRUPT come that way, and all
+            // requests do again if the kernel refuses the ring.
+            let template = SessionEventLoop {
+                thread_name: String::new(),
+                filesystem: filesystem.clone(),
+                ch: threads_channel.clone(),
+                allowed,
+                session_owner,
+            };
+            let queues = crate::uring::possible_cpus()?;
+            let per_queue = (n_threads / queues).max(1);
+            threads.extend(crate::uring::spawn(&template, queues, per_queue, cap)?);
+        }
+        #[cfg(not(all(target_os = "linux", feature = "io-uring")))]
+        let _ = uring;
 
         let mut reply: io::Result<()> = Ok(());
         for thread in threads {
@@ -432,6 +457,16 @@ impl<FS: Filesystem> Session<FS> {
             // Remember the ABI version supported by kernel and mark the session initialized.
             self.proto_version = Some(v);
 
+            // Before the capability log below, so that it tells the truth.
+            #[cfg(all(target_os = "linux", feature = "io-uring"))]
+            if self.config.io_uring {
+                if config.add_capabilities(InitFlags::FUSE_OVER_IO_URING).is_ok() {
+                    self.uring = Some(crate::uring::payload_size(config.max_write, config.max_pages()));
+                } else {
+                    debug!("FUSE over io_uring requested, but the kernel does not offer it");
+                }
+            }
+
             // Log capability status for debugging
             for bit in 0..64 {
                 let bitflags = InitFlags::from_bits_retain(1 << bit);
@@ -475,6 +510,13 @@ impl<FS: Filesystem> Session<FS> {
 
             return Ok(());
         }
+    }
+
+    /// Whether INIT switched this session to FUSE over io_uring (see `Config::io_uring`).
+    /// The kernel may still refuse the ring when it is registered; requests then keep
+    /// coming over `/dev/fuse`, which a warning in the log says.
+    pub fn io_uring(&self) -> bool {
+        self.uring.is_some()
     }
 
     /// Unmount the filesystem
@@ -530,7 +572,7 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
             // Read the next request from the given channel to kernel driver
             // The kernel driver makes sure that we get exactly one request per read
             match self.ch.receive_retrying(buf) {
-                Ok(size) => match RequestWithSender::new(self.ch.sender(), &buf[..size]) {
+                Ok(size) => match RequestWithSender::new(ReplySender::Channel(self.ch.sender()), &buf[..size]) {
                     // Dispatch request
                     Some(req) => {
                         if let Ok(Operation::Destroy(_)) = req.request.operation() {

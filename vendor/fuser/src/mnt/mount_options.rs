@@ -18,6 +18,11 @@ pub struct Config {
     /// This enables more efficient request processing
     /// when multiple threads are used. Requires Linux 4.5+.
     pub clone_fd: bool,
+    /// Serve requests over FUSE-over-io_uring when the kernel offers it (Linux 6.14+ with
+    /// the fuse module's `enable_uring` parameter set) and the crate is built with the
+    /// `io-uring` feature; otherwise, and if registering the ring fails, requests keep
+    /// coming over `/dev/fuse`. See `Session::io_uring`.
+    pub io_uring: bool,
 }
 
 /// Mount options accepted by the FUSE filesystem type
