@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark (issue 6): native directory, tdefs plaintext / aes128-ctr /
 # aes256-ctr / aes256-xts / sm4-ctr, and gocryptfs, on the same disk, alternating, several repetitions,
-# medians. Writes OUT/raw.tsv, OUT/results.md (absolute figures and ratios) and
+# medians. tdefs configurations run over /dev/fuse; those named tdefs-METHOD-uring run over
+# FUSE-over-io_uring (issue 19; the fuse module's enable_uring is turned on for the run). Writes OUT/raw.tsv, OUT/results.md (absolute figures and ratios) and
 # OUT/results.png (ratios to native).
 #
 #   scripts/bench/compare.sh [--quick] [--reps N] [--out DIR] [--dir WORKDIR] [--configs "a b"]
@@ -14,21 +15,22 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 . scripts/lib/config.sh
 ROOT=$PWD
-reps=3; out=$ROOT/target/bench; base=/var/tmp; quick=0
-configs="native tdefs-plaintext tdefs-aes128 tdefs-aes256 tdefs-aes256xts tdefs-sm4 gocryptfs"
+reps=3; out=$ROOT/target/bench; base=/var/tmp; quick=0; configs_given=0
+configs="native tdefs-plaintext tdefs-aes128 tdefs-aes256 tdefs-aes256-uring tdefs-aes256xts tdefs-aes256xts-uring tdefs-sm4 gocryptfs"
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) quick=1; shift ;;
         --reps) reps=$2; shift 2 ;;
         --out) out=$2; shift 2 ;;
         --dir) base=$2; shift 2 ;;
-        --configs) configs=$2; shift 2 ;;
+        --configs) configs=$2; configs_given=1; shift 2 ;;
         -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
 done
 if [ $quick = 1 ]; then
     reps=1; RT=${RT:-1}; SIZE=${SIZE:-16M}; PGT=${PGT:-3}; FILES=${FILES:-2000}; PGSCALE=1; ROWS=2000
+    [ "$configs_given" = 1 ] || configs="native tdefs-aes256 tdefs-aes256-uring gocryptfs"
 fi
 RT=${RT:-10}; SIZE=${SIZE:-512M}; PGT=${PGT:-30}; FILES=${FILES:-50000}; PGSCALE=${PGSCALE:-10}; ROWS=${ROWS:-20000}
 [ "$(id -u)" = 0 ] || { echo "run as root (mounts, postgres user)" >&2; exit 1; }
@@ -39,7 +41,15 @@ PGBIN=/usr/lib/postgresql/15/bin
 mkdir -p "$out"
 work=$(mktemp -d "$base/tdefs-bench.XXXXXX")
 chmod 755 "$work"
+# FUSE over io_uring for the -uring configurations, the module parameter as it was after.
+uring_param=/sys/module/fuse/parameters/enable_uring
+uring_was=
+case " $configs " in *-uring\ *)
+    [ -w $uring_param ] || { echo "this kernel has no FUSE over io_uring ($uring_param): drop the -uring configurations" >&2; exit 1; }
+    uring_was=$(cat $uring_param); echo Y > $uring_param ;;
+esac
 cleanup() {
+    [ -z "$uring_was" ] || echo "$uring_was" > $uring_param
     for m in "$work"/*/mnt; do fusermount3 -u "$m" 2>/dev/null || fusermount3 -u -z "$m" 2>/dev/null || true; done
     rm -rf "$work"
 }
@@ -79,12 +89,13 @@ mount_config() { # CONFIG -> prints the directory to use
             gocryptfs -q -extpass "echo bench-password" -allow_other "$d/backing" "$d/mnt"
             ;;
         tdefs-*)
-            local method=${c#tdefs-}
+            local method=${c#tdefs-} transport=off
+            case $method in *-uring) method=${method%-uring}; transport=on ;; esac
             case $method in plaintext) ;; aes128) method=aes128-ctr ;; aes256) method=aes256-ctr ;; sm4) method=sm4-ctr ;;
                 aes256xts) method=aes256-xts ;; sm4xts) method=sm4-xts ;; esac
             "$T/tdefs" genkey "$d/key" >/dev/null 2>&1
             tdefs_config "$d/backing" "$d/mnt" "$d/key" "$method" > "$d/tdefs.toml"
-            "$T/tdefs" mount --config "$d/tdefs.toml" --daemon --log-file "$d/tdefs.log" 2>/dev/null
+            TDEFS_IO_URING=$transport "$T/tdefs" mount --config "$d/tdefs.toml" --daemon --log-file "$d/tdefs.log" 2>/dev/null
             ;;
     esac
     echo "$d/mnt"
@@ -215,15 +226,16 @@ def ratio(a, b, job):
         return f"{r:.2f}"
     return "–"
 cols = [c for c in configs]
-hdr = "| job | " + " | ".join(cols) + " | aes256 / native | aes256 / gocryptfs | aes256 / plaintext | xts / ctr (aes256) |"
-lines = [hdr, "|" + "---|" * (len(cols) + 5)]
+hdr = "| job | " + " | ".join(cols) + " | aes256 / native | aes256 / gocryptfs | aes256 / plaintext | xts / ctr (aes256) | aes256 uring / native | aes256 uring / dev-fuse | xts uring / dev-fuse |"
+lines = [hdr, "|" + "---|" * (len(cols) + 8)]
 for job in jobs:
     cells = [f"{med[(c, job)]:.0f}" if (c, job) in med and med[(c, job)] >= 10 else (f"{med[(c, job)]:.1f}" if (c, job) in med else "–") for c in cols]
     if job.startswith("daemon_rss"):
-        r = ["–", "–", "–", "–"]
+        r = ["–"] * 7
     else:
         r = [ratio("tdefs-aes256", "native", job), ratio("tdefs-aes256", "gocryptfs", job), ratio("tdefs-aes256", "tdefs-plaintext", job),
-             ratio("tdefs-aes256xts", "tdefs-aes256", job)]
+             ratio("tdefs-aes256xts", "tdefs-aes256", job), ratio("tdefs-aes256-uring", "native", job),
+             ratio("tdefs-aes256-uring", "tdefs-aes256", job), ratio("tdefs-aes256xts-uring", "tdefs-aes256xts", job)]
     lines.append(f"| {job} | " + " | ".join(cells) + " | " + " | ".join(r) + " |")
 md = "\n".join(lines) + "\n"
 env = open(f"{out}/env.txt").read()

@@ -134,8 +134,8 @@ pub const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
 pub fn want_io_uring(configured: crate::config::IoUring) -> anyhow::Result<crate::config::IoUring> {
     use crate::config::IoUring;
     let mode = match std::env::var("TDEFS_IO_URING") {
-        Ok(v) => v.parse::<IoUring>().map_err(|e| anyhow::anyhow!("TDEFS_IO_URING: {e}"))?,
-        Err(_) => configured,
+        Ok(v) if !v.is_empty() => v.parse::<IoUring>().map_err(|e| anyhow::anyhow!("TDEFS_IO_URING: {e}"))?,
+        _ => configured,
     };
     if mode == IoUring::On {
         match std::fs::read_to_string(ENABLE_URING) {

@@ -115,16 +115,16 @@ impl Volume {
     }
 
     /// After a SETATTR of `inode` (`st`: the backing stat after it): the kernel set its mtime
-    /// to the one sent (`mtime_set`; the backing file has it now) and its ctime to `ctime`.
-    pub(super) fn setattr_times(&self, inode: &Inode, st: &mut Stat, mtime_set: bool, ctime: Option<SystemTime>) {
+    /// to `mtime` (when it sent one) and its ctime to `ctime`.
+    pub(super) fn setattr_times(&self, inode: &Inode, st: &mut Stat, mtime: Option<Ts>, ctime: Option<SystemTime>) {
         if !is_regular(st) {
             return;
         }
         {
             let mut kt = inode.ktimes.lock();
             let t = kt.get_or_insert(KernelTimes { mtime: mtime_of(st), ctime: ctime_of(st), recorded: None });
-            if mtime_set {
-                t.mtime = mtime_of(st);
+            if let Some(m) = mtime {
+                t.mtime = m;
             }
             if let Some(c) = ctime {
                 let c = timespec_from_request(c);
