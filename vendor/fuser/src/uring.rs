@@ -332,9 +332,11 @@ fn ring_thread<FS: Filesystem>(se: SessionEventLoop<FS>, qid: u16, cap: usize) -
             }
             if res < 0 {
                 let err = io::Error::from_raw_os_error(-res);
-                // ENOTCONN: unmounted, the normal end. Before the first request: the kernel
-                // refused the ring and serves everything over /dev/fuse instead.
-                if !served && res != -libc::ENOTCONN {
+                // ENOTCONN (or the ring cancelled, the device gone): unmounted, the normal
+                // end. Anything else before the first request: the kernel refused the ring
+                // and serves everything over /dev/fuse instead.
+                let ended = [libc::ENOTCONN, libc::ECANCELED, libc::ENODEV].contains(&-res);
+                if !served && !ended {
                     warn!("FUSE io_uring queue {qid}: registering failed ({err}); requests go over /dev/fuse");
                 } else {
                     debug!("FUSE io_uring queue {qid} ends: {err}");
