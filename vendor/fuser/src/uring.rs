@@ -277,7 +277,26 @@ impl RingThread {
     }
 }
 
+/// Keep a queue's threads on the queue's CPU, as libfuse does: the kernel queues a request
+/// on the CPU the application runs on, so the thread that answers it is woken there, where
+/// the application has just gone to sleep (no cross-CPU wake-up, warm caches).
+fn pin_to_cpu(qid: u16) {
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET stays within it for qid < 1024.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if usize::from(qid) >= 8 * size_of::<libc::cpu_set_t>() {
+            return;
+        }
+        libc::CPU_SET(usize::from(qid), &mut set);
+        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) != 0 {
+            // A possible CPU that is not online, or a cpuset without it: run anywhere.
+            debug!("FUSE io_uring queue {qid}: not pinned: {}", io::Error::last_os_error());
+        }
+    }
+}
+
 fn ring_thread<FS: Filesystem>(se: SessionEventLoop<FS>, qid: u16, cap: usize) -> io::Result<()> {
+    pin_to_cpu(qid);
     let ch: &Channel = &se.ch;
     // SAFETY: eventfd(2) returns a new descriptor or -1.
     let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
