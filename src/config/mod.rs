@@ -188,15 +188,12 @@ pub enum IoUring {
     Off,
 }
 
+/// The same names as in the config file (for `TDEFS_IO_URING`).
 impl std::str::FromStr for IoUring {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(IoUring::Auto),
-            "on" => Ok(IoUring::On),
-            "off" => Ok(IoUring::Off),
-            _ => Err(format!("io-uring must be auto, on or off, not {s:?}")),
-        }
+        use serde::de::IntoDeserializer;
+        IoUring::deserialize(s.into_deserializer()).map_err(|e: serde::de::value::Error| e.to_string())
     }
 }
 
@@ -568,6 +565,9 @@ path = "/run/keys/tdefs.key"
         assert_eq!(c.mount.io_uring, IoUring::On);
         let e = Config::parse(&format!("{GOOD}[mount]\nio-uring = \"yes\"\n")).unwrap_err();
         assert!(format!("{e:#}").contains("io-uring"), "{e:#}");
+        assert_eq!("off".parse::<IoUring>(), Ok(IoUring::Off), "TDEFS_IO_URING takes the config's names");
+        let e = "yes".parse::<IoUring>().unwrap_err();
+        assert!(e.contains("auto") && e.contains("on") && e.contains("off"), "{e}");
         let c = Config::parse(&format!("{GOOD}[mount]\ndirect-write-invalidation = false\n")).unwrap();
         assert!(!c.mount.direct_write_invalidation);
         let c = Config::parse(&format!("{GOOD}[mount]\nsuid = true\natime = \"noatime\"\ndiratime = false\n")).unwrap();

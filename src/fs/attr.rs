@@ -119,12 +119,6 @@ impl Volume {
         Ok(sys::fstat(self.parent_fd(&*self.inode(nodeid)?)?.as_fd())?)
     }
 
-    /// The backing stat of a regular file open as `fh`, if it is one.
-    pub fn open_file_stat(&self, fh: u64) -> Option<Stat> {
-        let h = self.files.get(fh)?;
-        sys::fstat(h.fd()).ok().filter(|st| st.st_mode & libc::S_IFMT == libc::S_IFREG)
-    }
-
     #[allow(clippy::too_many_arguments)]
     pub fn setattr(
         &self,

@@ -302,22 +302,16 @@ impl Filesystem for FuseAdapter {
         reply: ReplyAttr,
     ) {
         serve(Op::Setattr, || {
-            // The kernel flushing the times it keeps before an fsync (fuse_flush_times():
-            // mtime and ctime through an open file, nothing else; a user's utimensat never
-            // names a file handle). They stay in memory, reported from there and written to
-            // the backing file when the kernel forgets the inode or at unmount (times.rs),
-            // instead of a utimensat per fsync; after a crash the backing file's own mtime,
-            // never older than its data, stands.
             let flush = match (mtime, fh) {
                 (Some(TimeOrNow::SpecificTime(t)), Some(fh))
                     if self.writeback_cache && mode.is_none() && uid.is_none() && gid.is_none() && size.is_none() && atime.is_none() =>
                 {
-                    self.volume.open_file_stat(fh.0).map(|st| (st, attr::timespec_from_request(t)))
+                    self.volume.times_flush_stat(fh.0, t)
                 }
                 _ => None,
             };
             let result = match flush {
-                Some((st, m)) => Ok((st, Some((m.tv_sec, m.tv_nsec)))),
+                Some(flushed) => Ok(flushed),
                 None => {
                     let kill = lacks_fsetid(req); // Volume::setattr decides which changes drop set-id bits
                     self.volume

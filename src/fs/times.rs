@@ -134,6 +134,19 @@ impl Volume {
         self.report_times(inode, st);
     }
 
+    /// A SETATTR with mtime `mtime`, a ctime and open file `fh`, and nothing else, is the
+    /// kernel flushing the times it keeps before an fsync (`fuse_flush_times()`; a user's
+    /// utimensat never names a file). Such times stay in memory (`setattr_times` records
+    /// them; `persist_times` writes them at forget and unmount) instead of a utimensat per
+    /// fsync; after a crash the backing file's own mtime, never older than its data, stands.
+    /// For a regular file: its backing stat and the kernel's mtime, to answer with.
+    pub(super) fn times_flush_stat(&self, fh: u64, mtime: SystemTime) -> Option<(Stat, Option<Ts>)> {
+        let h = self.files.get(fh)?;
+        let st = sys::fstat(h.fd()).ok().filter(is_regular)?;
+        let m = timespec_from_request(mtime);
+        Some((st, Some((m.tv_sec, m.tv_nsec))))
+    }
+
     /// Make the backing file of `inode` carry the kernel's times (see the module comment):
     /// when the kernel forgets the inode and at unmount.
     pub(super) fn persist_times(&self, inode: &Inode) -> Result<()> {

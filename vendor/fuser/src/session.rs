@@ -139,8 +139,16 @@ pub struct Session<FS: Filesystem> {
     /// The field is set to `Some` when the init message is received.
     pub(crate) proto_version: Option<Version>,
     pub(crate) config: Config,
-    /// Payload size of the io_uring entries when INIT switched the session to io_uring.
-    pub(crate) uring: Option<usize>,
+    /// Set when INIT switched the session to FUSE over io_uring.
+    pub(crate) uring: Option<UringPlan>,
+}
+
+/// The io_uring queues INIT agreed to: one per possible CPU, entries of `payload` bytes.
+#[derive(Debug, Clone, Copy)]
+#[cfg_attr(not(all(target_os = "linux", feature = "io-uring")), allow(dead_code))]
+pub(crate) struct UringPlan {
+    pub(crate) queues: usize,
+    pub(crate) payload: usize,
 }
 
 impl<FS: Filesystem> AsFd for Session<FS> {
@@ -292,7 +300,7 @@ impl<FS: Filesystem> Session<FS> {
             }
         }
         #[cfg(all(target_os = "linux", feature = "io-uring"))]
-        let threads_channel = ch.clone();
+        let uring_channel = ch.clone();
         channels.push(ch);
 
         let mut threads = Vec::with_capacity(n_threads);
@@ -314,19 +322,18 @@ impl<FS: Filesystem> Session<FS> {
         }
 
         #[cfg(all(target_os = "linux", feature = "io-uring"))]
-        if let Some(cap) = uring {
+        if let Some(plan) = uring {
             // The /dev/fuse threads stay: FORGET and INTERRUPT come that way, and all
             // requests do again if the kernel refuses the ring.
             let template = SessionEventLoop {
                 thread_name: String::new(),
                 filesystem: filesystem.clone(),
-                ch: threads_channel.clone(),
+                ch: uring_channel,
                 allowed,
                 session_owner,
             };
-            let queues = crate::uring::possible_cpus()?;
-            let per_queue = (n_threads / queues).max(1);
-            threads.extend(crate::uring::spawn(&template, queues, per_queue, cap)?);
+            let per_queue = (n_threads / plan.queues).max(1);
+            threads.extend(crate::uring::spawn(&template, plan, per_queue)?);
         }
         #[cfg(not(all(target_os = "linux", feature = "io-uring")))]
         let _ = uring;
@@ -460,10 +467,18 @@ impl<FS: Filesystem> Session<FS> {
             // Before the capability log below, so that it tells the truth.
             #[cfg(all(target_os = "linux", feature = "io-uring"))]
             if self.config.io_uring {
-                if config.add_capabilities(InitFlags::FUSE_OVER_IO_URING).is_ok() {
-                    self.uring = Some(crate::uring::payload_size(config.max_write, config.max_pages()));
-                } else {
-                    debug!("FUSE over io_uring requested, but the kernel does not offer it");
+                // Known before the flag is agreed to: a ring the queues cannot be counted
+                // for is not asked for (rather than failing the session after INIT).
+                match crate::uring::possible_cpus() {
+                    Err(e) => warn!("FUSE over io_uring not used: {e}"),
+                    Ok(queues) => {
+                        if config.add_capabilities(InitFlags::FUSE_OVER_IO_URING).is_ok() {
+                            let payload = crate::uring::payload_size(config.max_write, config.max_pages());
+                            self.uring = Some(UringPlan { queues, payload });
+                        } else {
+                            debug!("FUSE over io_uring requested, but the kernel does not offer it");
+                        }
+                    }
                 }
             }
 

@@ -45,9 +45,16 @@ use crate::ReplyEmpty;
 use crate::channel::Channel;
 use crate::channel::ChannelSender;
 use crate::ll::Operation;
+use crate::ll::Errno;
+use crate::ll::RequestId;
+use crate::ll::ResponseErrno;
+use crate::read_buf::FuseReadBuf;
+use crate::reply::Reply;
+use crate::reply::ReplyRaw;
 use crate::reply::ReplySender;
 use crate::request::RequestWithSender;
 use crate::session::SessionEventLoop;
+use crate::session::UringPlan;
 
 const CMD_REGISTER: u32 = 1;
 const CMD_COMMIT_AND_FETCH: u32 = 2;
@@ -196,15 +203,15 @@ pub(crate) fn payload_size(max_write: u32, max_pages: u16) -> usize {
     (8192usize).max(max_write as usize).max(usize::from(max_pages) * page_size::get())
 }
 
-/// Start the ring threads: `per_queue` for each queue. They end when the connection does.
-pub(crate) fn spawn<FS: Filesystem + Send + Sync + 'static>(
+/// Start the ring threads: `per_queue` for each of the plan's queues. They end when the
+/// connection does.
+pub(crate) fn spawn<FS: Filesystem>(
     template: &SessionEventLoop<FS>,
-    queues: usize,
+    plan: UringPlan,
     per_queue: usize,
-    cap: usize,
 ) -> io::Result<Vec<std::thread::JoinHandle<io::Result<()>>>> {
     let mut threads = Vec::new();
-    for qid in 0..queues {
+    for qid in 0..plan.queues {
         for t in 0..per_queue {
             let name = format!("fuser-uring-{qid}.{t}");
             let se = SessionEventLoop {
@@ -214,6 +221,7 @@ pub(crate) fn spawn<FS: Filesystem + Send + Sync + 'static>(
                 allowed: template.allowed,
                 session_owner: template.session_owner,
             };
+            let cap = plan.payload;
             threads.push(std::thread::Builder::new().name(name).spawn(move || ring_thread(se, qid as u16, cap))?);
         }
     }
@@ -322,8 +330,9 @@ fn ring_thread<FS: Filesystem>(se: SessionEventLoop<FS>, qid: u16, cap: usize) -
     };
     rt.register()?;
     rt.arm_wake(efd_raw)?;
-    // Aligned like a read from /dev/fuse: fuser's parser casts the header in place.
-    let mut parse = vec![0u64; (IN_HEADER + OP_IN + cap).div_ceil(8)];
+    // The buffer the /dev/fuse threads read into: aligned for fuser's parser.
+    let mut parse = FuseReadBuf::new();
+    let bytes = parse.as_mut();
     let mut served = false;
     let mut done: Vec<(u64, i32)> = Vec::with_capacity(16);
     loop {
@@ -366,31 +375,23 @@ fn ring_thread<FS: Filesystem>(se: SessionEventLoop<FS>, qid: u16, cap: usize) -
             let idx = user_data as u32;
             let ent = rt.ents[idx as usize];
             ent.replied.store(false, Ordering::Relaxed);
-            let bytes: &mut [u8] =
-                // SAFETY: a Vec<u64> viewed as bytes, for the length of the Vec.
-                unsafe { std::slice::from_raw_parts_mut(parse.as_mut_ptr().cast(), parse.len() * 8) };
-            let len = match assemble(ent, bytes) {
-                Ok(len) => len,
-                Err(e) => {
-                    // Not a request fuser can parse: fail it rather than lose the entry.
-                    warn!("FUSE io_uring: {e}");
-                    fail(ent);
-                    rt.commit(idx)?;
-                    continue;
-                }
-            };
-            let sender = ReplySender::Uring(UringSender { shared: shared.clone(), ent, idx });
-            match RequestWithSender::new(sender, &bytes[..len]) {
-                Some(req) => {
+            let sender = UringSender { shared: shared.clone(), ent, idx };
+            match assemble(ent, bytes).and_then(|len| {
+                RequestWithSender::new(ReplySender::Uring(sender.clone()), &bytes[..len]).ok_or_else(|| "unparsable request".to_string())
+            }) {
+                Ok(req) => {
                     if let Ok(Operation::Destroy(_)) = req.request.operation() {
                         req.reply::<ReplyEmpty>().ok();
                     } else {
                         req.dispatch(&se);
                     }
                 }
-                None => {
-                    fail(ent);
-                    rt.commit(idx)?;
+                Err(e) => {
+                    // Fail the request rather than lose the entry.
+                    warn!("FUSE io_uring: {e}");
+                    // SAFETY: the kernel has filled the entry; the unique id is at 8..16.
+                    let unique = u64::from_ne_bytes(unsafe { (&(*ent.hdr).in_out)[8..16].try_into().unwrap() });
+                    <ReplyRaw as Reply>::new(RequestId(unique), ReplySender::Uring(sender)).send_ll(&ResponseErrno(Errno::EIO));
                 }
             }
             if !ent.replied.load(Ordering::Acquire) {
@@ -411,23 +412,12 @@ fn assemble(ent: &Ent, buf: &mut [u8]) -> Result<usize, String> {
         let Some(op) = len.checked_sub(IN_HEADER + payload).filter(|op| *op <= OP_IN && payload <= ent.cap) else {
             return Err(format!("request of {len} bytes with a {payload}-byte payload does not add up"));
         };
+        if len > buf.len() {
+            return Err(format!("request of {len} bytes is larger than the parse buffer"));
+        }
         buf[..IN_HEADER].copy_from_slice(&hdr.in_out[..IN_HEADER]);
         buf[IN_HEADER..IN_HEADER + op].copy_from_slice(&hdr.op_in[..op]);
-        std::ptr::copy_nonoverlapping(ent.payload, buf.as_mut_ptr().add(IN_HEADER + op), payload);
+        buf[IN_HEADER + op..len].copy_from_slice(std::slice::from_raw_parts(ent.payload, payload));
         Ok(len)
     }
-}
-
-/// Answer the entry's request with EIO.
-fn fail(ent: &Ent) {
-    // SAFETY: as in `assemble`.
-    unsafe {
-        let hdr = &mut *ent.hdr;
-        let unique = u64::from_ne_bytes(hdr.in_out[8..16].try_into().unwrap());
-        hdr.in_out[..4].copy_from_slice(&(OUT_HEADER as u32).to_ne_bytes());
-        hdr.in_out[4..8].copy_from_slice(&(-libc::EIO).to_ne_bytes());
-        hdr.in_out[8..16].copy_from_slice(&unique.to_ne_bytes());
-        hdr.payload_sz = 0;
-    }
-    ent.replied.store(true, Ordering::Release);
 }
