@@ -57,9 +57,11 @@ impl Converting {
 }
 
 impl FileEncryption {
-    /// Directories, symlinks and other inodes without contents of their own.
+    /// Directories, symlinks and other inodes without contents of their own: no cipher, so
+    /// should such an inode ever be taken for a regular file its I/O fails (EIO) rather than
+    /// going to disk in the clear.
     pub fn none() -> FileEncryption {
-        FileEncryption { entry: None, cipher: Some(FileCipher::plaintext()), conv: None }
+        FileEncryption { entry: None, cipher: None, conv: None }
     }
 
     /// A regular file without a record.
@@ -138,6 +140,11 @@ pub struct Inode {
     /// not hold; they stay known (and their locations kept current by renames) until this
     /// inode is forgotten. See `export`.
     pub pins: Mutex<Vec<u64>>,
+    /// The backing filesystem gave this inode's identity (its number, and on a backing whose
+    /// file handles carry no generation, such as a FUSE filesystem, its very handle) to
+    /// another file while the kernel still held this one: lookups never find it again and
+    /// requests on it fail with ESTALE (see `InodeTable::find_and_ref`).
+    pub stale: AtomicBool,
 }
 
 impl Inode {
@@ -156,6 +163,7 @@ impl Inode {
             page_cache_reads: AtomicBool::new(false),
             ktimes: Mutex::new(None),
             pins: Mutex::new(Vec::new()),
+            stale: AtomicBool::new(false),
         }
     }
 
@@ -282,38 +290,50 @@ impl InodeTable {
         self.shard(nodeid).read().get(&nodeid).cloned()
     }
 
-    /// The known inode for backing file `handle` (primary node id `nodeid`), counting one
-    /// more kernel reference. `Err(true)` when `nodeid` is remembered for another file.
-    pub fn find_and_ref(&self, nodeid: u64, handle: Option<&Handle>) -> Result<Arc<Inode>, bool> {
+    /// The known inode for backing file `handle` (primary node id `nodeid`, type `kind`),
+    /// counting one more kernel reference. `Err(true)` when `nodeid` is remembered for
+    /// another file, `Err(false)` when it is free. `created`: the backing file was just
+    /// created, so any inode found with its identity belongs to a removed file whose number
+    /// (even handle) the backing filesystem reused; so does one of another type. Such an
+    /// inode is marked stale, and the caller gives the new file a node id of its own.
+    pub fn find_and_ref(&self, nodeid: u64, handle: Option<&Handle>, kind: FileType, created: bool) -> Result<Arc<Inode>, bool> {
+        let take = |i: &Arc<Inode>| -> bool {
+            if i.stale.load(Ordering::Relaxed) {
+                return false;
+            }
+            if created || i.kind != kind {
+                i.stale.store(true, Ordering::Relaxed);
+                return false;
+            }
+            i.lookups.fetch_add(1, Ordering::Relaxed);
+            true
+        };
         if let Some(h) = handle {
             let alt = self.alt.read();
             if let Some(&a) = alt.get(h) {
                 if let Some(i) = self.shard(a).read().get(&a) {
-                    i.lookups.fetch_add(1, Ordering::Relaxed);
-                    return Ok(i.clone());
+                    return if take(i) { Ok(i.clone()) } else { Err(true) };
                 }
             }
         }
         let shard = self.shard(nodeid).read();
         match shard.get(&nodeid) {
-            Some(i) if handle.is_none() || i.handle.as_ref() == handle => {
-                i.lookups.fetch_add(1, Ordering::Relaxed);
-                Ok(i.clone())
-            }
+            Some(i) if handle.is_none() || i.handle.as_ref() == handle => if take(i) { Ok(i.clone()) } else { Err(true) },
             Some(_) => Err(true),
             None => Err(false),
         }
     }
 
-    /// The known inode for backing file `handle` (primary node id `nodeid`), if any; no
-    /// reference is counted.
+    /// The known inode for backing file `handle` (primary node id `nodeid`), if any and not
+    /// stale; no reference is counted.
     pub fn find(&self, nodeid: u64, handle: Option<&Handle>) -> Option<Arc<Inode>> {
+        let live = |i: Arc<Inode>| (!i.stale.load(Ordering::Relaxed)).then_some(i);
         if let Some(h) = handle {
             if let Some(&a) = self.alt.read().get(h) {
-                return self.get(a);
+                return self.get(a).and_then(live);
             }
         }
-        self.get(nodeid).filter(|i| handle.is_none() || i.handle.as_ref() == handle)
+        self.get(nodeid).filter(|i| handle.is_none() || i.handle.as_ref() == handle).and_then(live)
     }
 
     /// Run `f` on every inode (no kernel reference is counted).
@@ -326,10 +346,16 @@ impl InodeTable {
         }
     }
 
-    /// A node id of its own for a file whose inode number is remembered for another file.
-    pub fn alt_nodeid(&self, handle: &Handle) -> u64 {
+    /// A node id for a file whose primary one is remembered for another file; found again by
+    /// its handle (the newest file with a handle owns it). Without handles the descriptor
+    /// each inode holds keeps the backing filesystem from reusing its number, short of a
+    /// backing that replaces files under the kernel's feet: such a file gets a new node id
+    /// at each lookup, which is correct, if wasteful.
+    pub fn alt_nodeid(&self, handle: Option<&Handle>) -> u64 {
         let id = ALT_BASE | self.next_alt.fetch_add(1, Ordering::Relaxed);
-        self.alt.write().insert(handle.clone(), id);
+        if let Some(h) = handle {
+            self.alt.write().insert(h.clone(), id);
+        }
         id
     }
 
@@ -383,7 +409,11 @@ impl InodeTable {
         }
         if nodeid & ALT_BASE != 0 {
             if let Some(h) = &i.handle {
-                self.alt.write().remove(h);
+                let mut alt = self.alt.write();
+                // Unless a newer file with the same handle took it over.
+                if alt.get(h) == Some(&nodeid) {
+                    alt.remove(h);
+                }
             }
         }
         Some(i)

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use fuser::FileType;
 
-use super::volume::Volume;
+use super::volume::{Origin, Volume};
 use super::rotation::KeyUse;
 use super::errno::{err, Error, Result};
 use super::handle::FileHandle;
@@ -129,7 +129,7 @@ impl Volume {
         };
         self.set_owner(fd.as_fd(), &parent, who, mode, false)?;
         let st = sys::fstat(fd.as_fd())?;
-        let (inode, st) = self.register(&parent, name, &st, Some(FileEncryption::recorded(entry, cipher)))?;
+        let (inode, st) = self.register(&parent, name, &st, Origin::Created(Some(FileEncryption::recorded(entry, cipher))))?;
         let fh = self.files.insert(FileHandle::new(inode.clone(), fd));
         Ok((inode, st, fh))
     }
@@ -156,7 +156,7 @@ impl Volume {
         let fd = sys::openat(parent_fd.as_fd(), name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
         self.set_owner(fd.as_fd(), &parent, who, mode, false)?;
         let st = sys::fstat(fd.as_fd())?;
-        self.register(&parent, name, &st, preset)
+        self.register(&parent, name, &st, Origin::Created(preset))
     }
 
     pub fn mkdir(&self, parent_id: u64, name: &OsStr, mode: u32, who: Caller) -> Result<(Arc<Inode>, Stat)> {
@@ -167,7 +167,7 @@ impl Volume {
         let fd = sys::openat(parent_fd.as_fd(), name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
         self.set_owner(fd.as_fd(), &parent, who, mode, true)?;
         let st = sys::fstat(fd.as_fd())?;
-        self.register(&parent, name, &st, None)
+        self.register(&parent, name, &st, Origin::Created(None))
     }
 
     pub fn symlink(&self, parent_id: u64, name: &OsStr, target: &OsStr, who: Caller) -> Result<(Arc<Inode>, Stat)> {
@@ -178,7 +178,7 @@ impl Volume {
         let fd = sys::openat(parent_fd.as_fd(), name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
         self.set_owner(fd.as_fd(), &parent, who, 0, true)?;
         let st = sys::fstat(fd.as_fd())?;
-        self.register(&parent, name, &st, None)
+        self.register(&parent, name, &st, Origin::Created(None))
     }
 
     pub fn link(&self, nodeid: u64, newparent_id: u64, newname: &OsStr) -> Result<(Arc<Inode>, Stat)> {
@@ -206,7 +206,7 @@ impl Volume {
         }
         drop(data_lock);
         let st = sys::fstat(ifd.as_fd())?;
-        self.register(&newparent, newname, &st, None)
+        self.register(&newparent, newname, &st, Origin::Found)
     }
 
     pub fn unlink(&self, parent_id: u64, name: &OsStr) -> Result<()> {

@@ -42,6 +42,15 @@ pub struct FsOptions {
 /// The mounted volume: its inodes, handles, dictionary and keys, and the POSIX semantics
 /// over them (this file and its siblings); `FuseAdapter` (mod.rs) only translates fuser's
 /// calls into calls of this.
+/// How `Volume::register` came by a backing file.
+pub(super) enum Origin {
+    /// Looked up (or linked): it may be a file the kernel knows already.
+    Found,
+    /// Just created by this request, so it is new to the kernel whatever its number; with
+    /// the encryption state of a regular file.
+    Created(Option<FileEncryption>),
+}
+
 pub struct Volume {
     pub(super) root: Arc<Inode>,
     pub(super) root_dev: u64,
@@ -181,7 +190,10 @@ impl Volume {
         if nodeid == INodeNo::ROOT.0 {
             return Ok(self.root.clone());
         }
-        self.inodes.get(nodeid).ok_or(Error::Os(libc::ESTALE))
+        match self.inodes.get(nodeid) {
+            Some(i) if !i.stale.load(Ordering::Relaxed) => Ok(i),
+            _ => err(libc::ESTALE),
+        }
     }
 
     fn is_hidden(&self, parent: &Inode, name: &OsStr) -> bool {
@@ -270,7 +282,7 @@ impl Volume {
             return err(libc::ENOENT);
         }
         let st = sys::fstatat(self.parent_fd(parent)?.as_fd(), name, libc::AT_SYMLINK_NOFOLLOW)?;
-        self.register(parent, name, &st, None)
+        self.register(parent, name, &st, Origin::Found)
     }
 
     /// The handle of `dir/name` (stat `st`) when inodes are named by handles.
@@ -286,19 +298,22 @@ impl Volume {
     }
 
     /// The inode for `parent/name` (whose stat is `st`), counting one kernel reference.
-    /// `preset` is the encryption state of a file just created.
-    pub(super) fn register(&self, parent: &Arc<Inode>, name: &OsStr, st: &Stat, preset: Option<FileEncryption>) -> Result<(Arc<Inode>, Stat)> {
+    pub(super) fn register(&self, parent: &Arc<Inode>, name: &OsStr, st: &Stat, origin: Origin) -> Result<(Arc<Inode>, Stat)> {
         let loc = || Some(Loc { parent: parent.clone(), name: name.to_os_string() });
         let parent_fd = self.parent_fd(parent)?;
         let handle = self.handle_of(parent_fd.as_fd(), name, st)?;
         let primary = self.nodeid(st.st_dev, st.st_ino);
-        let nodeid = match self.inodes.find_and_ref(primary, handle.as_ref()) {
+        let (created, preset) = match origin {
+            Origin::Found => (false, None),
+            Origin::Created(preset) => (true, preset),
+        };
+        let nodeid = match self.inodes.find_and_ref(primary, handle.as_ref(), kind_of(st.st_mode), created) {
             Ok(i) => {
                 i.set_loc(loc());
                 return Ok((i, *st));
             }
             // The backing filesystem reused the number of a file the kernel still knows.
-            Err(true) => self.inodes.alt_nodeid(handle.as_ref().expect("only handles can differ")),
+            Err(true) => self.inodes.alt_nodeid(handle.as_ref()),
             Err(false) => primary,
         };
         // Without handles, the descriptor pins the inode (and its number) for its life.
