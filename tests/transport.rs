@@ -115,13 +115,8 @@ fn io_uring_transport_on_auto_off() {
     assert_eq!(fs::read(m.path("t/data.bin")).unwrap().len(), 64 * 65536, "data across a remount over io_uring");
     m.stop();
 
-    // The config's default is off for now (see the README); auto takes io_uring where the
-    // kernel offers it.
+    // The config's default, auto, takes io_uring where the kernel offers it.
     let mut m = prepared("", "");
-    m.start();
-    assert_eq!(transport_logged(&m), "/dev/fuse");
-    m.stop();
-    let mut m = prepared("", "[mount]\nio-uring = \"auto\"\n");
     m.start();
     assert_eq!(transport_logged(&m), "io_uring");
     m.stop();
@@ -136,7 +131,7 @@ fn io_uring_transport_on_auto_off() {
 
     set_param(false);
     // auto on a kernel with enable_uring off: /dev/fuse, cleanly.
-    let mut m = prepared("", "[mount]\nio-uring = \"auto\"\n");
+    let mut m = prepared("", "");
     m.start();
     assert_eq!(transport_logged(&m), "/dev/fuse");
     exercise(&m);

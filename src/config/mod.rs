@@ -73,8 +73,7 @@ pub struct MountConfig {
     #[serde(default = "yes")]
     pub writeback_cache: bool,
     /// FUSE over io_uring (Linux 6.14+ with the fuse module's `enable_uring` parameter):
-    /// `off` (default for now: a power-cut torture run over io_uring wrote plaintext, issue
-    /// 19) keeps requests on `/dev/fuse`; `auto` uses it where the kernel offers it, `on` refuses to mount without
+    /// `auto` (default) uses it where the kernel offers it, `on` refuses to mount without
     /// it, `off` keeps requests on `/dev/fuse`. The environment variable `TDEFS_IO_URING`
     /// overrides this (the test suite runs once per transport).
     #[serde(default)]
@@ -143,7 +142,7 @@ impl Default for MountConfig {
             default_permissions: true,
             threads: 0,
             writeback_cache: true,
-            io_uring: IoUring::Off,
+            io_uring: IoUring::Auto,
             direct_write_invalidation: true,
             attr_timeout: one_second(),
             unmount_wait: thirty_seconds(),
@@ -183,10 +182,9 @@ impl Default for MountFlags {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum IoUring {
+    #[default]
     Auto,
     On,
-    /// Default until the power-cut torture passes over io_uring (see README, issue 19).
-    #[default]
     Off,
 }
 
@@ -562,7 +560,7 @@ path = "/run/keys/tdefs.key"
         assert_eq!(c.mount.flags(), MountFlags::default());
         assert_eq!(c.mount.flags().to_options(), "nosuid,nodev,exec,relatime");
         assert!(c.mount.direct_write_invalidation, "on by default (kernels before 4c4c472d25f5)");
-        assert_eq!(c.mount.io_uring, IoUring::Off, "off until the power-cut torture passes over io_uring");
+        assert_eq!(c.mount.io_uring, IoUring::Auto, "io_uring where the kernel offers it");
         let c = Config::parse(&format!("{GOOD}[mount]\nio-uring = \"on\"\n")).unwrap();
         assert_eq!(c.mount.io_uring, IoUring::On);
         let e = Config::parse(&format!("{GOOD}[mount]\nio-uring = \"yes\"\n")).unwrap_err();
