@@ -305,8 +305,77 @@ pub enum MasterKeyConfig {
         #[serde(default = "aws")]
         vendor: String,
     },
+    /// A HashiCorp Vault or OpenBao Transit key.
+    Vault(VaultConfig),
+    /// A symmetric AES-256 key on a KMIP 1.x server.
+    Kmip(KmipConfig),
     /// No master key: metadata keys are stored unwrapped. For tests only.
     Plaintext,
+}
+
+/// `type = "vault"`: the dictionary key is a Transit data key of `key-name`.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct VaultConfig {
+    /// `https://vault.example.com:8200`
+    pub address: String,
+    pub key_name: String,
+    /// Where the Transit engine is mounted.
+    #[serde(default = "transit")]
+    pub mount: String,
+    /// Vault Enterprise / OpenBao namespace, sent as X-Vault-Namespace.
+    pub namespace: Option<String>,
+    /// A file holding the token; else AppRole (`role-id` + `secret-id-file`); else the
+    /// daemon's VAULT_TOKEN or BAO_TOKEN.
+    pub token_file: Option<PathBuf>,
+    pub role_id: Option<String>,
+    pub secret_id_file: Option<PathBuf>,
+    /// CA certificates (PEM) to trust for Vault's TLS certificate instead of the public roots.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM) for TLS client authentication.
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+}
+
+impl VaultConfig {
+    /// "transit/tdefs": the mount and key, as Vault's paths name them.
+    pub fn key_path(&self) -> String {
+        format!("{}/{}", self.mount, self.key_name)
+    }
+}
+
+/// `type = "kmip"`: a symmetric AES-256 key on a KMIP server, used with Encrypt and
+/// Decrypt (the key never leaves the server).
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct KmipConfig {
+    /// `host:port` (5696 is KMIP's port).
+    pub endpoint: String,
+    /// The key's Unique Identifier; or `key-name`, its Name attribute (located at mount).
+    pub key_id: Option<String>,
+    pub key_name: Option<String>,
+    /// Client certificate and key (PEM): KMIP servers authenticate clients by TLS.
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    /// CA certificates (PEM) that sign the server's certificate.
+    pub ca_file: PathBuf,
+    /// Name to check the server's certificate against; default: the endpoint's host.
+    pub server_name: Option<String>,
+}
+
+impl KmipConfig {
+    /// "id 42" or "name tdefs-master", for messages.
+    pub fn key_label(&self) -> String {
+        match (&self.key_id, &self.key_name) {
+            (Some(id), _) => format!("id {id}"),
+            (None, Some(n)) => format!("name {n:?}"),
+            (None, None) => "(none)".into(),
+        }
+    }
+}
+
+fn transit() -> String {
+    "transit".into()
 }
 
 fn aws() -> String {
@@ -318,6 +387,8 @@ impl MasterKeyConfig {
         match self {
             MasterKeyConfig::File { .. } => "file",
             MasterKeyConfig::Kms { .. } => "kms",
+            MasterKeyConfig::Vault(_) => "vault",
+            MasterKeyConfig::Kmip(_) => "kmip",
             MasterKeyConfig::Plaintext => "plaintext",
         }
     }
@@ -334,6 +405,8 @@ impl fmt::Debug for MasterKeyConfig {
                 }
                 Ok(())
             }
+            MasterKeyConfig::Vault(v) => write!(f, "vault:{}@{}", v.key_path(), v.address),
+            MasterKeyConfig::Kmip(k) => write!(f, "kmip:{}@{}", k.key_label(), k.endpoint),
             MasterKeyConfig::Plaintext => f.write_str("plaintext"),
         }
     }
@@ -371,6 +444,32 @@ impl Config {
             return Err("security.encryption.file-dictionary-rewrite-threshold must be at least 1".into());
         }
         for (name, mk) in [("master-key", Some(&enc.master_key)), ("previous-master-key", enc.previous_master_key.as_ref())] {
+            if let Some(MasterKeyConfig::Vault(v)) = mk {
+                let bad = |what: &str| Err(format!("security.encryption.{name} (type \"vault\"): {what}"));
+                if !(v.address.starts_with("https://") || v.address.starts_with("http://")) {
+                    return bad(&format!("address {:?} must start with https:// (or http:// for a local test server)", v.address));
+                }
+                if v.key_name.is_empty() || v.key_name.contains('/') || v.mount.is_empty() {
+                    return bad("key-name (without slashes) and mount must not be empty");
+                }
+                if v.token_file.is_some() && v.role_id.is_some() {
+                    return bad("token-file and role-id are two ways to log in: give one");
+                }
+                if v.role_id.is_some() != v.secret_id_file.is_some() {
+                    return bad("AppRole needs both role-id and secret-id-file");
+                }
+                if v.client_cert.is_some() != v.client_key.is_some() {
+                    return bad("client-cert and client-key go together");
+                }
+            }
+            if let Some(MasterKeyConfig::Kmip(k)) = mk {
+                if k.key_id.is_some() == k.key_name.is_some() {
+                    return Err(format!("security.encryption.{name} (type \"kmip\"): give exactly one of key-id and key-name"));
+                }
+                if !k.endpoint.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()) {
+                    return Err(format!("security.encryption.{name} (type \"kmip\"): endpoint {:?} must be host:port (KMIP's port is 5696)", k.endpoint));
+                }
+            }
             if let Some(MasterKeyConfig::Kms { vendor, key_id, region, .. }) = mk {
                 if vendor != "aws" {
                     return Err(format!("security.encryption.{name}.vendor = {vendor:?} is not supported; allowed: \"aws\" (or any KMS-compatible service through `endpoint`)"));

@@ -40,8 +40,32 @@ pub enum KeyError {
     )]
     Kms { key_id: String, region: String, endpoint: Option<String>, message: String },
 
+    #[error(
+        "Vault Transit key {key} at {address}: {message}. Nothing was modified; tdefs does not mount without \
+         its master key (the daemon's token needs a policy allowing update on {key_datakey}, {key_decrypt}, \
+         {key_encrypt} and {key_rewrap})",
+        key_datakey = transit_path(.key, "datakey/wrapped"), key_decrypt = transit_path(.key, "decrypt"),
+        key_encrypt = transit_path(.key, "encrypt"), key_rewrap = transit_path(.key, "rewrap")
+    )]
+    Vault { address: String, key: String, message: String },
+
+    #[error(
+        "KMIP key {key} at {endpoint}: {message}. Nothing was modified; tdefs does not mount without its \
+         master key (check the server, the client certificate and the key's state: it must be an active \
+         AES-256 key this client may Encrypt and Decrypt with)"
+    )]
+    Kmip { endpoint: String, key: String, message: String },
+
     #[error("neither master key opens {path}: the configured master key: {new}; the previous master key: {previous}")]
     NeitherKey { path: PathBuf, new: String, previous: String },
 }
 
 impl std::error::Error for HeaderError {}
+
+/// "transit/datakey/wrapped/tdefs" from "transit/tdefs".
+fn transit_path(key: &str, op: &str) -> String {
+    match key.rsplit_once('/') {
+        Some((mount, name)) => format!("{mount}/{op}/{name}"),
+        None => format!("{op}/{key}"),
+    }
+}

@@ -33,6 +33,15 @@ pub trait MasterKeyBackend: Send + Sync + fmt::Debug {
     /// Unwrap a blob made by this backend; `Ok(None)` when this key cannot open it (another
     /// key), an error when the backend cannot be asked (KMS unreachable, access denied).
     fn unwrap(&self, blob: &[u8]) -> Result<Option<Secret>, KeyError>;
+    /// A newer wrapping of the same key when the master key has a newer version inside its
+    /// service (Vault Transit key rotation); `None` when the blob is current. Asked at mount.
+    fn refresh(&self, _blob: &[u8]) -> Result<Option<Vec<u8>>, KeyError> {
+        Ok(None)
+    }
+    /// What the log says when `refresh` re-wrapped the key.
+    fn refresh_note(&self) -> &'static str {
+        "the master key has a newer version: the dictionary key is now wrapped by it"
+    }
 }
 
 /// Build the backend a config section names; loading a key file validates it here, before
@@ -43,6 +52,8 @@ pub fn backend_for(cfg: &MasterKeyConfig) -> Result<Box<dyn MasterKeyBackend>, K
         MasterKeyConfig::Kms { key_id, region, endpoint, .. } => {
             Box::new(super::kms::KmsBackend::new(key_id, region, endpoint.as_deref())?)
         }
+        MasterKeyConfig::Vault(v) => Box::new(super::vault::VaultBackend::new(v)?),
+        MasterKeyConfig::Kmip(k) => Box::new(super::kmip::KmipBackend::new(k)?),
         MasterKeyConfig::Plaintext => Box::new(PlaintextBackend::new()),
     })
 }

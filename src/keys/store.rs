@@ -207,6 +207,22 @@ impl KeyStore {
     /// the new master key. Nothing else is rewritten.
     pub fn rewrap(&self, backend: &dyn MasterKeyBackend) -> Result<(), KeyError> {
         let blob = backend.wrap(&self.dict_key)?;
+        self.install(backend, blob)
+    }
+
+    /// Ask the master key's service whether the dictionary key has a newer wrapping (a key
+    /// version rotated inside the service) and store it, as `rewrap` does.
+    pub fn refresh(&self, backend: &dyn MasterKeyBackend) -> Result<(), KeyError> {
+        let current = self.wrapping.lock().blob.clone();
+        if let Some(blob) = backend.refresh(&current)? {
+            self.install(backend, blob)?;
+            tracing::warn!(master_key = %backend.describe(), "{}", backend.refresh_note());
+        }
+        Ok(())
+    }
+
+    /// Store `blob` (the dictionary key wrapped by `backend`) once it is proven to open.
+    fn install(&self, backend: &dyn MasterKeyBackend, blob: Vec<u8>) -> Result<(), KeyError> {
         if backend.unwrap(&blob)?.as_ref() != Some(&self.dict_key) {
             return Err(KeyError::WrongMasterKey { path: self.path(), configured: backend.describe() });
         }

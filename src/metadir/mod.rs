@@ -268,6 +268,9 @@ fn open_keys(meta_dir: &Arc<Dir>, master: &MasterKeys<'_>, rotate: bool) -> Resu
     let backend = backend_for(master.current)?;
     match KeyStore::open(meta_dir, backend.as_ref()) {
         Ok(keys) => {
+            if rotate {
+                keys.refresh(backend.as_ref())?;
+            }
             if master.previous.is_some() {
                 tracing::info!(
                     "the key dictionary opens with master-key: the rotation is complete and \
@@ -278,7 +281,13 @@ fn open_keys(meta_dir: &Arc<Dir>, master: &MasterKeys<'_>, rotate: bool) -> Resu
         }
         // KMS counts too: Decrypt of another key's blob is IncorrectKey on AWS but
         // AccessDenied on some KMS-compatible services; the previous key then decides.
-        Err(e @ (KeyError::WrongMasterKey { .. } | KeyError::BackendMismatch { .. } | KeyError::Kms { .. })) => {
+        Err(
+            e @ (KeyError::WrongMasterKey { .. }
+            | KeyError::BackendMismatch { .. }
+            | KeyError::Kms { .. }
+            | KeyError::Vault { .. }
+            | KeyError::Kmip { .. }),
+        ) => {
             let Some(prev) = master.previous else { return Err(e.into()) };
             let prev_backend = backend_for(prev)?;
             let keys = KeyStore::open(meta_dir, prev_backend.as_ref()).map_err(|e2| KeyError::NeitherKey {
