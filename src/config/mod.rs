@@ -617,6 +617,7 @@ path = "/run/keys/tdefs.key"
     fn bad_master_key_type_lists_allowed() {
         let e = err(&GOOD.replace("type = \"file\"", "type = \"hsm\""));
         assert!(e.contains("hsm") && e.contains("file") && e.contains("plaintext") && e.contains("kms"), "{e}");
+        assert!(e.contains("vault") && e.contains("kmip"), "{e}");
         let e = err(&GOOD.replace("[security.encryption.master-key]\ntype = \"file\"\npath = \"/run/keys/tdefs.key\"\n", ""));
         assert!(e.contains("master-key"), "{e}");
     }
@@ -636,6 +637,45 @@ path = "/run/keys/tdefs.key"
         assert!(e.contains("vendor") && e.contains("aws"), "{e}");
         let e = err(&text.replace("key-id = \"alias/tdefs\"\n", ""));
         assert!(e.contains("key-id"), "{e}");
+    }
+
+    #[test]
+    fn vault_and_kmip_master_keys() {
+        let with = |mk: &str| GOOD.replace("type = \"file\"\npath = \"/run/keys/tdefs.key\"", mk);
+        let vault = "type = \"vault\"\naddress = \"https://vault.example:8200\"\nkey-name = \"tdefs\"\n\
+                     token-file = \"/etc/tdefs/vault-token\"\nca-file = \"/etc/tdefs/vault-ca.pem\"";
+        let c = Config::parse(&with(vault)).unwrap();
+        let MasterKeyConfig::Vault(v) = &c.security.encryption.master_key else { panic!("not vault") };
+        assert_eq!((v.mount.as_str(), v.key_path()), ("transit", "transit/tdefs".to_string()), "mount defaults to transit");
+        assert_eq!(format!("{:?}", c.security.encryption.master_key), "vault:transit/tdefs@https://vault.example:8200");
+        let approle = "type = \"vault\"\naddress = \"https://v:8200\"\nkey-name = \"k\"\nmount = \"kms\"\n\
+                       namespace = \"team\"\nrole-id = \"r\"\nsecret-id-file = \"/s\"";
+        assert!(Config::parse(&with(approle)).is_ok());
+        for (bad, want) in [
+            (vault.replace("https://", "ftp://"), "https://"),
+            (vault.replace("token-file = \"/etc/tdefs/vault-token\"", "token-file = \"/t\"\nrole-id = \"r\"\nsecret-id-file = \"/s\""), "give one"),
+            (approle.replace("secret-id-file = \"/s\"", ""), "secret-id-file"),
+            (format!("{vault}\nclient-cert = \"/c.pem\""), "client-key"),
+            (vault.replace("key-name = \"tdefs\"", "key-name = \"a/b\""), "slashes"),
+            (format!("{vault}\ntoken = \"inline\""), "unknown field"),
+        ] {
+            let e = err(&with(&bad));
+            assert!(e.contains(want), "{want}: {e}");
+        }
+        let kmip = "type = \"kmip\"\nendpoint = \"kmip.example:5696\"\nkey-id = \"42\"\nclient-cert = \"/c.pem\"\n\
+                    client-key = \"/c.key\"\nca-file = \"/ca.pem\"";
+        let c = Config::parse(&with(kmip)).unwrap();
+        assert_eq!(format!("{:?}", c.security.encryption.master_key), "kmip:id 42@kmip.example:5696");
+        assert!(Config::parse(&with(&kmip.replace("key-id = \"42\"", "key-name = \"tdefs\""))).is_ok());
+        for (bad, want) in [
+            (kmip.replace("key-id = \"42\"\n", ""), "exactly one of key-id and key-name"),
+            (kmip.replace("key-id = \"42\"", "key-id = \"42\"\nkey-name = \"x\""), "exactly one"),
+            (kmip.replace(":5696", ""), "host:port"),
+            (kmip.replace("ca-file = \"/ca.pem\"", ""), "ca-file"),
+        ] {
+            let e = err(&with(&bad));
+            assert!(e.contains(want), "{want}: {e}");
+        }
     }
 
     #[test]

@@ -47,12 +47,22 @@ struct Failure {
 impl VaultBackend {
     pub fn new(cfg: &VaultConfig) -> Result<VaultBackend, KeyError> {
         let err = |message: String| KeyError::Vault { address: cfg.address.clone(), key: cfg.key_path(), message };
-        let mut tls = ureq::tls::TlsConfig::builder();
-        if let Some(ca) = &cfg.ca_file {
-            let pem = read_file(ca, "ca-file").map_err(err)?;
-            let certs = pem_certs(&pem).map_err(|e| err(format!("ca-file {}: {e}", ca.display())))?;
-            tls = tls.root_certs(ureq::tls::RootCerts::new_with_certs(&certs));
-        }
+        // Vault's certificate is checked against ca-file, else the system's CA store (where
+        // operators install their internal CA), never against a list compiled in.
+        let roots = match &cfg.ca_file {
+            Some(ca) => {
+                let pem = read_file(ca, "ca-file").map_err(err)?;
+                pem_certs(&pem).map_err(|e| err(format!("ca-file {}: {e}", ca.display())))?
+            }
+            None => rustls_native_certs::load_native_certs()
+                .certs
+                .iter()
+                .map(|c| ureq::tls::Certificate::from_der(c.as_ref()).to_owned())
+                .collect(),
+        };
+        let mut tls = ureq::tls::TlsConfig::builder()
+            .unversioned_rustls_crypto_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .root_certs(ureq::tls::RootCerts::new_with_certs(&roots));
         if let (Some(cert), Some(key)) = (&cfg.client_cert, &cfg.client_key) {
             let chain = pem_certs(&read_file(cert, "client-cert").map_err(err)?)
                 .map_err(|e| err(format!("client-cert {}: {e}", cert.display())))?;
@@ -143,7 +153,8 @@ impl VaultBackend {
     fn transit(&self, op: &str, body: &[u8]) -> Result<serde_json::Value, KeyError> {
         let path = format!("{}/{op}/{}", self.cfg.mount, self.cfg.key_name);
         for attempt in 0..2 {
-            let token = match self.token.lock().clone() {
+            let cached = self.token.lock().clone(); // not held across login()
+            let token = match cached {
                 Some(t) => t,
                 None => self.login()?,
             };
@@ -235,7 +246,7 @@ fn pem_certs(pem: &[u8]) -> Result<Vec<ureq::tls::Certificate<'static>>, String>
 fn describe(e: &ureq::Error) -> String {
     match e {
         ureq::Error::Timeout(t) => format!("timed out ({t})"),
-        ureq::Error::Io(io) => format!("cannot reach Vault: {io}"),
+        ureq::Error::Io(io) => format!("connection to Vault failed: {io}"),
         other => format!("{other}"),
     }
 }
