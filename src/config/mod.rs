@@ -640,6 +640,18 @@ path = "/run/keys/tdefs.key"
     }
 
     #[test]
+    fn shipped_example_configs_parse() {
+        for (name, text) in [
+            ("tdefs.toml", include_str!("../../config/tdefs.toml")),
+            ("kms.toml", include_str!("../../config/kms.toml")),
+            ("vault.toml", include_str!("../../config/vault.toml")),
+            ("kmip.toml", include_str!("../../config/kmip.toml")),
+        ] {
+            Config::parse(text).unwrap_or_else(|e| panic!("config/{name}: {e}"));
+        }
+    }
+
+    #[test]
     fn vault_and_kmip_master_keys() {
         let with = |mk: &str| GOOD.replace("type = \"file\"\npath = \"/run/keys/tdefs.key\"", mk);
         let vault = "type = \"vault\"\naddress = \"https://vault.example:8200\"\nkey-name = \"tdefs\"\n\

@@ -144,6 +144,11 @@ impl KmipBackend {
         let conn = rustls::ClientConnection::new(self.tls.clone(), self.server_name.clone()).map_err(|e| format!("TLS: {e}"))?;
         let mut s = rustls::StreamOwned::new(conn, tcp);
         let tls_err = |e: std::io::Error| match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+            Some(t @ rustls::Error::AlertReceived(rustls::AlertDescription::HandshakeFailure)) => format!(
+                "TLS handshake failed: {t} (no cipher suite in common: tdefs offers TLS 1.3, and TLS 1.2 with \
+                 ECDHE and AES-GCM or ChaCha20, never CBC; a server with an RSA certificate may offer only CBC \
+                 suites for TLS 1.2, as PyKMIP does: give it an ECDSA certificate or enable TLS 1.3)"
+            ),
             Some(t) => format!("TLS handshake failed: {t}"),
             None => format!("connection failed: {e}"),
         };
