@@ -124,8 +124,26 @@ const AWS_ENV: [(&str, &str); 6] = [
     ("AWS_EC2_METADATA_DISABLED", "true"),
 ];
 
+/// A test server's process, killed when dropped.
+struct Server(Option<Child>);
+
+impl Server {
+    fn stop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 struct Moto {
-    child: Option<Child>,
+    child: Server,
     endpoint: String,
 }
 
@@ -144,7 +162,7 @@ impl Moto {
             assert!(Instant::now() < deadline, "moto_server did not start listening on {port}");
             std::thread::sleep(Duration::from_millis(100));
         }
-        Moto { child: Some(child), endpoint: format!("http://127.0.0.1:{port}") }
+        Moto { child: Server(Some(child)), endpoint: format!("http://127.0.0.1:{port}") }
     }
 
     fn client(&self) -> (tokio::runtime::Runtime, aws_sdk_kms::Client) {
@@ -172,16 +190,7 @@ impl Moto {
     }
 
     fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        self.stop();
+        self.child.stop();
     }
 }
 
@@ -584,7 +593,7 @@ fn run_ok(cmd: &mut Command) -> String {
 
 /// An OpenBao dev server with TLS (its own CA in `dir`), the Transit engine enabled.
 struct Bao {
-    child: Option<Child>,
+    child: Server,
     dir: tempfile::TempDir,
     addr: String,
 }
@@ -603,7 +612,7 @@ impl Bao {
             .spawn()
             .expect("cannot start bao");
         wait_port(port, "bao server -dev");
-        let b = Bao { child: Some(child), dir, addr };
+        let b = Bao { child: Server(Some(child)), dir, addr };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !b.cli(&["status"]).status.success() {
             assert!(Instant::now() < deadline, "bao did not become ready");
@@ -645,16 +654,7 @@ impl Bao {
     }
 
     fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Bao {
-    fn drop(&mut self) {
-        self.stop();
+        self.child.stop();
     }
 }
 
@@ -701,7 +701,7 @@ chmod 600 *.key
 /// PyKMIP's server with mutual TLS; keys are made with PyKMIP's client as the same
 /// client certificate tdefs uses (PyKMIP lets only an object's owner use it).
 struct Kmip {
-    child: Option<Child>,
+    child: Server,
     dir: tempfile::TempDir,
     endpoint: String,
 }
@@ -732,7 +732,7 @@ impl Kmip {
             .spawn()
             .expect("cannot start pykmip-server");
         wait_port(port, "pykmip-server");
-        Kmip { child: Some(child), dir, endpoint: format!("127.0.0.1:{port}") }
+        Kmip { child: Server(Some(child)), dir, endpoint: format!("127.0.0.1:{port}") }
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -777,16 +777,7 @@ impl Kmip {
     }
 
     fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Kmip {
-    fn drop(&mut self) {
-        self.stop();
+        self.child.stop();
     }
 }
 
