@@ -646,10 +646,15 @@ impl Bao {
     /// daemon needs, written to a private file.
     fn key_and_token(&self, key: &str, token_file: &Path) {
         self.ok(&["write", "-f", &format!("transit/keys/{key}")]);
-        let policy = self.dir.path().join(format!("{key}.hcl"));
-        fs::write(&policy, policy_text(key)).unwrap();
-        self.ok(&["policy", "write", key, policy.to_str().unwrap()]);
-        let token = self.ok(&["token", "create", "-policy", key, "-field", "token"]);
+        self.token(key, key, &DAEMON_PATHS, token_file);
+    }
+
+    /// A token whose policy `name` allows `ops` on `key`, written to a private file.
+    fn token(&self, name: &str, key: &str, ops: &[&str], token_file: &Path) {
+        let policy = self.dir.path().join(format!("{name}.hcl"));
+        fs::write(&policy, policy_text(key, ops)).unwrap();
+        self.ok(&["policy", "write", name, policy.to_str().unwrap()]);
+        let token = self.ok(&["token", "create", "-policy", name, "-field", "token"]);
         write_private(token_file, &format!("{token}\n"));
     }
 
@@ -659,9 +664,10 @@ impl Bao {
 }
 
 /// The Vault policy of the README's walk-through.
-fn policy_text(key: &str) -> String {
-    ["datakey/wrapped", "decrypt", "encrypt", "rewrap"]
-        .iter()
+const DAEMON_PATHS: [&str; 4] = ["datakey/wrapped", "decrypt", "encrypt", "rewrap"];
+
+fn policy_text(key: &str, ops: &[&str]) -> String {
+    ops.iter()
         .map(|op| format!("path \"transit/{op}/{key}\" {{\n  capabilities = [\"update\"]\n}}\n"))
         .collect()
 }
@@ -827,6 +833,19 @@ fn vault_transit_master_key_mount_rotation_and_failures() {
     m.start();
     assert_readable(&m, &["v1"]);
     m.stop();
+    // A token without rewrap: the mount goes on after a key rotation, says why the key
+    // stays on its version, and leaves it there.
+    let no_rewrap = m.dir.path().join("no-rewrap-token");
+    bao.token("tdefs-no-rewrap", "tdefs", &DAEMON_PATHS[..3], &no_rewrap);
+    bao.ok(&["write", "-f", "transit/keys/tdefs/rotate"]);
+    write_config(&m, &cfg, "aes256-ctr", "", &vault_key(&bao, "tdefs", &format!("token-file = {no_rewrap:?}"), true), None);
+    m.start();
+    assert_readable(&m, &["v1"]);
+    m.stop();
+    let log = m.log_text();
+    assert!(log.contains("could not move the dictionary key") && log.contains("transit/rewrap/tdefs"), "{log}");
+    assert!(fs::read(m.bpath(".tdefs/keys")).unwrap().windows(9).any(|w| w == b"vault:v2:"), "still version 2");
+    write_config(&m, &cfg, "aes256-ctr", "", &vault_key(&bao, "tdefs", &by_token, true), None);
 
     // AppRole, with the same policy.
     bao.ok(&["auth", "enable", "approle"]);

@@ -269,7 +269,15 @@ fn open_keys(meta_dir: &Arc<Dir>, master: &MasterKeys<'_>, rotate: bool) -> Resu
     match KeyStore::open(meta_dir, backend.as_ref()) {
         Ok(keys) => {
             if rotate {
-                keys.refresh(backend.as_ref())?;
+                // Maintenance, not access: the key opened, so a refusal here (a policy
+                // without rewrap, say) is reported and the mount goes on.
+                if let Err(e) = keys.refresh(backend.as_ref()) {
+                    tracing::warn!(
+                        error = %e,
+                        "could not move the dictionary key to the master key's newest version; it stays wrapped \
+                         by the version that opened it, so do not retire that version yet"
+                    );
+                }
             }
             if master.previous.is_some() {
                 tracing::info!(
