@@ -124,13 +124,20 @@ const AWS_ENV: [(&str, &str); 6] = [
     ("AWS_EC2_METADATA_DISABLED", "true"),
 ];
 
-/// A test server's process, killed when dropped.
+/// A test server's process group, killed when dropped: PyKMIP's server forks a policy
+/// monitor that would outlive its parent.
 struct Server(Option<Child>);
 
 impl Server {
+    fn spawn(cmd: &mut Command, what: &str) -> Server {
+        use std::os::unix::process::CommandExt;
+        Server(Some(cmd.process_group(0).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap_or_else(|e| panic!("cannot start {what}: {e}"))))
+    }
+
     fn stop(&mut self) {
         if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
+            // SAFETY: kill(2) on the process group this child leads.
+            unsafe { libc::kill(-(c.id() as i32), libc::SIGKILL) };
             let _ = c.wait();
         }
     }
@@ -150,19 +157,13 @@ struct Moto {
 impl Moto {
     fn start() -> Moto {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = Command::new(moto_server_path())
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .envs(AWS_ENV)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("cannot start moto_server");
+        let child = Server::spawn(Command::new(moto_server_path()).args(["-H", "127.0.0.1", "-p", &port.to_string()]).envs(AWS_ENV), "moto_server");
         let deadline = Instant::now() + Duration::from_secs(60);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(Instant::now() < deadline, "moto_server did not start listening on {port}");
             std::thread::sleep(Duration::from_millis(100));
         }
-        Moto { child: Server(Some(child)), endpoint: format!("http://127.0.0.1:{port}") }
+        Moto { child, endpoint: format!("http://127.0.0.1:{port}") }
     }
 
     fn client(&self) -> (tokio::runtime::Runtime, aws_sdk_kms::Client) {
@@ -603,16 +604,15 @@ impl Bao {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let addr = format!("https://127.0.0.1:{port}");
-        let child = Command::new(venv_bin("bao"))
-            .args(["server", "-dev", "-dev-tls", "-dev-root-token-id=root"])
-            .arg(format!("-dev-tls-cert-dir={}", dir.path().display()))
-            .arg(format!("-dev-listen-address=127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("cannot start bao");
+        let child = Server::spawn(
+            Command::new(venv_bin("bao"))
+                .args(["server", "-dev", "-dev-tls", "-dev-root-token-id=root"])
+                .arg(format!("-dev-tls-cert-dir={}", dir.path().display()))
+                .arg(format!("-dev-listen-address=127.0.0.1:{port}")),
+            "bao",
+        );
         wait_port(port, "bao server -dev");
-        let b = Bao { child: Server(Some(child)), dir, addr };
+        let b = Bao { child, dir, addr };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !b.cli(&["status"]).status.success() {
             assert!(Instant::now() < deadline, "bao did not become ready");
@@ -726,19 +726,18 @@ impl Kmip {
         );
         fs::write(d.join("server.conf"), conf).unwrap();
         fs::create_dir(d.join("policies")).unwrap();
-        let child = Command::new(venv_bin("pykmip-server"))
-            .arg("-f")
-            .arg(d.join("server.conf"))
-            .arg("-l")
-            .arg(d.join("server.log"))
-            .arg("-o")
-            .arg(d.join("policies"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("cannot start pykmip-server");
+        let child = Server::spawn(
+            Command::new(venv_bin("pykmip-server"))
+                .arg("-f")
+                .arg(d.join("server.conf"))
+                .arg("-l")
+                .arg(d.join("server.log"))
+                .arg("-o")
+                .arg(d.join("policies")),
+            "pykmip-server",
+        );
         wait_port(port, "pykmip-server");
-        Kmip { child: Server(Some(child)), dir, endpoint: format!("127.0.0.1:{port}") }
+        Kmip { child, dir, endpoint: format!("127.0.0.1:{port}") }
     }
 
     fn path(&self, name: &str) -> PathBuf {
