@@ -569,7 +569,7 @@ fn cli_errors_name_the_problem() {
         (text.replace("aes256-ctr", "aes256-gcm"), vec!["aes256-gcm", "sm4-ctr", "data-encryption-method"]),
         (text.replace("[security.encryption]", "[security.encryption]\ndata-key-rotation-period = \"weekly\""), vec!["weekly", "168h"]),
         (text.replace("[security.encryption]", "[security.encryption]\nenable-encryption = true"), vec!["enable-encryption"]),
-        (text.replace("type = \"file\"", "type = \"vault\""), vec!["vault", "plaintext"]),
+        (text.replace("type = \"file\"", "type = \"hsm\""), vec!["hsm", "vault", "kmip", "plaintext"]),
     ] {
         fs::write(&m.config, &bad).unwrap();
         let out = run(&["mount", "--config", cfg]);
