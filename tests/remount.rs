@@ -101,6 +101,13 @@ fn wait_timeout_ref(c: &mut Child, t: Duration) -> std::process::ExitStatus {
 fn a_live_mount_is_refused_at_once() {
     let mut m = Mount::prepare_with("aes256-ctr", "[mount]\nunmount-wait = \"60s\"");
     m.start();
+    // The kernel shows the mount before the daemon records it as serving (and then logs
+    // `mounted`); until then a second mount is told "being mounted", also refused at once.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !m.log_text().contains(" mounted mountpoint=") {
+        assert!(Instant::now() < deadline, "no `mounted` line: {}", m.log_text());
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let other = m.dir.path().join("other-mnt");
     fs::create_dir(&other).unwrap();
     let t = Instant::now();
