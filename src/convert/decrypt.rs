@@ -228,6 +228,8 @@ fn export_symlink(ctx: &mut Ctx<'_>, item: &Item, dest: &Path, summary: &mut Sum
     let target = std::fs::read_link(item.path_in(ctx.meta.backing())).map_err(|e| format!("cannot read the link: {e}"))?;
     match std::fs::read_link(dest) {
         Ok(t) if t == target => {
+            // Made by a run stopped before it set owner and times: set them (idempotent).
+            set_link_attrs(dest, &item.md, &mut ctx.warnings);
             summary.files_unchanged += 1;
             return Ok(());
         }
@@ -259,7 +261,18 @@ fn export_special(item: &Item, dest: &Path, summary: &mut Summary) -> Result<(),
         summary.skip(&item.rel, "a socket: its server creates it again");
         return Ok(());
     }
-    if std::fs::symlink_metadata(dest).is_ok() {
+    let attrs = || {
+        let mut w = Vec::new();
+        set_link_attrs(dest, &item.md, &mut w);
+        let _ = std::fs::set_permissions(dest, std::os::unix::fs::PermissionsExt::from_mode(item.md.mode() & 0o7777));
+    };
+    if let Ok(have) = std::fs::symlink_metadata(dest) {
+        if have.file_type() != t || have.rdev() != item.md.rdev() {
+            return Err(format!("{} already exists and is not the same special file", dest.display()));
+        }
+        // Made by a run stopped before it set owner, times and mode: set them (idempotent;
+        // found by the kill -9 test, which left a FIFO with the time of its creation).
+        attrs();
         summary.files_unchanged += 1;
         return Ok(());
     }
@@ -267,9 +280,7 @@ fn export_special(item: &Item, dest: &Path, summary: &mut Summary) -> Result<(),
     if unsafe { libc::mknod(c.as_ptr(), item.md.mode(), item.md.rdev()) } != 0 {
         return Err(format!("cannot create the special file: {}", std::io::Error::last_os_error()));
     }
-    let mut w = Vec::new();
-    set_link_attrs(dest, &item.md, &mut w);
-    let _ = std::fs::set_permissions(dest, std::os::unix::fs::PermissionsExt::from_mode(item.md.mode() & 0o7777));
+    attrs();
     summary.files_done += 1;
     Ok(())
 }
