@@ -1,6 +1,7 @@
-//! Key hierarchy through real mounts: data-key rotation and deletion, method changes, AWS KMS
-//! master keys (against moto's KMS server), master-key rotation at mount (with crashes in
-//! the middle of the re-wrap) and online, and key hygiene of the daemon.
+//! Key hierarchy through real mounts: data-key rotation and deletion, method changes, master
+//! keys in AWS KMS (moto's KMS server), Vault Transit (OpenBao's dev server over TLS) and on
+//! a KMIP server (PyKMIP's, mutual TLS), master-key rotation across them at mount (with
+//! crashes in the middle of the re-wrap) and online, and key hygiene of the daemon.
 
 mod common;
 
