@@ -39,9 +39,6 @@ pub struct FsOptions {
     pub nodiratime: bool,
 }
 
-/// The mounted volume: its inodes, handles, dictionary and keys, and the POSIX semantics
-/// over them (this file and its siblings); `FuseAdapter` (mod.rs) only translates fuser's
-/// calls into calls of this.
 /// How `Volume::register` came by a backing file.
 pub(super) enum Origin {
     /// Looked up (or linked): it may be a file the kernel knows already.
@@ -51,6 +48,9 @@ pub(super) enum Origin {
     Created(Option<FileEncryption>),
 }
 
+/// The mounted volume: its inodes, handles, dictionary and keys, and the POSIX semantics
+/// over them (this file and its siblings); `FuseAdapter` (mod.rs) only translates fuser's
+/// calls into calls of this.
 pub struct Volume {
     pub(super) root: Arc<Inode>,
     pub(super) root_dev: u64,
