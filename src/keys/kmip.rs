@@ -188,16 +188,17 @@ impl KmipBackend {
         }
     }
 
-    fn params() -> Item {
-        ttlv::st(
-            tag::CRYPTOGRAPHIC_PARAMETERS,
-            vec![
-                ttlv::enumeration(tag::BLOCK_CIPHER_MODE, MODE_CBC),
-                ttlv::enumeration(tag::PADDING_METHOD, PAD_PKCS5),
-                ttlv::enumeration(tag::CRYPTOGRAPHIC_ALGORITHM, ALG_AES),
-                ttlv::boolean(tag::RANDOM_IV, true),
-            ],
-        )
+    /// AES-CBC with PKCS#5 padding; `random_iv` asks the server to pick the IV (Encrypt).
+    fn params(random_iv: bool) -> Item {
+        let mut p = vec![
+            ttlv::enumeration(tag::BLOCK_CIPHER_MODE, MODE_CBC),
+            ttlv::enumeration(tag::PADDING_METHOD, PAD_PKCS5),
+            ttlv::enumeration(tag::CRYPTOGRAPHIC_ALGORITHM, ALG_AES),
+        ];
+        if random_iv {
+            p.push(ttlv::boolean(tag::RANDOM_IV, true));
+        }
+        ttlv::st(tag::CRYPTOGRAPHIC_PARAMETERS, p)
     }
 }
 
@@ -272,7 +273,7 @@ impl MasterKeyBackend for KmipBackend {
         let uid = self.uid()?.to_string();
         let mut plain = Zeroizing::new(key.expose().to_vec());
         plain.extend_from_slice(&check(key.expose()));
-        let p = self.call(OP_ENCRYPT, "Encrypt", vec![ttlv::text(tag::UNIQUE_IDENTIFIER, &uid), Self::params(), ttlv::bytes(tag::DATA, &plain)])?;
+        let p = self.call(OP_ENCRYPT, "Encrypt", vec![ttlv::text(tag::UNIQUE_IDENTIFIER, &uid), Self::params(true), ttlv::bytes(tag::DATA, &plain)])?;
         let ct = p.child(tag::DATA).and_then(Item::as_bytes).ok_or_else(|| self.error("Encrypt returned no data".into()))?;
         let iv = p
             .child(tag::IV_COUNTER_NONCE)
@@ -286,18 +287,10 @@ impl MasterKeyBackend for KmipBackend {
         if blob_uid != self.uid()? {
             return Ok(None); // another key's: previous-master-key may open it
         }
-        let params = ttlv::st(
-            tag::CRYPTOGRAPHIC_PARAMETERS,
-            vec![
-                ttlv::enumeration(tag::BLOCK_CIPHER_MODE, MODE_CBC),
-                ttlv::enumeration(tag::PADDING_METHOD, PAD_PKCS5),
-                ttlv::enumeration(tag::CRYPTOGRAPHIC_ALGORITHM, ALG_AES),
-            ],
-        );
         let p = self.call(
             OP_DECRYPT,
             "Decrypt",
-            vec![ttlv::text(tag::UNIQUE_IDENTIFIER, blob_uid), params, ttlv::bytes(tag::DATA, ct), ttlv::bytes(tag::IV_COUNTER_NONCE, iv)],
+            vec![ttlv::text(tag::UNIQUE_IDENTIFIER, blob_uid), Self::params(false), ttlv::bytes(tag::DATA, ct), ttlv::bytes(tag::IV_COUNTER_NONCE, iv)],
         )?;
         let plain = p.child(tag::DATA).and_then(Item::as_bytes).ok_or_else(|| self.error("Decrypt returned no data".into()))?;
         if plain.len() != 32 + CHECK || check(&plain[..32]) != plain[32..] {

@@ -38,10 +38,6 @@ pub trait MasterKeyBackend: Send + Sync + fmt::Debug {
     fn refresh(&self, _blob: &[u8]) -> Result<Option<Vec<u8>>, KeyError> {
         Ok(None)
     }
-    /// What the log says when `refresh` re-wrapped the key.
-    fn refresh_note(&self) -> &'static str {
-        "the master key has a newer version: the dictionary key is now wrapped by it"
-    }
 }
 
 /// Build the backend a config section names; loading a key file validates it here, before

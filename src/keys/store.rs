@@ -216,7 +216,10 @@ impl KeyStore {
         let current = self.wrapping.lock().blob.clone();
         if let Some(blob) = backend.refresh(&current)? {
             self.install(backend, blob)?;
-            tracing::warn!(master_key = %backend.describe(), "{}", backend.refresh_note());
+            tracing::warn!(
+                master_key = %backend.describe(),
+                "the master key has a newer version inside its service: the dictionary key is now wrapped by it"
+            );
         }
         Ok(())
     }

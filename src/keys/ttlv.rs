@@ -161,9 +161,10 @@ impl Item {
             0x0A => Value::Interval(u32::from_be_bytes(fixed(4)?.try_into().unwrap())),
             _ => return Err(format!("TTLV item {tag:06X} has unknown type {ty:#04x}")),
         };
-        // The last item of a message may come without its padding only if it needs none.
-        let took = if padded <= buf.len() - HEADER { HEADER + padded } else { return Err(format!("TTLV item {tag:06X} lacks its padding")) };
-        Ok((Item { tag, value }, took))
+        if padded > buf.len() - HEADER {
+            return Err(format!("TTLV item {tag:06X} lacks its padding"));
+        }
+        Ok((Item { tag, value }, HEADER + padded))
     }
 
     /// The first child with `tag` of a structure.

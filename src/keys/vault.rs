@@ -292,10 +292,6 @@ impl MasterKeyBackend for VaultBackend {
         let Some(new) = data["ciphertext"].as_str() else { return Ok(None) };
         Ok((version(new) > version(old)).then(|| self.blob(new)))
     }
-
-    fn refresh_note(&self) -> &'static str {
-        "the Vault Transit key has a newer version: the dictionary key is now wrapped by it (transit rewrap)"
-    }
 }
 
 #[cfg(test)]
