@@ -305,23 +305,27 @@ pub struct CutReport {
 impl PowerCut {
     /// In the simulator's default mode ($POWERCUT_MODE, else strict).
     pub fn start(lower: &Path, mnt: &Path, control: &Path, log: &Path) -> PowerCut {
-        Self::start_in(lower, mnt, control, log, None)
+        Self::start_in(lower, mnt, control, log, &[])
     }
 
     /// In `mode` ("strict" or "ext4"). The mode goes through the environment, which an older
     /// simulator ignores (it then runs, with its own semantics, instead of refusing a flag).
     pub fn start_mode(lower: &Path, mnt: &Path, control: &Path, log: &Path, mode: &str) -> PowerCut {
-        Self::start_in(lower, mnt, control, log, Some(mode))
+        Self::start_in(lower, mnt, control, log, &[("POWERCUT_MODE", mode)])
     }
 
-    fn start_in(lower: &Path, mnt: &Path, control: &Path, log: &Path, mode: Option<&str>) -> PowerCut {
+    /// With the simulator's own inode numbers: a number that is gone goes to the next new
+    /// inode, whatever the lower filesystem's allocator would do.
+    pub fn start_reusing_numbers(lower: &Path, mnt: &Path, control: &Path, log: &Path) -> PowerCut {
+        Self::start_in(lower, mnt, control, log, &[("POWERCUT_NUMBERS", "reuse")])
+    }
+
+    fn start_in(lower: &Path, mnt: &Path, control: &Path, log: &Path, env: &[(&str, &str)]) -> PowerCut {
         fs::create_dir_all(lower).unwrap();
         fs::create_dir_all(mnt).unwrap();
         let logf = fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
         let mut cmd = Command::new(powercut_bin());
-        if let Some(m) = mode {
-            cmd.env("POWERCUT_MODE", m);
-        }
+        cmd.envs(env.iter().copied());
         let child = cmd
             .arg("--lower").arg(lower)
             .arg("--mount").arg(mnt)
@@ -436,6 +440,14 @@ impl CutMount {
         let m = Mount::prepare(method);
         let lower = m.dir.path().join("lower");
         let pc = PowerCut::start_mode(&lower, &m.backing, &m.dir.path().join("powercut.sock"), &m.dir.path().join("powercut.log"), mode);
+        CutMount { m, pc }
+    }
+
+    /// Over a simulator that reuses inode numbers at once (`--numbers reuse`).
+    pub fn prepare_reusing_numbers(method: &str) -> CutMount {
+        let m = Mount::prepare(method);
+        let lower = m.dir.path().join("lower");
+        let pc = PowerCut::start_reusing_numbers(&lower, &m.backing, &m.dir.path().join("powercut.sock"), &m.dir.path().join("powercut.log"));
         CutMount { m, pc }
     }
 

@@ -75,7 +75,12 @@
 //! shows 0 as on a disk; not so for directories: an rmdir'd directory still open shows its
 //! old count.
 //!
-//!   tdefs-powercut --lower DIR --mount DIR --control SOCKET [--mode strict|ext4]
+//! Inode numbers (`--numbers`, or POWERCUT_NUMBERS): `lower` (default) shows the lower
+//! filesystem's; `reuse` numbers inodes itself and gives the number of an inode that is
+//! gone to the very next new one, whatever the lower filesystem, as ext4 often does. Node
+//! ids are the numbers and generations are 0, so a reused number is a reused file handle.
+//!
+//!   tdefs-powercut --lower DIR --mount DIR --control SOCKET [--mode strict|ext4] [--numbers lower|reuse]
 //!   control commands (one line each, one line answered):
 //!     cut         -> `ok <files rolled back>` (unchanged since issue 9; see `lastcut`)
 //!     lastcut     -> `ok files=<n> namespace=<ops undone> errors=<undo errors>` of the last cut
@@ -143,6 +148,32 @@ struct Args {
     /// Which namespace operations an fsync makes durable (default: $POWERCUT_MODE, else strict).
     #[arg(long, value_enum)]
     mode: Option<Mode>,
+    /// Inode numbers shown through the mount (default: $POWERCUT_NUMBERS, else lower).
+    #[arg(long, value_enum)]
+    numbers: Option<Numbering>,
+}
+
+/// Where the inode numbers (FUSE node ids, and so the file handles, whose generation is
+/// always 0) shown through the mount come from.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Numbering {
+    /// The lower filesystem's: reused or not as its allocator decides (ext4 often reuses a
+    /// freed number at once, tmpfs never does).
+    Lower,
+    /// The simulator's own: the number of an inode that is gone (forgotten by the kernel,
+    /// no name left, none in the stash) goes to the very next new inode, on any lower
+    /// filesystem. The worst case of ext4's allocator, every time.
+    Reuse,
+}
+
+/// The simulator's own inode numbers (`--numbers reuse`).
+#[derive(Default)]
+struct Numbers {
+    by_lower: HashMap<u64, u64>,
+    lower_of: HashMap<u64, u64>,
+    /// Freed numbers, the latest last: given out first.
+    free: Vec<u64>,
+    next: u64,
 }
 
 /// What a file looked like at its last sync.
@@ -258,6 +289,8 @@ struct Sim {
     stats: Mutex<BTreeMap<&'static str, u64>>,
     last_cut: Mutex<CutReport>,
     root_ino: u64,
+    /// `Some` with `--numbers reuse`. Lock order: after `nodes`.
+    numbers: Option<Mutex<Numbers>>,
 }
 
 fn errno(e: std::io::Error) -> Errno {
@@ -295,8 +328,56 @@ impl Sim {
         }
     }
 
+    /// The number shown for lower inode `ino` (given one now if it has none).
     fn nodeid(&self, ino: u64) -> u64 {
-        if ino == self.root_ino { 1 } else { ino }
+        if ino == self.root_ino {
+            return 1;
+        }
+        let Some(numbers) = &self.numbers else { return ino };
+        let mut n = numbers.lock();
+        if let Some(&id) = n.by_lower.get(&ino) {
+            return id;
+        }
+        let id = match n.free.pop() {
+            Some(id) => {
+                self.count("numbers_reused");
+                id
+            }
+            None => {
+                n.next = n.next.max(2);
+                n.next += 1;
+                n.next - 1
+            }
+        };
+        n.by_lower.insert(ino, id);
+        n.lower_of.insert(id, ino);
+        self.count("numbers_given");
+        id
+    }
+
+    /// The lower inode number behind node id `id`.
+    fn lower_ino(&self, id: u64) -> u64 {
+        if id == 1 {
+            return self.root_ino;
+        }
+        match &self.numbers {
+            Some(numbers) => numbers.lock().lower_of.get(&id).copied().unwrap_or(id),
+            None => id,
+        }
+    }
+
+    /// Lower inode `ino` is gone for good and the kernel holds no node for number `id`
+    /// (the caller holds `nodes`): `id` goes to the next new inode.
+    fn free_number(&self, id: u64, ino: u64) {
+        let Some(numbers) = &self.numbers else { return };
+        let mut n = numbers.lock();
+        if n.lower_of.get(&id) == Some(&ino) {
+            n.lower_of.remove(&id);
+            n.by_lower.remove(&ino);
+            n.free.push(id);
+            drop(n);
+            self.count("numbers_freed");
+        }
     }
 
     fn attr(&self, st: &sys::Stat) -> FileAttr {
@@ -343,8 +424,8 @@ impl Sim {
         }
         let fd = sys::openat(parent.fd.as_fd(), name, libc::O_PATH | libc::O_NOFOLLOW, 0).map_err(errno)?;
         let st = sys::fstat(fd.as_fd()).map_err(errno)?;
-        let id = self.nodeid(st.st_ino);
         let mut nodes = self.nodes.write();
+        let id = self.nodeid(st.st_ino);
         let fresh = |lookups| Arc::new(Node { fd, ino: st.st_ino, kind: kind_of(st.st_mode), lookups: AtomicU64::new(lookups) });
         match nodes.get(&id) {
             // The kernel still knows an inode whose number the lower filesystem gave to a new
@@ -461,17 +542,29 @@ impl Sim {
     /// The removal of a stashed name is durable: delete it for good, with the undo log of a
     /// file no other name keeps.
     fn purge(&self, ns: &Ns, g: &Stashed) {
-        let r = if g.is_dir {
-            remove_tree(ns.stash.as_fd(), &g.name)
+        let (r, gone) = if g.is_dir {
+            let r = remove_tree(ns.stash.as_fd(), &g.name);
+            let ok = r.is_ok();
+            (r, ok)
         } else {
             let last = sys::fstatat(ns.stash.as_fd(), &g.name, libc::AT_SYMLINK_NOFOLLOW).map(|st| st.st_nlink <= 1);
             let r = sys::unlinkat(ns.stash.as_fd(), &g.name, 0);
-            if r.is_ok() && last.unwrap_or(false) {
+            let gone = r.is_ok() && last.unwrap_or(false);
+            if gone {
                 self.synced(g.ino);
             }
-            r
+            (r, gone)
         };
         self.unstash_count(g);
+        if gone && self.numbers.is_some() {
+            // Its last name is gone: its number is free unless the kernel still holds it
+            // (then the forget frees it).
+            let nodes = self.nodes.read();
+            let id = self.numbers.as_ref().and_then(|n| n.lock().by_lower.get(&g.ino).copied());
+            if let Some(id) = id.filter(|id| !nodes.contains_key(id)) {
+                self.free_number(id, g.ino);
+            }
+        }
         if let Err(e) = r {
             eprintln!("powercut: cannot drop stashed {}: {e}", g.name.to_string_lossy());
             self.count("purge_errors");
@@ -705,6 +798,9 @@ impl Filesystem for Fs {
         let mut nodes = self.0.nodes.write();
         if let Some(node) = nodes.get(&ino.0) {
             if node.lookups.fetch_sub(n, Ordering::Relaxed) <= n {
+                if sys::fstat(node.fd.as_fd()).map(|st| st.st_nlink == 0).unwrap_or(false) {
+                    self.0.free_number(ino.0, node.ino);
+                }
                 nodes.remove(&ino.0);
             }
         }
@@ -740,7 +836,7 @@ impl Filesystem for Fs {
             if let Some(size) = size {
                 let _w = self.0.cut_lock.read();
                 let f = File::from(sys::reopen(n.fd.as_fd(), libc::O_RDWR).map_err(errno)?);
-                self.0.save_resize(ino.0, &f, size).map_err(errno)?;
+                self.0.save_resize(n.ino, &f, size).map_err(errno)?;
                 sys::ftruncate(f.as_fd(), size).map_err(errno)?;
             }
             if uid.is_some() || gid.is_some() {
@@ -930,7 +1026,7 @@ impl Filesystem for Fs {
             let fd = sys::reopen(n.fd.as_fd(), libc::O_RDWR | keep)
                 .or_else(|_| sys::reopen(n.fd.as_fd(), (flags.0 & libc::O_ACCMODE) | keep))
                 .map_err(errno)?;
-            Ok(self.open_handle(ino.0, fd, keep != 0, flags.0 & libc::O_TRUNC != 0)?)
+            Ok(self.open_handle(n.ino, fd, keep != 0, flags.0 & libc::O_TRUNC != 0)?)
         });
         match r {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
@@ -954,7 +1050,7 @@ impl Filesystem for Fs {
             }
             Ok((a, fd))
         });
-        let r = r.and_then(|(a, fd)| Ok((a, self.open_handle(a.ino.0, fd, flags & (libc::O_SYNC | libc::O_DSYNC) != 0, false)?)));
+        let r = r.and_then(|(a, fd)| Ok((a, self.open_handle(ino_of(&self.0, &a), fd, flags & (libc::O_SYNC | libc::O_DSYNC) != 0, false)?)));
         match r {
             Ok((a, fh)) => reply.created(&TTL, &a, Generation(0), FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
             Err(e) => reply.error(e),
@@ -1006,12 +1102,12 @@ impl Filesystem for Fs {
         reply.ok();
     }
 
-    fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
         let Some(h) = self.0.opens.lock().get(&fh.0).cloned() else { return reply.error(Errno::EBADF) };
         let r = if datasync { sys::fdatasync(h.file.as_fd()) } else { sys::fsync(h.file.as_fd()) };
         match r {
             Ok(()) => {
-                self.0.file_synced(ino.0);
+                self.0.file_synced(h.ino);
                 self.0.count("fsyncs");
                 reply.ok()
             }
@@ -1102,7 +1198,7 @@ impl Filesystem for Fs {
 
 /// Lower inode number of an entry just looked up.
 fn ino_of(sim: &Sim, a: &FileAttr) -> u64 {
-    if a.ino.0 == 1 { sim.root_ino } else { a.ino.0 }
+    sim.lower_ino(a.ino.0)
 }
 
 impl Fs {
@@ -1129,6 +1225,16 @@ fn main() {
                 std::process::exit(2)
             }),
             _ => Mode::Strict,
+        },
+    };
+    let numbering = match args.numbers {
+        Some(n) => n,
+        None => match std::env::var("POWERCUT_NUMBERS") {
+            Ok(v) if !v.is_empty() => <Numbering as ValueEnum>::from_str(&v, true).unwrap_or_else(|e| {
+                eprintln!("powercut: POWERCUT_NUMBERS={v}: {e}");
+                std::process::exit(2)
+            }),
+            _ => Numbering::Lower,
         },
     };
     unsafe { libc::umask(0) };
@@ -1163,6 +1269,7 @@ fn main() {
         stats: Mutex::new(BTreeMap::new()),
         last_cut: Mutex::new(CutReport::default()),
         root_ino,
+        numbers: (numbering == Numbering::Reuse).then(|| Mutex::new(Numbers::default())),
     });
     sim.nodes.write().insert(1, Arc::new(Node { fd: root, ino: root_ino, kind: FileType::Directory, lookups: AtomicU64::new(1) }));
     let _ = std::fs::remove_file(&args.control);
@@ -1189,7 +1296,8 @@ fn main() {
             let _ = unmounter.unmount();
         }
     });
-    eprintln!("powercut: serving {} at {} (mode {})", args.lower.display(), args.mount.display(), mode.name());
+    let numbers = if numbering == Numbering::Reuse { "reused" } else { "lower" };
+    eprintln!("powercut: serving {} at {} (mode {}, inode numbers {numbers})", args.lower.display(), args.mount.display(), mode.name());
     session.run().expect("session");
     // Unmounted: a clean shutdown, after which everything is durable; removed names go.
     let _ = std::fs::remove_dir_all(&stash_path);

@@ -1281,6 +1281,11 @@ fn run(tdefs: PathBuf, cycles: u32, seed: u64, mode: Mode, method: &str, workdir
             floors_ok = false;
         }
     }
+    // How often a gone inode's number went to a new one (with `--numbers reuse`).
+    if let Some(stats) = sim.as_ref().and_then(|s| s.command("stats").ok()) {
+        let reused = stats.split_whitespace().find_map(|kv| kv.strip_prefix("numbers_reused=")).unwrap_or("0");
+        println!("simulator: {reused} inode numbers reused");
+    }
     let secs = started.elapsed().as_secs_f64();
     let cut = match &sim_mode {
         Some(m) => format!(
