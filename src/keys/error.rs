@@ -60,6 +60,22 @@ pub enum KeyError {
     NeitherKey { path: PathBuf, new: String, previous: String },
 }
 
+impl KeyError {
+    /// The service's answer without the advice for a mount that failed, for a failure that
+    /// does not stop the mount (a refused rewrap at mount time).
+    pub fn brief(&self) -> String {
+        match self {
+            KeyError::Kms { key_id, region, message, .. } => format!("AWS KMS key {key_id} in {region}: {message}"),
+            KeyError::Vault { address, key, message } => format!(
+                "Vault Transit key {key} at {address}: {message} (the daemon's token needs a policy allowing update on {})",
+                transit_path(key, "rewrap")
+            ),
+            KeyError::Kmip { endpoint, key, message } => format!("KMIP key {key} at {endpoint}: {message}"),
+            other => other.to_string(),
+        }
+    }
+}
+
 impl std::error::Error for HeaderError {}
 
 /// "transit/datakey/wrapped/tdefs" from "transit/tdefs".

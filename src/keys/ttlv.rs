@@ -26,7 +26,6 @@ pub mod tag {
     pub const REQUEST_HEADER: u32 = 0x420077;
     pub const REQUEST_MESSAGE: u32 = 0x420078;
     pub const REQUEST_PAYLOAD: u32 = 0x420079;
-    pub const RESPONSE_HEADER: u32 = 0x42007A;
     pub const RESPONSE_MESSAGE: u32 = 0x42007B;
     pub const RESPONSE_PAYLOAD: u32 = 0x42007C;
     pub const RESULT_MESSAGE: u32 = 0x42007D;

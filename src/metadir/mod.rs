@@ -273,7 +273,7 @@ fn open_keys(meta_dir: &Arc<Dir>, master: &MasterKeys<'_>, rotate: bool) -> Resu
                 // without rewrap, say) is reported and the mount goes on.
                 if let Err(e) = keys.refresh(backend.as_ref()) {
                     tracing::warn!(
-                        error = %e,
+                        error = %e.brief(),
                         "could not move the dictionary key to the master key's newest version; it stays wrapped \
                          by the version that opened it, so do not retire that version yet"
                     );
