@@ -1215,28 +1215,23 @@ impl Fs {
     }
 }
 
+/// An option's value: given on the command line, else from the environment variable `var`,
+/// else `default`.
+fn choice<T: ValueEnum>(arg: Option<T>, var: &str, default: T) -> T {
+    match (arg, std::env::var(var)) {
+        (Some(v), _) => v,
+        (None, Ok(v)) if !v.is_empty() => T::from_str(&v, true).unwrap_or_else(|e| {
+            eprintln!("powercut: {var}={v}: {e}");
+            std::process::exit(2)
+        }),
+        _ => default,
+    }
+}
+
 fn main() {
     let args = Args::parse();
-    let mode = match args.mode {
-        Some(m) => m,
-        None => match std::env::var("POWERCUT_MODE") {
-            Ok(v) if !v.is_empty() => <Mode as ValueEnum>::from_str(&v, true).unwrap_or_else(|e| {
-                eprintln!("powercut: POWERCUT_MODE={v}: {e}");
-                std::process::exit(2)
-            }),
-            _ => Mode::Strict,
-        },
-    };
-    let numbering = match args.numbers {
-        Some(n) => n,
-        None => match std::env::var("POWERCUT_NUMBERS") {
-            Ok(v) if !v.is_empty() => <Numbering as ValueEnum>::from_str(&v, true).unwrap_or_else(|e| {
-                eprintln!("powercut: POWERCUT_NUMBERS={v}: {e}");
-                std::process::exit(2)
-            }),
-            _ => Numbering::Lower,
-        },
-    };
+    let mode = choice(args.mode, "POWERCUT_MODE", Mode::Strict);
+    let numbering = choice(args.numbers, "POWERCUT_NUMBERS", Numbering::Lower);
     unsafe { libc::umask(0) };
     let root = sys::openat(
         unsafe { BorrowedFd::borrow_raw(libc::AT_FDCWD) },
