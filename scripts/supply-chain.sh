@@ -12,6 +12,14 @@ if ! cargo deny --version 2>/dev/null | grep -qF " $CARGO_DENY_VERSION"; then
     echo "installing cargo-deny $CARGO_DENY_VERSION (crates.io)"
     cargo install --quiet --locked --debug cargo-deny --version "$CARGO_DENY_VERSION" || exit 1
 fi
+# `cargo build` downloads only the crates this platform compiles; cargo metadata (which both
+# checks below read, offline) needs every platform's (wasi, windows…). Fetch them from the
+# registry first, else a fresh machine fails here though nothing is wrong with the tree.
+if ! cargo fetch --locked --quiet; then
+    echo "FAIL cargo fetch --locked: the registry is unreachable or Cargo.lock is stale"
+    echo "supply: 0 passed, 1 failed"
+    exit 1
+fi
 passed=0; failed=0
 run() {
     local name=$1; shift
