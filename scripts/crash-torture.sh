@@ -29,6 +29,6 @@ while [ $# -gt 0 ]; do
     esac
 done
 scripts/install-deps.sh base
-cargo build --release --quiet --bin tdefs --bin tdefs-torture --bin tdefs-powercut --bin tdefs-scan
+scripts/lib/build.sh || exit 1
 echo "crash torture: $cycles cycles, mode $mode, method $method, seed $seed ${powercut[*]:+(power cuts)}"
 exec target/release/tdefs-torture run --tdefs target/release/tdefs --cycles "$cycles" --mode "$mode" --method "$method" --seed "$seed" ${powercut[@]+"${powercut[@]}"} ${extra[@]+"${extra[@]}"}

@@ -11,7 +11,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib/config.sh
-CARGO_DEB_VERSION=3.8.0
 
 test=false
 case "${1:-}" in
@@ -20,14 +19,8 @@ case "${1:-}" in
     *) echo "usage: scripts/package.sh [--test]" >&2; exit 2 ;;
 esac
 
-if ! cargo deb --version 2>/dev/null | grep -qF " $CARGO_DEB_VERSION"; then
-    echo "installing cargo-deb $CARGO_DEB_VERSION (crates.io)"
-    cargo install --quiet --locked cargo-deb --version "$CARGO_DEB_VERSION"
-fi
-# --all-targets as the test command builds: `--bin tdefs` alone resolves some dependencies'
-# features differently (no dev-dependencies), rebuilding them and replacing the binary the
-# tests ran with another one.
-cargo build --release --quiet --all-targets
+scripts/lib/cargo-tools.sh deb || exit 1
+scripts/lib/build.sh || exit 1
 rm -rf target/assets target/debian
 target/release/tdefs generate-assets target/assets
 # The unit shipped in config/ is for a binary copied to /usr/local/bin; the package's is in /usr/bin.

@@ -5,13 +5,8 @@
 # github.com, which CI cannot reach: run `cargo deny check advisories` where it can.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-CARGO_DENY_VERSION=0.20.2
 
-if ! cargo deny --version 2>/dev/null | grep -qF " $CARGO_DENY_VERSION"; then
-    # A debug build: half the compile time of a release one, and it runs in seconds.
-    echo "installing cargo-deny $CARGO_DENY_VERSION (crates.io)"
-    cargo install --quiet --locked --debug cargo-deny --version "$CARGO_DENY_VERSION" || exit 1
-fi
+scripts/lib/cargo-tools.sh deny || exit 1
 # `cargo build` downloads only the crates this platform compiles; cargo metadata (which both
 # checks below read, offline) needs every platform's (wasi, windows…). Fetch them from the
 # registry first, else a fresh machine fails here though nothing is wrong with the tree.

@@ -35,7 +35,7 @@ fi
 RT=${RT:-10}; SIZE=${SIZE:-512M}; PGT=${PGT:-30}; FILES=${FILES:-50000}; PGSCALE=${PGSCALE:-10}; ROWS=${ROWS:-20000}
 [ "$(id -u)" = 0 ] || { echo "run as root (mounts, postgres user)" >&2; exit 1; }
 scripts/install-deps.sh bench
-cargo build --release --quiet --bin tdefs --bin tdefs-bench
+scripts/lib/build.sh || exit 1
 T=$ROOT/target/release
 PGBIN=/usr/lib/postgresql/15/bin
 mkdir -p "$out"

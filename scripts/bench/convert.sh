@@ -29,7 +29,7 @@ while [ $# -gt 0 ]; do
 done
 [ "$(id -u)" = 0 ] || { echo "run as root (mounts, postgres user)" >&2; exit 1; }
 scripts/install-deps.sh bench
-cargo build --release --quiet --bin tdefs
+scripts/lib/build.sh || exit 1
 T=$ROOT/target/release/tdefs
 PGBIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
 mkdir -p "$out"

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/../.."
 . scripts/lib/config.sh
 entries=${1:-1000000}; files=${2:-40000}
 scripts/install-deps.sh base
-cargo build --release --quiet --bin tdefs --bin tdefs-bench
+scripts/lib/build.sh || exit 1
 work=$(mktemp -d /tmp/tdefs-scale.XXXXXX)
 trap 'fusermount3 -u "$work/m" 2>/dev/null || true; rm -rf "$work"' EXIT
 target/release/tdefs-bench dict-load --entries "$entries" --workdir "$work/dict" --tdefs target/release/tdefs

@@ -28,7 +28,7 @@ done
 [ "$(id -u)" = 0 ] || { echo "run as root (mount, postgres user, perf -a)" >&2; exit 1; }
 command -v perf >/dev/null || { echo "perf is not installed: apt-get install linux-perf" >&2; exit 1; }
 scripts/install-deps.sh bench
-cargo build --release --quiet --bin tdefs
+scripts/lib/build.sh || exit 1
 T=$ROOT/target/release
 PGBIN=/usr/lib/postgresql/15/bin
 mkdir -p "$out"
