@@ -44,51 +44,57 @@ else
 fi
 with() { local t=$1; shift; TDEFS_IO_URING=$([ "$t" = io_uring ] && echo on || echo off) "$@"; }
 
-# both NAME1 CMD1... -- NAME2 CMD2...: two stages at once, each into its own log, reported
-# one after the other. The two transports' halves share nothing but the machine (their own
-# scratch directories, mounts, database sockets), and most of their time is spent waiting
-# on fsync, sleeps and servers starting, so together they take much less than one after
-# the other: that is what keeps both within CI's 30 minutes.
+# together NAME1 CMD1... -- NAME2 CMD2... [-- ...]: stages at once, each into its own log,
+# reported one after the other. They share nothing but the machine (the two transports'
+# halves have their own scratch directories, mounts, database sockets), and most of their
+# time is spent waiting on fsync, sleeps, servers starting and the linker, so together
+# they take much less than one after the other: that is what keeps CI within 30 minutes.
 replay() { cat "$1"; return "$(cat "$1.rc")"; }
-both() {
-    local n1=$1 c1=() c2=() n2 l1 l2 t0=$SECONDS; shift
-    while [ "$1" != -- ]; do c1+=("$1"); shift; done; shift
-    n2=$1; shift; c2=("$@")
-    l1=$(mktemp); l2=$(mktemp)
-    echo "=== $n1 | $n2 (at once)"
-    ( "${c1[@]}" > "$l1" 2>&1; echo $? > "$l1.rc" ) &
-    ( "${c2[@]}" > "$l2" 2>&1; echo $? > "$l2.rc" ) &
+together() {
+    local names=() logs=() cmd=() t0=$SECONDS i
+    while [ $# -gt 0 ]; do
+        names+=("$1"); shift; cmd=()
+        while [ $# -gt 0 ] && [ "$1" != -- ]; do cmd+=("$1"); shift; done
+        [ $# -gt 0 ] && shift
+        logs+=("$(mktemp)")
+        ( "${cmd[@]}" > "${logs[-1]}" 2>&1; echo $? > "${logs[-1]}.rc" ) &
+    done
+    echo "=== $(printf '%s | ' "${names[@]}" | sed 's/ | $//') (at once)"
     wait
-    echo "--- both: $((SECONDS - t0)) s"
-    stage "$n1" replay "$l1"
-    stage "$n2" replay "$l2"
-    rm -f "$l1" "$l1.rc" "$l2" "$l2.rc"
+    echo "--- at once: $((SECONDS - t0)) s"
+    for i in "${!names[@]}"; do
+        stage "${names[$i]}" replay "${logs[$i]}"
+        rm -f "${logs[$i]}" "${logs[$i]}.rc"
+    done
 }
 # Each half gets its own scratch directory for scripts/check.
 scratch() { local d=$1; shift; mkdir -p "$d"; chmod 755 "$d"; TMPDIR=$d "$@"; }
 
-stage "build" cargo build --release --all-targets --quiet
+# The cargo subcommands of the package and supply-chain stages compile beside the build.
+together "build" scripts/lib/build.sh \
+  -- "cargo-deb and cargo-deny (crates.io)" scripts/lib/cargo-tools.sh
 # The unit tests mount nothing: they run with the io_uring half only.
-both "unit and integration tests [io_uring]" with io_uring scripts/lib/cargo-tests.sh all --test-threads=4 \
+together "unit and integration tests [io_uring]" with io_uring scripts/lib/cargo-tests.sh all --test-threads=4 \
   -- "integration tests [/dev/fuse]" with /dev/fuse scripts/lib/cargo-tests.sh integration --test-threads=4
 # Alone: it switches enable_uring off and on again, which the other mounts must not see.
 stage "transport selection (tests/transport.rs)" scripts/lib/cargo-tests.sh transport
 # The Debian package: built with cargo-deb, its contents checked, installed, mounted through
-# an fstab line with the installed mount helper, removed again.
-stage "package (.deb)" scripts/package.sh --test
-# deny.toml's licenses, duplicates and sources (cargo-deny) and the declared MSRV.
-stage "supply chain" scripts/supply-chain.sh
+# an fstab line with the installed mount helper, removed again. Beside it, deny.toml's
+# licenses, duplicates and sources (cargo-deny) and the declared MSRV.
+together "package (.deb)" scripts/package.sh --test \
+  -- "supply chain" scripts/supply-chain.sh
 # The xfstests-style suite with the real databases (crash and power-cut tortures, fsx), on
-# each transport; the results tables go to target/.
-both "suite (scripts/check -g auto) [io_uring]" with io_uring scratch /var/tmp/tdefs-ci-uring scripts/check -g auto --results target/check-results.md \
-  -- "suite (scripts/check -g auto) [/dev/fuse]" with /dev/fuse scratch /var/tmp/tdefs-ci-dev scripts/check -g auto --results target/check-results-dev-fuse.md
+# each transport, two tests at once on each (-j 2: most tests wait on fsync, sleeps and
+# database servers); the results tables go to target/.
+together "suite (scripts/check -g auto) [io_uring]" with io_uring scratch /var/tmp/tdefs-ci-uring scripts/check -j 2 -g auto --results target/check-results.md \
+  -- "suite (scripts/check -g auto) [/dev/fuse]" with /dev/fuse scratch /var/tmp/tdefs-ci-dev scripts/check -j 2 -g auto --results target/check-results-dev-fuse.md
 # The XTS methods through the same golden outputs: the quick tests, fsx and the databases
 # on aes256-xts, and on sm4-xts with the power-cut tests (the full suite on every method
 # would not fit CI's 30 minutes; the tests of the groups time and export loop over the
 # methods themselves, and those of convert name their methods, so they run once). One
 # method per transport.
-both "suite on aes256-xts [io_uring]" with io_uring scratch /var/tmp/tdefs-ci-uring scripts/check --method aes256-xts -g quick -g fsx -g db -x powercut -x time -x export -x convert --results target/check-results-aes256-xts.md \
-  -- "suite on sm4-xts [/dev/fuse]" with /dev/fuse scratch /var/tmp/tdefs-ci-dev scripts/check --method sm4-xts -g quick -g fsx -g sqlite -g mssql -g powercut -x time -x export -x convert --results target/check-results-sm4-xts.md
+together "suite on aes256-xts [io_uring]" with io_uring scratch /var/tmp/tdefs-ci-uring scripts/check -j 2 --method aes256-xts -g quick -g fsx -g db -x powercut -x time -x export -x convert --results target/check-results-aes256-xts.md \
+  -- "suite on sm4-xts [/dev/fuse]" with /dev/fuse scratch /var/tmp/tdefs-ci-dev scripts/check -j 2 --method sm4-xts -g quick -g fsx -g sqlite -g mssql -g powercut -x time -x export -x convert --results target/check-results-sm4-xts.md
 # Benchmarks are not timed tests: CI only checks that the harness runs (tiny sizes).
 stage "benchmark harness (quick)" scripts/bench/compare.sh --quick --out target/bench-quick
 

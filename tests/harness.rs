@@ -160,6 +160,17 @@ fn write_suite(dir: &Path) {
 
 #[test]
 fn scripts_check_fails_every_broken_test() {
+    check_broken_suite("1");
+}
+
+/// The same verdicts with four tests at once (-j 4: workers sharing one queue), and the
+/// results table still lists every test once, in order.
+#[test]
+fn scripts_check_fails_every_broken_test_four_at_once() {
+    check_broken_suite("4");
+}
+
+fn check_broken_suite(jobs: &str) {
     let tmp = tempfile::Builder::new().prefix("tdefs-harness").tempdir_in("/var/tmp").unwrap();
     fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
     let suite = tmp.path().join("suite");
@@ -169,7 +180,8 @@ fn scripts_check_fails_every_broken_test() {
     fs::set_permissions(&work, fs::Permissions::from_mode(0o755)).unwrap();
     let bin: PathBuf = Path::new(TDEFS).parent().unwrap().to_path_buf();
     let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/check"))
-        .args(["-g", "selftest"])
+        .args(["-g", "selftest", "-j", jobs, "--results"])
+        .arg(tmp.path().join("results.md"))
         .env("CHECK_SUITE_DIR", &suite)
         .env("CHECK_BIN_DIR", &bin)
         .env("TMPDIR", &work)
@@ -217,4 +229,12 @@ fn scripts_check_fails_every_broken_test() {
     }
     assert!(text.contains("allowed skips: generic/009 (allowed on purpose)"), "{text}");
     assert!(text.contains("check: 4 passed, 11 failed, 1 skipped"), "{text}");
+    let table = fs::read_to_string(tmp.path().join("results.md")).unwrap();
+    let names: Vec<&str> = table.lines().skip(2).filter_map(|l| l.split(" | ").next()).map(|c| c.trim_start_matches("| ")).collect();
+    let want: Vec<String> = expect.iter().map(|(t, _)| format!("generic/{t}")).collect();
+    assert_eq!(names, want, "{table}");
+    for (t, want) in expect {
+        let row = table.lines().find(|l| l.starts_with(&format!("| generic/{t} |"))).unwrap();
+        assert!(row.contains(&format!("| {}", want.split(" (").next().unwrap())), "generic/{t}: {row}");
+    }
 }
